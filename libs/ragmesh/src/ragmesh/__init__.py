@@ -1,0 +1,1 @@
+"""ragmesh shared package: what every service needs once (settings, logging, errors, gRPC)."""

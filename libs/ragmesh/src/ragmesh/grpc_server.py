@@ -1,0 +1,158 @@
+"""gRPC server helpers: request-id propagation, domain error mapping, metrics, health."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from prometheus_client import Counter, Histogram
+
+from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.errors import ErrorKind, RagmeshError
+
+log = logging.getLogger(__name__)
+
+GRPC_REQUESTS = Counter(
+    "ragmesh_grpc_server_requests_total", "gRPC calls handled", ["method", "code"]
+)
+GRPC_LATENCY = Histogram(
+    "ragmesh_grpc_server_duration_seconds",
+    "gRPC call duration (whole stream for streaming calls)",
+    ["method"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+# Large enough for embedding batches and long prompts; nginx limits the public body size.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: RagmeshError) -> None:
+    """End the call with the status and metadata of a domain error."""
+    context.set_trailing_metadata(err.grpc_trailing_metadata())
+    await context.abort(err.row.grpc_status, err.message)
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and value:
+            return value
+    return new_request_id()
+
+
+class _CallScope:
+    """What every call does on entry and exit: request id, metrics, error mapping."""
+
+    def __init__(self, method: str, request_id: str) -> None:
+        self.method = method
+        self.request_id = request_id
+        self.start = time.perf_counter()
+        self.code = "OK"
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, RagmeshError):
+            err = exc
+        else:
+            log.exception("unhandled error in %s", self.method)
+            err = RagmeshError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}")
+        self.code = err.row.grpc_status.name
+        await abort_with(context, err)
+
+    def done(self) -> None:
+        GRPC_REQUESTS.labels(self.method, self.code).inc()
+        GRPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+
+
+def _wrap_unary(method: str, rid: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        scope = _CallScope(method, rid)
+        token = request_id_var.set(rid)
+        try:
+            return await behavior(request_or_iterator, context)
+        except grpc.aio.AbortError:
+            scope.code = context.code().name if context.code() else "ABORTED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error leaves as a status
+            await scope.fail(context, exc)
+        finally:
+            request_id_var.reset(token)
+            scope.done()
+
+    return handler
+
+
+def _wrap_streaming(
+    method: str, rid: str, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        scope = _CallScope(method, rid)
+        token = request_id_var.set(rid)
+        try:
+            async for item in behavior(request_or_iterator, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error leaves as a status
+            await scope.fail(context, exc)
+        except BaseException:
+            scope.code = "CANCELLED"
+            raise
+        finally:
+            request_id_var.reset(token)
+            scope.done()
+
+    return handler
+
+
+class ContextInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id for logs, maps RagmeshError to a status, counts calls."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc.health."):
+            return handler
+        rid = _request_id(handler_call_details)
+        deser, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, rid, handler.unary_unary), deser, ser
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, rid, handler.stream_unary), deser, ser
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(method, rid, handler.unary_stream), deser, ser
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_streaming(method, rid, handler.stream_stream), deser, ser
+        )
+
+
+def create_server() -> grpc.aio.Server:
+    """A grpc.aio server with the ragmesh interceptor and message limits."""
+    return grpc.aio.server(interceptors=[ContextInterceptor()], options=GRPC_OPTIONS)
+
+
+async def add_health(server: grpc.aio.Server, service_names: list[str]) -> HealthServicer:
+    """Register the standard gRPC health service; every listed service starts SERVING."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ["", *service_names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return health

@@ -1,0 +1,51 @@
+"""The HTTP side every service has: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+# A readiness check returns one status per dependency: "ok" or a reason.
+ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _live(request: Request) -> Response:
+    return _json({"status": "live"})
+
+
+async def _ready(request: Request) -> Response:
+    check: ReadyCheck | None = getattr(request.app.state, "ready_check", None)
+    if check is None:
+        return _json({"status": "starting"}, 503)
+    try:
+        deps = await asyncio.wait_for(check(), timeout=5.0)
+    except TimeoutError:
+        return _json({"status": "not ready", "dependencies": {"check": "timed out"}}, 503)
+    ready = all(v == "ok" for v in deps.values())
+    return _json({"status": "ready" if ready else "not ready", "dependencies": deps}, 200 if ready else 503)
+
+
+async def _metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def ops_routes() -> list[Route]:
+    """Routes for /v1/health/live, /v1/health/ready and /metrics.
+
+    Readiness calls `app.state.ready_check`, which the service sets once it started.
+    """
+    return [
+        Route("/v1/health/live", _live, methods=["GET"]),
+        Route("/v1/health/ready", _ready, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+    ]

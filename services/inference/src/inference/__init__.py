@@ -1,0 +1,1 @@
+"""ragmesh inference service: runs models behind the Inference gRPC contract."""

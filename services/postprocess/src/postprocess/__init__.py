@@ -1,0 +1,1 @@
+"""ragmesh postprocess service: turns raw generation into client-ready OpenAI output."""

@@ -1,0 +1,1 @@
+"""ragmesh preprocess service: the OpenAI-compatible front of the pipeline."""

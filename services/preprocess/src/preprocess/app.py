@@ -1,0 +1,97 @@
+"""The preprocess HTTP app: OpenAI-compatible routes, health, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from preprocess.chat import ChatCompletions
+from preprocess.clients import MeshClients
+from preprocess.http_errors import install_error_handlers
+from preprocess.models import model_detail, models_page
+from preprocess.settings import PreprocessSettings
+from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.logs import setup_logging
+from ragmesh.ops import ops_routes
+from ragmesh.service import run_http
+
+
+class RequestIdMiddleware:
+    """Takes X-Request-ID from the gateway (or makes one), logs with it, echoes it back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                rid = value.decode("latin-1")[:128]
+                break
+        rid = rid or new_request_id()
+        token = request_id_var.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def create_app(settings: PreprocessSettings) -> FastAPI:
+    """Build the app; gRPC channels open in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients = MeshClients.connect(settings)
+        app.state.clients = clients
+        app.state.chat = ChatCompletions(clients, settings)
+        app.state.ready_check = clients.ready
+        try:
+            yield
+        finally:
+            await clients.close()
+
+    app = FastAPI(title="ragmesh", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.router.routes.extend(ops_routes())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        chat: ChatCompletions = request.app.state.chat
+        return await chat.create(request)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        return _json(await models_page(request.app.state.clients))
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: Request) -> Response:
+        return _json(await model_detail(request.app.state.clients, model))
+
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def serve(settings: PreprocessSettings) -> None:
+    """Run the preprocess service until SIGTERM."""
+    setup_logging("preprocess", settings.log_level)
+    run_http(create_app(settings), settings)

@@ -1,0 +1,83 @@
+"""HTTP plumbing for OpenAI endpoints: JSON bodies, client disconnects, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import orjson
+from starlette.requests import Request
+
+from ragmesh.errors import ErrorKind, RagmeshError
+
+T = TypeVar("T")
+
+_JSON_TYPES = ("application/json", "text/json")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The decoded JSON body; 415 for another content type, 413 over the limit, 400 if malformed."""
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+        raise RagmeshError(
+            ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+            f"Unsupported Content-Type '{content_type}': send the request body as application/json.",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    if not body:
+        raise RagmeshError(ErrorKind.INVALID_REQUEST, "The request body is empty; send a JSON object.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RagmeshError(
+            ErrorKind.INVALID_REQUEST,
+            f"We could not parse the JSON body of your request ({exc.msg} at position {exc.pos}).",
+            code="invalid_json",
+        ) from None
+
+
+def _too_large(max_bytes: int) -> RagmeshError:
+    return RagmeshError(ErrorKind.PAYLOAD_TOO_LARGE, f"The request body is larger than {max_bytes} bytes.")
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (the body must be read already)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise RagmeshError(ErrorKind.CANCELLED, "The client closed the connection.")
+    return task.result()
+
+
+def sse_event(data: str | bytes) -> bytes:
+    """One server-sent event carrying `data`."""
+    if isinstance(data, str):
+        data = data.encode()
+    return b"data: " + data + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_error(err: RagmeshError) -> bytes:
+    """The tail of a stream that failed after it started: an error event, then [DONE]."""
+    return sse_event(orjson.dumps(err.to_openai())) + SSE_DONE

@@ -1,0 +1,115 @@
+"""One request's trip through the mesh: inference.Generate -> postprocess.Process.
+
+Generation chunks are forwarded to postprocess as they arrive; postprocess's
+output goes to the client. Closing the pipeline (client gone, deadline, stop
+sequence) cancels both calls, which frees the engine slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from preprocess.clients import MeshClients
+from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
+from ragmesh.grpc_client import call_metadata
+from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2
+
+
+class GenerationPipeline:
+    def __init__(
+        self,
+        clients: MeshClients,
+        generate: inference_pb2.GenerateRequest,
+        start: postprocess_pb2.ProcessStart,
+        timeout: float,
+    ) -> None:
+        self._clients = clients
+        self._generate = generate
+        self._start = start
+        self._timeout = timeout
+        self._gen: grpc.aio.UnaryStreamCall | None = None
+        self._proc: grpc.aio.StreamStreamCall | None = None
+        self._first: common_pb2.GenerationChunk | None = None
+        self._gen_error: RagmeshError | None = None
+
+    async def open(self) -> None:
+        """Start generation and wait until the engine accepted the prompt.
+
+        Errors the engine raises up front (prompt over the context, unknown model,
+        overload) surface here, before any byte of a streamed response is sent.
+        """
+        metadata = call_metadata()
+        self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
+        self._proc = self._clients.postprocess.Process(timeout=self._timeout, metadata=metadata)
+        try:
+            first = await self._gen.read()
+        except grpc.aio.AioRpcError as exc:
+            self.close()
+            raise from_rpc_error(exc) from None
+        except BaseException:
+            self.close()
+            raise
+        if first is grpc.aio.EOF:
+            self.close()
+            raise RagmeshError(ErrorKind.INTERNAL, "inference ended without output")
+        self._first = first
+
+    def close(self) -> None:
+        """Cancel whatever is still running (a no-op for finished calls)."""
+        for call in (self._gen, self._proc):
+            if call is not None:
+                call.cancel()
+
+    async def _pump(self) -> None:
+        """Forward generation chunks to postprocess until generation ends."""
+        assert self._gen is not None and self._proc is not None and self._first is not None
+        try:
+            await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
+            chunk: object = self._first
+            while chunk is not grpc.aio.EOF:
+                assert isinstance(chunk, common_pb2.GenerationChunk)
+                await self._proc.write(postprocess_pb2.ProcessRequest(chunk=chunk))
+                try:
+                    chunk = await self._gen.read()
+                except grpc.aio.AioRpcError as exc:
+                    # Inference failed mid-stream. Half-closing tells postprocess the
+                    # generation ended unfinished; the reader reports this error.
+                    self._gen_error = from_rpc_error(exc)
+                    break
+            await self._proc.done_writing()
+        except grpc.aio.AioRpcError:
+            pass  # postprocess failed: the reader gets its status
+
+    async def responses(self) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
+        """Client-ready output, in order, until every choice finished."""
+        assert self._proc is not None
+        pump = asyncio.create_task(self._pump())
+        # Once the answer is complete the pump is cancelled mid-write; its outcome is moot.
+        pump.add_done_callback(lambda task: task.cancelled() or task.exception())
+        try:
+            while True:
+                try:
+                    response = await self._proc.read()
+                except grpc.aio.AioRpcError as exc:
+                    raise (self._gen_error or from_rpc_error(exc)) from None
+                if response is grpc.aio.EOF:
+                    if self._gen_error is not None:
+                        raise self._gen_error
+                    raise RagmeshError(ErrorKind.INTERNAL, "postprocess ended without finishing the answer")
+                assert isinstance(response, postprocess_pb2.ProcessResponse)
+                yield response
+                if response.generation_done:
+                    return
+        finally:
+            pump.cancel()
+            self.close()
+
+    async def collect(self) -> str:
+        """The whole (non-streamed) response body."""
+        async for response in self.responses():
+            if response.response_json:
+                return response.response_json
+        raise RagmeshError(ErrorKind.INTERNAL, "postprocess returned no response")

@@ -1,0 +1,160 @@
+"""OpenAI request models, following ../shared/data/openai/openapi.subset.json.
+
+Only what the mesh acts on is typed; unknown fields are accepted and ignored
+(as vLLM and LiteLLM do) so newer clients keep working. Fields the mesh cannot
+honour yet are refused with a clear 400 instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+from ragmesh.errors import RagmeshError, invalid_request
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# Content part types OpenAI defines that a text-only model cannot take.
+NON_TEXT_PARTS = frozenset({"image_url", "input_audio", "file", "refusal"})
+# Segments pydantic adds to an error location for a union's branches; not field names.
+_UNION_BRANCHES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(_Lenient):
+    role: Role
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: StrictBool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(_Lenient):
+    model: StrictStr = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    user: StrictStr | None = None
+
+    def text_of(self, index: int) -> str:
+        """The text of message `index`, content parts joined (parts were checked in parsing)."""
+        content = self.messages[index].content
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        return "".join(part["text"] for part in content)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def completion_limit(self) -> int | None:
+        """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI's API."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _UNION_BRANCHES or "[" in part:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def validation_error(exc: ValidationError) -> RagmeshError:
+    """A pydantic error as an OpenAI 400 naming the parameter.
+
+    For a union (content: string or parts), the deepest error is the branch the
+    client meant, so it is the one reported.
+    """
+    errors = exc.errors(include_url=False)
+    first = max(errors, key=lambda e: len(e["loc"]))
+    param = _param(tuple(first["loc"])) or None
+    if first["type"] == "missing":
+        return invalid_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    value = first.get("input")
+    shown = repr(value) if isinstance(value, str | int | float | bool) and len(repr(value)) < 80 else type(value).__name__
+    return invalid_request(f"Invalid value for '{param}': {first['msg']} (got {shown}).", param=param, code="invalid_value")
+
+
+def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
+    """Validate a decoded JSON body as a chat completion request (400 on any problem)."""
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    stops = request.stop_list()
+    if len(stops) > 4:
+        raise invalid_request("'stop' accepts at most 4 sequences.", param="stop")
+    if any(not s for s in stops):
+        raise invalid_request("Stop sequences must not be empty.", param="stop")
+    if (request.n or 1) > max_n:
+        raise invalid_request(f"'n' must be at most {max_n} on this server.", param="n")
+    if request.stream_options is not None and not request.stream:
+        raise invalid_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    if request.logprobs or request.top_logprobs:
+        raise invalid_request("logprobs are not supported by this server yet.", param="logprobs")
+    if request.tools or request.tool_choice not in (None, "none"):
+        raise invalid_request("tool calling is not supported by this server yet.", param="tools")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise invalid_request(
+            f"response_format '{request.response_format.type}' is not supported by this server yet.",
+            param="response_format",
+        )
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                _check_part(part, f"messages[{i}].content[{j}]")
+        elif message.content is None and message.role != "assistant":
+            raise invalid_request(
+                f"Missing required parameter: 'messages[{i}].content'.",
+                param=f"messages[{i}].content",
+                code="missing_required_parameter",
+            )
+    return request
+
+
+def _check_part(part: dict[str, Any], param: str) -> None:
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise invalid_request(f"Invalid value for '{param}.text': must be a string.", param=f"{param}.text")
+    elif kind in NON_TEXT_PARTS:
+        raise invalid_request(
+            f"Content parts of type '{kind}' are not supported by this model; send text.", param=f"{param}.type"
+        )
+    else:
+        raise invalid_request(f"Invalid content part type {kind!r}: expected 'text'.", param=f"{param}.type")

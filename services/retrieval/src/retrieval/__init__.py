@@ -1,0 +1,1 @@
+"""ragmesh retrieval service: embeddings and search over collections."""

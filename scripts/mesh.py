@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Run the whole mesh on one machine: `make up` / `make down` / `make logs` call this.
+
+supervisord (a maintained process manager) runs the four services and nginx,
+restarting any that crashes; this script only renders the configs, makes sure
+Redis and RabbitMQ answer, starts supervisord and waits until the gateway says
+ready. Standard library only, so `make down` works even without the venv.
+
+Ports and addresses come from the same RAGMESH_* variables the services read
+(see .env.example); a `.env` file at the repository root is loaded first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("inference", "retrieval", "postprocess", "preprocess")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where everything listens and lives, resolved from the environment."""
+
+    run_dir: Path
+    python: Path
+    gateway_host: str
+    gateway_port: int
+    ports: dict[str, int]
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+
+def load_dotenv(path: Path, env: dict[str, str]) -> None:
+    """KEY=VALUE lines (comments and blank lines skipped); the real environment wins."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        env.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+def make_plan(env: dict[str, str], run_dir: Path) -> Plan:
+    def port(name: str, default: int) -> int:
+        return int(env.get(name, default))
+
+    ports = {
+        "preprocess_http": port("RAGMESH_PREPROCESS_HTTP_PORT", 8000),
+        "inference_http": port("RAGMESH_INFERENCE_HTTP_PORT", 8001),
+        "retrieval_http": port("RAGMESH_RETRIEVAL_HTTP_PORT", 8002),
+        "postprocess_http": port("RAGMESH_POSTPROCESS_HTTP_PORT", 8003),
+        "inference_grpc": port("RAGMESH_INFERENCE_GRPC_PORT", 50051),
+        "retrieval_grpc": port("RAGMESH_RETRIEVAL_GRPC_PORT", 50052),
+        "postprocess_grpc": port("RAGMESH_POSTPROCESS_GRPC_PORT", 50053),
+    }
+    python = Path(env.get("RAGMESH_PYTHON", str(ROOT / ".venv" / "bin" / "python")))
+    return Plan(
+        run_dir=run_dir,
+        python=python,
+        gateway_host=env.get("RAGMESH_GATEWAY_HOST", "127.0.0.1"),
+        gateway_port=port("RAGMESH_GATEWAY_PORT", 8080),
+        ports=ports,
+    )
+
+
+def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
+    """The environment every service gets: the caller's, plus consistent peer addresses."""
+    out = dict(env)
+    p = plan.ports
+    for name in SERVICES:
+        out.setdefault(f"RAGMESH_{name.upper()}_HTTP_PORT", str(p[f"{name}_http"]))
+        if f"{name}_grpc" in p:
+            out.setdefault(f"RAGMESH_{name.upper()}_GRPC_PORT", str(p[f"{name}_grpc"]))
+    out.setdefault("RAGMESH_PREPROCESS_INFERENCE_ADDR", f"127.0.0.1:{p['inference_grpc']}")
+    out.setdefault("RAGMESH_PREPROCESS_RETRIEVAL_ADDR", f"127.0.0.1:{p['retrieval_grpc']}")
+    out.setdefault("RAGMESH_PREPROCESS_POSTPROCESS_ADDR", f"127.0.0.1:{p['postprocess_grpc']}")
+    out.setdefault("RAGMESH_DATA_DIR", str(plan.run_dir / "data"))
+    out.setdefault("OMP_NUM_THREADS", "1")
+    out.setdefault("HF_HUB_OFFLINE", "1")
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    return out
+
+
+# --- rendering -----------------------------------------------------------------
+
+
+def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
+    nginx_dir = plan.run_dir / "nginx"
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (nginx_dir / sub).mkdir(parents=True, exist_ok=True)
+    values = {
+        "NGINX_WORKERS": env.get("RAGMESH_NGINX_WORKERS", "1"),
+        "NGINX_RUN_DIR": str(nginx_dir),
+        "NGINX_LOG_DIR": str(plan.log_dir),
+        "NGINX_MAX_BODY": env.get("RAGMESH_GATEWAY_MAX_BODY", "32m"),
+        "NGINX_TIMEOUT": env.get("RAGMESH_GATEWAY_TIMEOUT", "600s"),
+        "NGINX_PREPROCESS_ADDR": f"127.0.0.1:{plan.ports['preprocess_http']}",
+        "NGINX_LISTEN": f"{plan.gateway_host}:{plan.gateway_port}",
+    }
+    template = string.Template((ROOT / "nginx" / "nginx.conf.template").read_text())
+    conf = nginx_dir / "nginx.conf"
+    conf.write_text(template.safe_substitute(values))
+    return conf
+
+
+def render_supervisord(plan: Plan, nginx_conf: Path) -> Path:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    programs = {name: f"{plan.python} -m {name}" for name in SERVICES}
+    programs["nginx"] = f"{nginx} -p {nginx_conf.parent} -c {nginx_conf} -e {plan.log_dir}/nginx-error.log -g 'daemon off;'"
+    lines = [
+        "[supervisord]",
+        f"logfile={plan.log_dir}/supervisord.log",
+        f"pidfile={plan.run_dir}/supervisord.pid",
+        f"childlogdir={plan.log_dir}",
+        f"directory={ROOT}",
+        "",
+        "[unix_http_server]",
+        f"file={plan.run_dir}/supervisor.sock",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{plan.run_dir}/supervisor.sock",
+        "",
+    ]
+    # Backends first, the front (preprocess) after them, the gateway last.
+    priority = {"inference": 10, "retrieval": 10, "postprocess": 10, "preprocess": 20, "nginx": 30}
+    for name, command in programs.items():
+        lines += [
+            f"[program:{name}]",
+            f"command={command}",
+            f"priority={priority[name]}",
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=1",
+            "startretries=100",
+            "stopsignal=TERM",
+            "stopwaitsecs=20",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={plan.log_dir}/{name}.log",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=2",
+            "",
+        ]
+    conf = plan.run_dir / "supervisord.conf"
+    conf.write_text("\n".join(lines))
+    return conf
+
+
+# --- dependencies ----------------------------------------------------------------
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def apt_install(package: str) -> None:
+    print(f"installing {package} with apt-get", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, env=env)
+
+
+def ensure_redis(env: dict[str, str], plan: Plan) -> None:
+    url = urlparse(env.get("RAGMESH_REDIS_URL") or env.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    host, port = url.hostname or "127.0.0.1", url.port or 6379
+    if reachable(host, port):
+        return
+    if host not in ("127.0.0.1", "localhost"):
+        sys.exit(f"Redis at {host}:{port} does not answer")
+    if not shutil.which("redis-server"):
+        apt_install("redis-server")
+    print(f"starting redis-server on 127.0.0.1:{port}", flush=True)
+    pidfile = plan.run_dir / "redis.pid"
+    subprocess.run(
+        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
+         "--save", "", "--appendonly", "no", "--pidfile", str(pidfile),
+         "--logfile", str(plan.log_dir / "redis.log"), "--dir", str(plan.run_dir)],
+        check=True,
+    )
+    wait_for(lambda: reachable(host, port), 30, "Redis")
+
+
+def ensure_rabbitmq(env: dict[str, str], plan: Plan) -> None:
+    url = urlparse(env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/")
+    host, port = url.hostname or "127.0.0.1", url.port or 5672
+    if reachable(host, port):
+        return
+    if host not in ("127.0.0.1", "localhost"):
+        sys.exit(f"RabbitMQ at {host}:{port} does not answer")
+    if not shutil.which("rabbitmq-server"):
+        apt_install("rabbitmq-server")
+    print("starting rabbitmq-server (about 10 s)", flush=True)
+    subprocess.run(["rabbitmq-server", "-detached"], check=True,
+                   env=dict(os.environ, RABBITMQ_NODE_IP_ADDRESS="127.0.0.1"))
+    subprocess.run(["rabbitmqctl", "await_startup", "--timeout", "60"], check=True)
+    (plan.run_dir / "rabbitmq.started").write_text("started by make up\n")
+
+
+def stop_started_dependencies(plan: Plan) -> None:
+    redis_pid = plan.run_dir / "redis.pid"
+    if redis_pid.is_file():
+        stop_pid(int(redis_pid.read_text().strip()), "redis-server")
+        redis_pid.unlink(missing_ok=True)
+    marker = plan.run_dir / "rabbitmq.started"
+    if marker.is_file():
+        subprocess.run(["rabbitmqctl", "stop"], check=False)
+        marker.unlink()
+
+
+# --- processes -------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def stop_pid(pid: int, name: str, timeout: float = 40.0) -> None:
+    """SIGTERM, wait, then SIGKILL: supervisord stops its children on SIGTERM."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            print(f"stopped {name} (pid {pid})", flush=True)
+            return
+        time.sleep(0.2)
+    print(f"{name} (pid {pid}) did not stop in {timeout:.0f} s: killing it", flush=True)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(check: object, timeout: float, what: str) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+def gateway_ready(plan: Plan) -> bool:
+    try:
+        with urllib.request.urlopen(f"{plan.gateway_url}/v1/health/ready", timeout=3) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def up(plan: Plan, env: dict[str, str], timeout: float) -> int:
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = plan.run_dir / "supervisord.pid"
+    if read_pid(pidfile) is None:
+        if reachable(plan.gateway_host, plan.gateway_port, 0.5):
+            print(f"port {plan.gateway_port} is taken by another program; set RAGMESH_GATEWAY_PORT", file=sys.stderr)
+            return 1
+        ensure_redis(env, plan)
+        ensure_rabbitmq(env, plan)
+        supervisord_conf = render_supervisord(plan, render_nginx(plan, env))
+        supervisord = plan.python.parent / "supervisord"
+        subprocess.run([str(supervisord), "-c", str(supervisord_conf)], check=True, env=service_env(plan, env))
+        print(f"started the mesh (logs in {plan.log_dir}); waiting for {plan.gateway_url}/v1/health/ready", flush=True)
+    else:
+        print("the mesh is already running; waiting until it is ready", flush=True)
+    started = time.monotonic()
+    try:
+        wait_for(lambda: gateway_ready(plan), timeout, "the gateway")
+    except TimeoutError as exc:
+        print(f"{exc}. Last log lines:", file=sys.stderr)
+        for name in (*SERVICES, "nginx"):
+            print(f"--- {name}\n{tail(plan.log_dir / f'{name}.log')}", file=sys.stderr)
+        print("the mesh is left running for inspection: `make down` stops it", file=sys.stderr)
+        return 1
+    print(f"ready in {time.monotonic() - started:.1f} s: {plan.gateway_url}/v1", flush=True)
+    return 0
+
+
+def down(plan: Plan) -> int:
+    pid = read_pid(plan.run_dir / "supervisord.pid")
+    if pid is None:
+        print("the mesh is not running", flush=True)
+    else:
+        stop_pid(pid, "supervisord and the mesh")
+    stop_started_dependencies(plan)
+    return 0
+
+
+def logs(plan: Plan) -> int:
+    files = sorted(str(p) for p in plan.log_dir.glob("*.log"))
+    if not files:
+        print(f"no logs in {plan.log_dir}")
+        return 1
+    os.execvp("tail", ["tail", "-n", "20", "-F", *files])
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "logs", "render"])
+    parser.add_argument("--run-dir", default=None, help="configs, pids, logs and data (default: run/)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds `up` waits for readiness")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    load_dotenv(ROOT / ".env", env)
+    run_dir = Path(args.run_dir or env.get("RAGMESH_RUN_DIR") or ROOT / "run").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(env, run_dir)
+    if args.command == "up":
+        return up(plan, env, args.timeout)
+    if args.command == "down":
+        return down(plan)
+    if args.command == "logs":
+        return logs(plan)
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    print(render_supervisord(plan, render_nginx(plan, env)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,10 @@ Ports and addresses come from the same RAGMESH_* variables the services read
 from __future__ import annotations
 
 import argparse
+import contextlib
+import grp
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -111,6 +114,7 @@ def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (nginx_dir / sub).mkdir(parents=True, exist_ok=True)
     values = {
+        "NGINX_USER": f"{pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name}",
         "NGINX_WORKERS": env.get("RAGMESH_NGINX_WORKERS", "1"),
         "NGINX_RUN_DIR": str(nginx_dir),
         "NGINX_LOG_DIR": str(plan.log_dir),
@@ -128,7 +132,9 @@ def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
 def render_supervisord(plan: Plan, nginx_conf: Path) -> Path:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     programs = {name: f"{plan.python} -m {name}" for name in SERVICES}
-    programs["nginx"] = f"{nginx} -p {nginx_conf.parent} -c {nginx_conf} -e {plan.log_dir}/nginx-error.log -g 'daemon off;'"
+    programs["nginx"] = (
+        f"{nginx} -p {nginx_conf.parent} -c {nginx_conf} -e {plan.log_dir}/nginx-error.log -g 'daemon off;'"
+    )
     lines = [
         "[supervisord]",
         f"logfile={plan.log_dir}/supervisord.log",
@@ -201,9 +207,25 @@ def ensure_redis(env: dict[str, str], plan: Plan) -> None:
     print(f"starting redis-server on 127.0.0.1:{port}", flush=True)
     pidfile = plan.run_dir / "redis.pid"
     subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
-         "--save", "", "--appendonly", "no", "--pidfile", str(pidfile),
-         "--logfile", str(plan.log_dir / "redis.log"), "--dir", str(plan.run_dir)],
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--pidfile",
+            str(pidfile),
+            "--logfile",
+            str(plan.log_dir / "redis.log"),
+            "--dir",
+            str(plan.run_dir),
+        ],
         check=True,
     )
     wait_for(lambda: reachable(host, port), 30, "Redis")
@@ -219,8 +241,9 @@ def ensure_rabbitmq(env: dict[str, str], plan: Plan) -> None:
     if not shutil.which("rabbitmq-server"):
         apt_install("rabbitmq-server")
     print("starting rabbitmq-server (about 10 s)", flush=True)
-    subprocess.run(["rabbitmq-server", "-detached"], check=True,
-                   env=dict(os.environ, RABBITMQ_NODE_IP_ADDRESS="127.0.0.1"))
+    subprocess.run(
+        ["rabbitmq-server", "-detached"], check=True, env=dict(os.environ, RABBITMQ_NODE_IP_ADDRESS="127.0.0.1")
+    )
     subprocess.run(["rabbitmqctl", "await_startup", "--timeout", "60"], check=True)
     (plan.run_dir / "rabbitmq.started").write_text("started by make up\n")
 
@@ -270,10 +293,8 @@ def stop_pid(pid: int, name: str, timeout: float = 40.0) -> None:
             return
         time.sleep(0.2)
     print(f"{name} (pid {pid}) did not stop in {timeout:.0f} s: killing it", flush=True)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def wait_for(check: object, timeout: float, what: str) -> None:

@@ -40,22 +40,14 @@ class ErrorRow:
 
 
 ERROR_TABLE: dict[ErrorKind, ErrorRow] = {
-    ErrorKind.INVALID_REQUEST: ErrorRow(
-        grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error", None
-    ),
+    ErrorKind.INVALID_REQUEST: ErrorRow(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error", None),
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: ErrorRow(
         grpc.StatusCode.INVALID_ARGUMENT, 415, "invalid_request_error", "unsupported_media_type"
     ),
-    ErrorKind.AUTHENTICATION: ErrorRow(
-        grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error", "invalid_api_key"
-    ),
-    ErrorKind.PERMISSION: ErrorRow(
-        grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error", None
-    ),
+    ErrorKind.AUTHENTICATION: ErrorRow(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error", "invalid_api_key"),
+    ErrorKind.PERMISSION: ErrorRow(grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error", None),
     # OpenAI answers an unknown model with type invalid_request_error and a code.
-    ErrorKind.NOT_FOUND: ErrorRow(
-        grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error", "not_found"
-    ),
+    ErrorKind.NOT_FOUND: ErrorRow(grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error", "not_found"),
     ErrorKind.CONFLICT: ErrorRow(grpc.StatusCode.ALREADY_EXISTS, 409, "invalid_request_error", "conflict"),
     ErrorKind.PAYLOAD_TOO_LARGE: ErrorRow(
         grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error", "payload_too_large"
@@ -65,9 +57,7 @@ ERROR_TABLE: dict[ErrorKind, ErrorRow] = {
     ),
     # 499 is nginx's "client closed request": nobody reads it, but logs and metrics do.
     ErrorKind.CANCELLED: ErrorRow(grpc.StatusCode.CANCELLED, 499, "cancelled", "cancelled"),
-    ErrorKind.UNAVAILABLE: ErrorRow(
-        grpc.StatusCode.UNAVAILABLE, 503, "server_error", "service_unavailable"
-    ),
+    ErrorKind.UNAVAILABLE: ErrorRow(grpc.StatusCode.UNAVAILABLE, 503, "server_error", "service_unavailable"),
     ErrorKind.DEADLINE: ErrorRow(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "server_error", "timeout"),
     ErrorKind.INTERNAL: ErrorRow(grpc.StatusCode.INTERNAL, 500, "server_error", "internal_error"),
 }
@@ -140,9 +130,7 @@ class RagmeshError(Exception):
         return f"RagmeshError({self.kind.value}, {self.message!r}, param={self.param!r})"
 
 
-def openai_error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def openai_error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """Build the OpenAI error envelope."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

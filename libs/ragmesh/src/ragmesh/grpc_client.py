@@ -30,13 +30,13 @@ def call_metadata() -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_HEADER, current_request_id()),)
 
 
-async def check_health(channel: grpc.aio.Channel, service: str = "", timeout: float = 2.0) -> str:
+async def check_health(channel: grpc.aio.Channel, service: str = "", deadline: float = 2.0) -> str:
     """Ask a peer's gRPC health service; returns "ok" or a short reason."""
     stub = health_pb2_grpc.HealthStub(channel)
     try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=deadline)
     except grpc.aio.AioRpcError as exc:
         return f"{exc.code().name}: {exc.details()}"
     if reply.status == health_pb2.HealthCheckResponse.SERVING:
         return "ok"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

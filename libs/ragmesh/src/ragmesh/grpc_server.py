@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,9 +17,15 @@ from ragmesh.errors import ErrorKind, RagmeshError
 
 log = logging.getLogger(__name__)
 
-GRPC_REQUESTS = Counter(
-    "ragmesh_grpc_server_requests_total", "gRPC calls handled", ["method", "code"]
-)
+if TYPE_CHECKING:
+    # Servicers here take any request/response type: one alias instead of repeating generics.
+    ServicerContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    MethodHandler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    ServicerContext = grpc.aio.ServicerContext
+    MethodHandler = grpc.RpcMethodHandler
+
+GRPC_REQUESTS = Counter("ragmesh_grpc_server_requests_total", "gRPC calls handled", ["method", "code"])
 GRPC_LATENCY = Histogram(
     "ragmesh_grpc_server_duration_seconds",
     "gRPC call duration (whole stream for streaming calls)",
@@ -36,7 +42,7 @@ GRPC_OPTIONS = (
 )
 
 
-async def abort_with(context: grpc.aio.ServicerContext, err: RagmeshError) -> None:
+async def abort_with(context: ServicerContext, err: RagmeshError) -> None:
     """End the call with the status and metadata of a domain error."""
     context.set_trailing_metadata(err.grpc_trailing_metadata())
     await context.abort(err.row.grpc_status, err.message)
@@ -58,7 +64,7 @@ class _CallScope:
         self.start = time.perf_counter()
         self.code = "OK"
 
-    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def fail(self, context: ServicerContext, exc: BaseException) -> None:
         if isinstance(exc, RagmeshError):
             err = exc
         else:
@@ -72,8 +78,8 @@ class _CallScope:
         GRPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
 
 
-def _wrap_unary(method: str, rid: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+def _wrap_unary(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request_or_iterator: Any, context: ServicerContext) -> Any:
         scope = _CallScope(method, rid)
         token = request_id_var.set(rid)
         try:
@@ -90,10 +96,8 @@ def _wrap_unary(method: str, rid: str, behavior: Callable[..., Awaitable[Any]]) 
     return handler
 
 
-def _wrap_streaming(
-    method: str, rid: str, behavior: Callable[..., AsyncIterator[Any]]
-) -> Callable[..., AsyncIterator[Any]]:
-    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _wrap_streaming(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request_or_iterator: Any, context: ServicerContext) -> AsyncIterator[Any]:
         scope = _CallScope(method, rid)
         token = request_id_var.set(rid)
         try:
@@ -118,9 +122,9 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc.health."):
@@ -128,20 +132,13 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
         rid = _request_id(handler_call_details)
         deser, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, rid, handler.unary_unary), deser, ser
-            )
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, rid, handler.unary_unary), deser, ser)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, rid, handler.stream_unary), deser, ser
-            )
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, rid, handler.stream_unary), deser, ser)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(method, rid, handler.unary_stream), deser, ser
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_streaming(method, rid, handler.stream_stream), deser, ser
-        )
+            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(method, rid, handler.unary_stream), deser, ser)
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(method, rid, handler.stream_stream), deser, ser)
 
 
 def create_server() -> grpc.aio.Server:

@@ -18,9 +18,7 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     grpc_port: int = 0
     http_port: int = 0
-    log_level: str = Field(
-        default="INFO", validation_alias=AliasChoices("RAGMESH_LOG_LEVEL", "LOG_LEVEL")
-    )
+    log_level: str = Field(default="INFO", validation_alias=AliasChoices("RAGMESH_LOG_LEVEL", "LOG_LEVEL"))
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("RAGMESH_REDIS_URL", "REDIS_URL"),

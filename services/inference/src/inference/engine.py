@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +37,7 @@ TTFT = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-FINISH_REASONS = {
+FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
@@ -62,7 +62,7 @@ class _ChoiceState:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
     error: RagmeshError | None = None
 
 
@@ -93,13 +93,17 @@ class LlamaCppEngine:
         self._settings = settings
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.max_concurrent_requests, thread_name_prefix="llama"
-        )
+        self._executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_requests, thread_name_prefix="llama")
         self._admitted = 0
         self._admitted_lock = threading.Lock()
         self.model_id = settings.served_model_name
         self.created = int(time.time())
+
+    @property
+    def active_requests(self) -> int:
+        """Choices admitted and not yet finished (running or waiting for a slot)."""
+        with self._admitted_lock:
+            return self._admitted
 
     @property
     def max_context(self) -> int:
@@ -126,8 +130,12 @@ class LlamaCppEngine:
         self._http = httpx.AsyncClient(base_url=self._server.listening_address, timeout=30.0)
         log.info(
             "model loaded",
-            extra={"path": path, "seconds": round(time.perf_counter() - started, 2),
-                   "slots": self._settings.n_parallel, "slot_context": self.max_context},
+            extra={
+                "path": path,
+                "seconds": round(time.perf_counter() - started, 2),
+                "slots": self._settings.n_parallel,
+                "slot_context": self.max_context,
+            },
         )
 
     async def aclose(self) -> None:
@@ -161,9 +169,7 @@ class LlamaCppEngine:
         """Token ids of the prompt exactly as the engine will see it (chat template applied)."""
         assert self._http is not None, "engine not loaded"
         if request.WhichOneof("input") == "chat":
-            reply = await self._http.post(
-                "/apply-template", json={"messages": _messages(request.chat.messages)}
-            )
+            reply = await self._http.post("/apply-template", json={"messages": _messages(request.chat.messages)})
             reply.raise_for_status()
             prompt = reply.json()["prompt"]
         else:
@@ -307,14 +313,16 @@ class LlamaCppEngine:
                         model=state.model,
                     )
                 )
-        except Exception as exc:  # noqa: BLE001 - handed to the caller as the call's error
+        except Exception as exc:
             log.exception("engine call failed")
             emit(RagmeshError(ErrorKind.INTERNAL, f"engine failure: {type(exc).__name__}"))
         finally:
             self._release()
             emit(_DONE)
 
-    async def generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[common_pb2.GenerationChunk]:
+    async def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
         """Stream GenerationChunks for every choice; closing the iterator stops the engine."""
         self.check_model(request.model)
         if request.WhichOneof("input") is None:

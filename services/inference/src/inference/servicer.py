@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
 from inference.engine import LlamaCppEngine
+from ragmesh.grpc_server import ServicerContext
 from ragmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -17,7 +16,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._engine = engine
 
     async def Generate(  # noqa: N802 - gRPC method name
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GenerateRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.GenerationChunk]:
         stream = self._engine.generate(request)
         try:
@@ -28,7 +27,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await stream.aclose()
 
     async def Tokenize(  # noqa: N802
-        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.TokenizeRequest, context: ServicerContext
     ) -> inference_pb2.TokenizeResponse:
         self._engine.check_model(request.model)
         ids = await self._engine.count_tokens(request)
@@ -39,6 +38,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
     async def ListModels(  # noqa: N802
-        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.ListModelsRequest, context: ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(models=[self._engine.model_card()])

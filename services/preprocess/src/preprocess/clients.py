@@ -18,9 +18,9 @@ from ragmesh.v1 import (
 
 @dataclass
 class MeshClients:
-    inference: inference_pb2_grpc.InferenceStub
-    postprocess: postprocess_pb2_grpc.PostprocessStub
-    retrieval: retrieval_pb2_grpc.RetrievalStub
+    inference: inference_pb2_grpc.InferenceAsyncStub
+    postprocess: postprocess_pb2_grpc.PostprocessAsyncStub
+    retrieval: retrieval_pb2_grpc.RetrievalAsyncStub
     channels: dict[str, grpc.aio.Channel]
 
     @classmethod

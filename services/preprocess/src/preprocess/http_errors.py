@@ -48,10 +48,17 @@ async def _ragmesh_error(request: Request, exc: Exception) -> Response:
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
-        body = openai_error_body(f"Method {request.method} not allowed for {request.url.path}.", "invalid_request_error", None, "method_not_allowed")
+        body = openai_error_body(
+            f"Method {request.method} not allowed for {request.url.path}.",
+            "invalid_request_error",
+            None,
+            "method_not_allowed",
+        )
         return Response(orjson.dumps(body), status_code=405, media_type="application/json")
     kind = _KIND_BY_HTTP_STATUS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
-    message = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
+    message = (
+        f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
+    )
     return error_response(RagmeshError(kind, message, code="unknown_url" if exc.status_code == 404 else None))
 
 
@@ -59,7 +66,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")) or None
-    return error_response(RagmeshError(ErrorKind.INVALID_REQUEST, f"Invalid '{param}': {first.get('msg')}", param=param))
+    return error_response(
+        RagmeshError(ErrorKind.INVALID_REQUEST, f"Invalid '{param}': {first.get('msg')}", param=param)
+    )
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:

@@ -23,10 +23,10 @@ def model_object(card: inference_pb2.ModelCard) -> dict[str, Any]:
     }
 
 
-async def list_models(clients: MeshClients, timeout: float = 10.0) -> list[inference_pb2.ModelCard]:
+async def list_models(clients: MeshClients, deadline: float = 10.0) -> list[inference_pb2.ModelCard]:
     try:
         reply = await clients.inference.ListModels(
-            inference_pb2.ListModelsRequest(), timeout=timeout, metadata=call_metadata()
+            inference_pb2.ListModelsRequest(), timeout=deadline, metadata=call_metadata()
         )
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None

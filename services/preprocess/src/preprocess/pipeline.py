@@ -8,7 +8,7 @@ sequence) cancels both calls, which frees the engine slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -30,8 +30,10 @@ class GenerationPipeline:
         self._generate = generate
         self._start = start
         self._timeout = timeout
-        self._gen: grpc.aio.UnaryStreamCall | None = None
-        self._proc: grpc.aio.StreamStreamCall | None = None
+        self._gen: grpc.aio.UnaryStreamCall[inference_pb2.GenerateRequest, common_pb2.GenerationChunk] | None = None
+        self._proc: (
+            grpc.aio.StreamStreamCall[postprocess_pb2.ProcessRequest, postprocess_pb2.ProcessResponse] | None
+        ) = None
         self._first: common_pb2.GenerationChunk | None = None
         self._gen_error: RagmeshError | None = None
 
@@ -52,7 +54,7 @@ class GenerationPipeline:
         except BaseException:
             self.close()
             raise
-        if first is grpc.aio.EOF:
+        if not isinstance(first, common_pb2.GenerationChunk):  # EOF
             self.close()
             raise RagmeshError(ErrorKind.INTERNAL, "inference ended without output")
         self._first = first
@@ -83,7 +85,7 @@ class GenerationPipeline:
         except grpc.aio.AioRpcError:
             pass  # postprocess failed: the reader gets its status
 
-    async def responses(self) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
+    async def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
         """Client-ready output, in order, until every choice finished."""
         assert self._proc is not None
         pump = asyncio.create_task(self._pump())

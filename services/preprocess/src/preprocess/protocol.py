@@ -102,10 +102,16 @@ def validation_error(exc: ValidationError) -> RagmeshError:
     first = max(errors, key=lambda e: len(e["loc"]))
     param = _param(tuple(first["loc"])) or None
     if first["type"] == "missing":
-        return invalid_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return invalid_request(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     value = first.get("input")
-    shown = repr(value) if isinstance(value, str | int | float | bool) and len(repr(value)) < 80 else type(value).__name__
-    return invalid_request(f"Invalid value for '{param}': {first['msg']} (got {shown}).", param=param, code="invalid_value")
+    shown = (
+        repr(value) if isinstance(value, str | int | float | bool) and len(repr(value)) < 80 else type(value).__name__
+    )
+    return invalid_request(
+        f"Invalid value for '{param}': {first['msg']} (got {shown}).", param=param, code="invalid_value"
+    )
 
 
 def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:

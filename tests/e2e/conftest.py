@@ -1,0 +1,145 @@
+"""The whole mesh, started the way `make up` starts it, on ports of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from openai import OpenAI
+
+from ..conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+OPENAPI = ROOT.parent / "shared" / "data" / "openai" / "openapi.subset.json"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Mesh:
+    run_dir: Path
+    env: dict[str, str]
+    gateway: str
+    inference_metrics: str
+
+    @property
+    def v1(self) -> str:
+        return f"{self.gateway}/v1"
+
+    def openai(self, **kw: Any) -> OpenAI:
+        return OpenAI(base_url=self.v1, api_key="not-needed", max_retries=0, **kw)
+
+    def supervisorctl(self, *args: str) -> str:
+        conf = self.run_dir / "supervisord.conf"
+        out = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "supervisorctl"), "-c", str(conf), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return out.stdout.strip()
+
+
+def mesh_env(run_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a test mesh: every port free and its own, logs under run_dir."""
+    env = dict(os.environ)
+    for name in (
+        "PREPROCESS_HTTP",
+        "INFERENCE_HTTP",
+        "RETRIEVAL_HTTP",
+        "POSTPROCESS_HTTP",
+        "INFERENCE_GRPC",
+        "RETRIEVAL_GRPC",
+        "POSTPROCESS_GRPC",
+        "GATEWAY",
+    ):
+        env[f"RAGMESH_{name}_PORT"] = str(free_port())
+    # Peer addresses follow from the ports above.
+    for key in (
+        "RAGMESH_PREPROCESS_INFERENCE_ADDR",
+        "RAGMESH_PREPROCESS_RETRIEVAL_ADDR",
+        "RAGMESH_PREPROCESS_POSTPROCESS_ADDR",
+    ):
+        env.pop(key, None)
+    env["RAGMESH_RUN_DIR"] = str(run_dir)
+    env.update(extra)
+    return env
+
+
+def start_mesh(env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "mesh.py"), "up", "--timeout", "180"], env=env, check=True)
+
+
+def stop_mesh(env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "mesh.py"), "down"], env=env, check=True)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    run_dir = tmp_path_factory.mktemp("mesh")
+    # A small body limit keeps the 413 test cheap; one engine thread leaves a core
+    # for the rest of the mesh and for the tests.
+    env = mesh_env(
+        run_dir,
+        RAGMESH_GATEWAY_MAX_BODY="1m",
+        RAGMESH_PREPROCESS_MAX_BODY_BYTES=str(1024 * 1024),
+        RAGMESH_INFERENCE_N_THREADS="1",
+        RAGMESH_INFERENCE_N_THREADS_BATCH="1",
+    )
+    start_mesh(env)
+    try:
+        yield Mesh(
+            run_dir=run_dir,
+            env=env,
+            gateway=f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}",
+            inference_metrics=f"http://127.0.0.1:{env['RAGMESH_INFERENCE_HTTP_PORT']}/metrics",
+        )
+    finally:
+        stop_mesh(env)
+
+
+@pytest.fixture
+def http(mesh: Mesh) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=mesh.gateway, timeout=60) as client:
+        yield client
+
+
+# --- OpenAI schema validation --------------------------------------------------
+
+
+def _nullable_to_json_schema(node: Any) -> Any:
+    """OpenAPI's `nullable: true` is not JSON Schema: rewrite it as a union with null."""
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable_to_json_schema(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@pytest.fixture(scope="session")
+def openapi_schema() -> dict[str, Any]:
+    if not OPENAPI.is_file():
+        pytest.skip(f"{OPENAPI} is absent: the OpenAI schema checks need ../shared/data")
+    return dict(_nullable_to_json_schema(json.loads(OPENAPI.read_text())))
+
+
+@pytest.fixture(scope="session")
+def validate(openapi_schema: dict[str, Any]) -> Any:
+    """validate(instance, "SchemaName") against the OpenAI OpenAPI subset."""
+
+    def check(instance: Any, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": openapi_schema["components"]}
+        jsonschema.validate(instance, schema)
+
+    return check

@@ -1,0 +1,54 @@
+"""Services running in this process behind real gRPC servers on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from inference.engine import LlamaCppEngine
+from inference.servicer import InferenceServicer
+from inference.settings import InferenceSettings
+from postprocess.servicer import PostprocessServicer
+from ragmesh.grpc_client import create_channel
+from ragmesh.grpc_server import add_health, create_server
+from ragmesh.v1 import inference_pb2_grpc, postprocess_pb2_grpc
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+async def engine() -> AsyncIterator[LlamaCppEngine]:
+    # 2 slots, 2048 tokens each; one thread so the e2e mesh beside it is not starved.
+    settings = InferenceSettings(n_parallel=2, n_ctx=4096, n_threads=1, n_threads_batch=1, max_concurrent_requests=4)
+    engine = LlamaCppEngine(settings)
+    await asyncio.to_thread(engine.load)
+    yield engine
+    await engine.aclose()
+
+
+@pytest.fixture(scope="session")
+async def inference_channel(engine: LlamaCppEngine) -> AsyncIterator[grpc.aio.Channel]:
+    server = create_server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    await add_health(server, ["ragmesh.v1.Inference"])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = create_channel(f"127.0.0.1:{port}")
+    yield channel
+    await channel.close()
+    await server.stop(0)
+
+
+@pytest.fixture(scope="session")
+async def postprocess_channel() -> AsyncIterator[grpc.aio.Channel]:
+    server = create_server()
+    postprocess_pb2_grpc.add_PostprocessServicer_to_server(PostprocessServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = create_channel(f"127.0.0.1:{port}")
+    yield channel
+    await channel.close()
+    await server.stop(0)

@@ -1,0 +1,93 @@
+"""preprocess's pipeline against the real inference and postprocess gRPC servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+
+from inference.engine import LlamaCppEngine
+from preprocess.clients import MeshClients
+from preprocess.pipeline import GenerationPipeline
+from ragmesh.errors import RagmeshError
+from ragmesh.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    postprocess_pb2,
+    postprocess_pb2_grpc,
+    retrieval_pb2_grpc,
+)
+
+from .conftest import MODEL
+
+
+@pytest.fixture
+def clients(inference_channel: grpc.aio.Channel, postprocess_channel: grpc.aio.Channel) -> MeshClients:
+    return MeshClients(
+        inference=inference_pb2_grpc.InferenceStub(inference_channel),
+        postprocess=postprocess_pb2_grpc.PostprocessStub(postprocess_channel),
+        retrieval=retrieval_pb2_grpc.RetrievalStub(inference_channel),  # unused here
+        channels={},
+    )
+
+
+def pipeline(
+    clients: MeshClients, text: str, *, stream: bool, stop: list[str] | None = None, **sampling: float
+) -> GenerationPipeline:
+    generate = inference_pb2.GenerateRequest(
+        model=MODEL,
+        chat=inference_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="user", content=text)]),
+        sampling=inference_pb2.SamplingParams(n=1, **sampling),  # type: ignore[arg-type]
+    )
+    start = postprocess_pb2.ProcessStart(id="chatcmpl-p", model=MODEL, created=1, stream=stream, n=1, stop=stop or [])
+    return GenerationPipeline(clients, generate, start, timeout=60)
+
+
+async def test_non_stream_answer_with_usage(clients: MeshClients) -> None:
+    p = pipeline(clients, "Say hello.", stream=False, max_tokens=5, temperature=0)
+    await p.open()
+    body = json.loads(await p.collect())
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["prompt_tokens"] > 0
+
+
+async def test_stop_sequence_cancels_generation_and_frees_the_slot(
+    clients: MeshClients, engine: LlamaCppEngine
+) -> None:
+    # Greedy decoding of this prompt yields several spaces within 400 tokens; the
+    # first space ends the answer long before max_tokens.
+    p = pipeline(clients, "Write a long story about a fox.", stream=False, stop=[" "], max_tokens=400, temperature=0)
+    await p.open()
+    body = json.loads(await p.collect())
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert " " not in body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] < 400
+    deadline = time.monotonic() + 1.0
+    while engine.active_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.active_requests == 0
+
+
+async def test_engine_error_surfaces_at_open(clients: MeshClients) -> None:
+    p = pipeline(clients, "word " * 3000, stream=True)
+    with pytest.raises(RagmeshError) as info:
+        await p.open()
+    assert info.value.http_status == 400
+
+
+async def test_closing_a_stream_midway_frees_the_slot(clients: MeshClients, engine: LlamaCppEngine) -> None:
+    p = pipeline(clients, "Write a long story about a fox.", stream=True, max_tokens=1500, temperature=0)
+    await p.open()
+    responses = p.responses()
+    for _ in range(4):
+        await anext(responses)
+    await responses.aclose()  # what Starlette does when the client disconnects
+    deadline = time.monotonic() + 1.0
+    while engine.active_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.active_requests == 0

@@ -1,0 +1,101 @@
+"""Chat request validation: every bad input is a 400 naming the parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from preprocess.chat import to_generate_request, to_process_start
+from preprocess.protocol import parse_chat_request
+from ragmesh.errors import RagmeshError
+
+OK: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def bad(body: Any) -> RagmeshError:
+    with pytest.raises(RagmeshError) as info:
+        parse_chat_request(body, max_n=8)
+    assert info.value.http_status == 400
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"messages": None}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": {"text": "x"}}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages[0].content[0].text"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 9}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [1]}, "stop[0]"),
+        ({"stop": ""}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"logprobs": True}, "logprobs"),
+        ({"model": 3}, "model"),
+    ],
+)
+def test_bad_fields_name_their_parameter(patch: dict[str, Any], param: str) -> None:
+    body = {**OK, **patch}
+    body = {k: v for k, v in body.items() if v is not None}
+    err = bad(body)
+    assert err.param == param, err.message
+    assert err.to_openai()["error"]["type"] == "invalid_request_error"
+
+
+def test_missing_model_and_messages() -> None:
+    assert bad({"messages": OK["messages"]}).param == "model"
+    assert bad({"model": "m"}).code == "missing_required_parameter"
+
+
+def test_body_must_be_an_object() -> None:
+    bad([1, 2])
+
+
+def test_valid_request_maps_to_generate_and_process_start() -> None:
+    body = {
+        **OK,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "caf"}, {"type": "text", "text": "e\u0301\x00"}]},
+        ],
+        "max_tokens": 9,
+        "max_completion_tokens": 4,
+        "temperature": 0,
+        "top_p": 0.5,
+        "seed": 11,
+        "stop": "END",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "unknown_future_field": {"x": 1},
+    }
+    chat = parse_chat_request(body, max_n=8)
+    gen = to_generate_request(chat)
+    assert [m.content for m in gen.chat.messages] == ["be brief", "café"]
+    assert gen.sampling.max_tokens == 4  # max_completion_tokens wins
+    assert gen.sampling.HasField("temperature") and gen.sampling.temperature == 0
+    assert gen.sampling.seed == 11 and gen.sampling.n == 1
+    start = to_process_start(chat)
+    assert list(start.stop) == ["END"] and start.stream and start.include_usage
+    assert start.id.startswith("chatcmpl-")
+
+
+def test_unset_sampling_fields_stay_unset() -> None:
+    gen = to_generate_request(parse_chat_request(OK, max_n=8))
+    for field in ("max_tokens", "temperature", "top_p", "seed"):
+        assert not gen.sampling.HasField(field)

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
 
-from inference.settings import InferenceSettings
+from inference.settings import InferenceSettings, apply_cpu_params
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, inference_pb2
 
@@ -119,8 +119,7 @@ class LlamaCppEngine:
         params.model.path = path
         params.n_parallel = self._settings.n_parallel
         params.n_ctx = self._settings.n_ctx
-        params.cpuparams.n_threads = self._settings.n_threads
-        params.cpuparams_batch.n_threads = self._settings.n_threads_batch
+        apply_cpu_params(params, self._settings)
         params.verbosity = 0
         started = time.perf_counter()
         self._server = xllamacpp.Server(params)

@@ -1,0 +1,181 @@
+"""Streaming chat throughput and time to first token: the mesh vs the model served directly.
+
+N concurrent streaming chat requests (64 new tokens, temperature 0) go through
+the gateway (nginx -> preprocess -> inference -> postprocess) and, in the same
+run, to llama.cpp's own OpenAI HTTP server (built into xllamacpp) loaded with
+the same model, slots, context and threads as the mesh's inference service.
+Rounds alternate between the two so both see the same machine load.
+
+Needs a running mesh (`make up`). Usage:
+    .venv/bin/python bench/chat_throughput.py [--gateway http://127.0.0.1:8080] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+TOPICS = ["a lighthouse", "a dragon", "the moon", "a robot", "a river", "a baker", "a storm", "a violin"]
+
+
+@dataclass
+class Result:
+    ttft: float  # seconds to the first content-bearing chunk
+    tokens: int
+
+
+@dataclass
+class Round:
+    wall: float
+    results: list[Result]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(r.tokens for r in self.results) / self.wall
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int) -> Result:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[index % len(TOPICS)]}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    ttft = 0.0
+    tokens = 0
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk: dict[str, Any] = orjson.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if not ttft and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    return Result(ttft=ttft, tokens=tokens)
+
+
+async def run_round(client: httpx.AsyncClient, url: str, model: str, n: int, max_tokens: int) -> Round:
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one_request(client, url, model, i, max_tokens) for i in range(n)))
+    return Round(wall=time.perf_counter() - started, results=list(results))
+
+
+def start_direct_server() -> tuple[Any, str]:
+    """llama.cpp's own server with the mesh's inference settings (same env, same defaults)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import xllamacpp
+
+    from inference.settings import InferenceSettings, apply_cpu_params
+
+    settings = InferenceSettings()
+    params = xllamacpp.CommonParams()
+    params.model.path = settings.resolved_model_path()
+    params.n_parallel = settings.n_parallel
+    params.n_ctx = settings.n_ctx
+    apply_cpu_params(params, settings)
+    params.verbosity = 0
+    server = xllamacpp.Server(params)
+    print(
+        f"engine settings (both sides): slots={settings.n_parallel} n_ctx={settings.n_ctx} "
+        f"threads={settings.n_threads}/{settings.n_threads_batch} poll={settings.cpu_poll} "
+        f"priority={settings.cpu_priority}",
+        flush=True,
+    )
+    return server, str(server.listening_address)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gateway", default="http://127.0.0.1:8080")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per side and N (alternating)")
+    args = parser.parse_args()
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+        try:
+            ready = await client.get(f"{args.gateway}/v1/health/ready")
+        except httpx.HTTPError:
+            ready = None
+        if ready is None or ready.status_code != 200:
+            print(f"the mesh is not ready at {args.gateway}: run `make up` first", file=sys.stderr)
+            return 1
+        server, direct_base = start_direct_server()
+        targets = {
+            "direct": f"{direct_base}/v1/chat/completions",
+            "mesh": f"{args.gateway}/v1/chat/completions",
+        }
+        for url in targets.values():  # warm up both (first-call allocations, prompt cache)
+            await run_round(client, url, args.model, 2, 8)
+
+        rows = []
+        for n in (int(x) for x in args.concurrency.split(",")):
+            rounds: dict[str, list[Round]] = {"direct": [], "mesh": []}
+            for _ in range(args.rounds):
+                for side, url in targets.items():
+                    rounds[side].append(await run_round(client, url, args.model, n, args.max_tokens))
+            stats = {}
+            for side, rs in rounds.items():
+                ttfts = [r.ttft for rnd in rs for r in rnd.results]
+                stats[side] = {
+                    "tps": statistics.median(rnd.tokens_per_second for rnd in rs),
+                    "p50": pct(ttfts, 0.5) * 1000,
+                    "p95": pct(ttfts, 0.95) * 1000,
+                    "tokens": statistics.median(sum(r.tokens for r in rnd.results) / n for rnd in rs),
+                }
+            rows.append((n, stats))
+        del server
+
+    print()
+    print(f"streaming chat, {args.max_tokens} new tokens, temperature 0, median of {args.rounds} rounds per cell")
+    header = (
+        f"{'N':>3} | {'direct tok/s':>12} | {'mesh tok/s':>10} | {'mesh/direct':>11} | "
+        f"{'direct TTFT p50/p95 ms':>22} | {'mesh TTFT p50/p95 ms':>20} | {'TTFT p50 overhead ms':>20}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n, s in rows:
+        d, m = s["direct"], s["mesh"]
+        print(
+            f"{n:>3} | {d['tps']:>12.1f} | {m['tps']:>10.1f} | {m['tps'] / d['tps']:>11.2f} | "
+            f"{d['p50']:>10.1f} / {d['p95']:>9.1f} | {m['p50']:>8.1f} / {m['p95']:>9.1f} | "
+            f"{m['p50'] - d['p50']:>20.1f}"
+        )
+    n_max, s_max = rows[-1]
+    n_min, s_min = rows[0]
+    ratio = s_max["mesh"]["tps"] / s_max["direct"]["tps"]
+    # With more requests than slots, TTFT is mostly queueing behind other requests;
+    # the mesh's own overhead shows at the lowest concurrency.
+    overhead = s_min["mesh"]["p50"] - s_min["direct"]["p50"]
+    print()
+    print(f"target: mesh throughput >= 0.90x direct at N={n_max}: {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}")
+    print(
+        f"target: TTFT p50 overhead <= 15 ms at N={n_min}: {overhead:.1f} ms -> {'PASS' if overhead <= 15 else 'FAIL'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -19,7 +19,8 @@ from openai import OpenAI
 from ..conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-OPENAPI = ROOT.parent / "shared" / "data" / "openai" / "openapi.subset.json"
+SHARED_DATA = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+OPENAPI = SHARED_DATA / "openai" / "openapi.subset.json"
 MODEL = "SmolLM2-135M-Instruct"
 
 

@@ -65,13 +65,13 @@ CASES: list[tuple[str, bytes, dict[str, str], int, str | None]] = [
 
 @pytest.mark.parametrize(("name", "body", "headers", "status", "param"), CASES, ids=[c[0] for c in CASES])
 def test_bad_request_gets_openai_error_and_mesh_keeps_serving(
-    http: httpx.Client, validate: Any, name: str, body: bytes, headers: dict[str, str], status: int, param: str | None
+    http: httpx.Client, name: str, body: bytes, headers: dict[str, str], status: int, param: str | None
 ) -> None:
     reply = http.post("/v1/chat/completions", content=body, headers=headers)
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"].startswith("application/json")
     error = reply.json()
-    validate(error, "ErrorResponse")
+    assert set(error) == {"error"}
     assert set(error["error"]) == {"message", "type", "param", "code"}
     assert error["error"]["message"]
     if param is not None:
@@ -88,3 +88,10 @@ def test_unknown_route_and_method_are_openai_errors(http: httpx.Client) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     wrong = http.get("/v1/chat/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_error_bodies_match_the_openai_schema(http: httpx.Client, validate: Any) -> None:
+    for _, body, headers, status, _ in CASES:
+        reply = http.post("/v1/chat/completions", content=body, headers=headers)
+        assert reply.status_code == status
+        validate(reply.json(), "ErrorResponse")

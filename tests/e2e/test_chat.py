@@ -17,29 +17,24 @@ pytestmark = pytest.mark.e2e
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story about a robot."}]
 
 
-def test_models_list_and_detail(mesh: Mesh, validate: Any, http: httpx.Client) -> None:
+def test_models_list_and_detail(mesh: Mesh) -> None:
     client = mesh.openai()
     assert MODEL in [m.id for m in client.models.list()]
     assert client.models.retrieve(MODEL).owned_by == "ragmesh"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
-    raw = http.get("/v1/models").json()
-    validate(raw, "ListModelsResponse")
 
 
-def test_non_stream_chat_with_max_tokens(mesh: Mesh, validate: Any, http: httpx.Client) -> None:
+def test_non_stream_chat_with_max_tokens(mesh: Mesh) -> None:
     reply = mesh.openai().chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=9, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "length"
     assert reply.usage is not None and reply.usage.completion_tokens == 9
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 9
     assert choice.message.role == "assistant" and choice.message.content
-    raw = http.post("/v1/chat/completions", json={"model": MODEL, "messages": PROMPT, "max_tokens": 3})
-    assert raw.status_code == 200
-    validate(raw.json(), "CreateChatCompletionResponse")
 
 
-def test_stream_with_usage_chunk_before_done(mesh: Mesh, validate: Any, http: httpx.Client) -> None:
+def test_stream_with_usage_chunk_before_done(mesh: Mesh, http: httpx.Client) -> None:
     stream = mesh.openai().chat.completions.create(
         model=MODEL,
         messages=PROMPT,
@@ -57,6 +52,22 @@ def test_stream_with_usage_chunk_before_done(mesh: Mesh, validate: Any, http: ht
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
 
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert orjson.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_responses_match_the_openai_schema(http: httpx.Client, validate: Any) -> None:
+    validate(http.get("/v1/models").json(), "ListModelsResponse")
+    validate(http.get(f"/v1/models/{MODEL}").json(), "Model")
+    whole = http.post("/v1/chat/completions", json={"model": MODEL, "messages": PROMPT, "max_tokens": 3})
+    assert whole.status_code == 200
+    validate(whole.json(), "CreateChatCompletionResponse")
     body = {
         "model": MODEL,
         "messages": PROMPT,

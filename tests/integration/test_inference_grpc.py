@@ -124,5 +124,5 @@ async def test_more_choices_than_admitted_is_overloaded(stub: inference_pb2_grpc
 
 
 async def test_list_models(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
-    reply = await stub.ListModels(inference_pb2.ListModelsRequest())
+    reply = await stub.ListModels(common_pb2.ListModelsRequest())
     assert [(m.id, m.max_context, m.backend) for m in reply.models] == [(MODEL, 2048, "embedded")]

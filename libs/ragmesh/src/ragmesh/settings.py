@@ -27,5 +27,8 @@ class ServiceSettings(BaseSettings):
         default="amqp://guest:guest@127.0.0.1:5672/",
         validation_alias=AliasChoices("RAGMESH_AMQP_URL", "AMQP_URL"),
     )
+    # Prefix for every queue, exchange and Redis key, so that several meshes (or
+    # test runs) can share one Redis and one RabbitMQ without seeing each other.
+    namespace: str = Field(default="", validation_alias=AliasChoices("RAGMESH_NAMESPACE"))
     # Seconds a stopping service waits for in-flight calls before it cancels them.
     shutdown_grace: float = 5.0

@@ -153,8 +153,8 @@ class LlamaCppEngine:
                 code="model_not_found",
             )
 
-    def model_card(self) -> inference_pb2.ModelCard:
-        return inference_pb2.ModelCard(
+    def model_card(self) -> common_pb2.ModelCard:
+        return common_pb2.ModelCard(
             id=self.model_id,
             owned_by="ragmesh",
             created=self.created,

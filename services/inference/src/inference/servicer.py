@@ -38,6 +38,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
     async def ListModels(  # noqa: N802
-        self, request: inference_pb2.ListModelsRequest, context: ServicerContext
-    ) -> inference_pb2.ListModelsResponse:
-        return inference_pb2.ListModelsResponse(models=[self._engine.model_card()])
+        self, request: common_pb2.ListModelsRequest, context: ServicerContext
+    ) -> common_pb2.ListModelsResponse:
+        return common_pb2.ListModelsResponse(models=[self._engine.model_card()])

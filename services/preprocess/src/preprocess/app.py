@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from preprocess.chat import ChatCompletions
 from preprocess.clients import MeshClients
+from preprocess.documents import Chunker, load_tokenizer
 from preprocess.http_errors import install_error_handlers
+from preprocess.http_io import read_json
+from preprocess.ingest import IngestPublisher
 from preprocess.models import model_detail, models_page
+from preprocess.retrieval_api import RetrievalApi
 from preprocess.settings import PreprocessSettings
 from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
 from ragmesh.service import run_http
@@ -62,13 +70,31 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clients = MeshClients.connect(settings)
+        redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        jobs = JobStore(redis, settings.namespace)
+        chunker = Chunker(await asyncio.to_thread(load_tokenizer), settings.chunk_tokens, settings.chunk_overlap)
+        publisher = IngestPublisher(settings, chunker, jobs)
         app.state.clients = clients
         app.state.chat = ChatCompletions(clients, settings)
-        app.state.ready_check = clients.ready
+        app.state.retrieval = RetrievalApi(clients, settings, publisher, jobs)
+
+        async def ready() -> dict[str, str]:
+            deps = await clients.ready()
+            try:
+                await redis.ping()
+                deps["redis"] = "ok"
+            except (RedisError, OSError) as exc:
+                deps["redis"] = f"unavailable: {exc}"
+            deps["rabbitmq"] = await publisher.check()
+            return deps
+
+        app.state.ready_check = ready
         try:
             yield
         finally:
+            await publisher.close()
             await clients.close()
+            await redis.aclose()
 
     app = FastAPI(title="ragmesh", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -86,6 +112,44 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> Response:
         return _json(await model_detail(request.app.state.clients, model))
+
+    def api(request: Request) -> RetrievalApi:
+        return request.app.state.retrieval  # type: ignore[no-any-return]
+
+    async def body(request: Request) -> Any:
+        return await read_json(request, settings.max_body_bytes)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return _json(await api(request).embeddings(await body(request)))
+
+    @app.post("/v1/collections")
+    async def create_collection(request: Request) -> Response:
+        return _json(await api(request).create_collection(await body(request)), 201)
+
+    @app.get("/v1/collections")
+    async def list_collections(request: Request) -> Response:
+        return _json(await api(request).list_collections())
+
+    @app.get("/v1/collections/{name}")
+    async def get_collection(name: str, request: Request) -> Response:
+        return _json(await api(request).get_collection(name))
+
+    @app.delete("/v1/collections/{name}")
+    async def delete_collection(name: str, request: Request) -> Response:
+        return _json(await api(request).delete_collection(name))
+
+    @app.post("/v1/collections/{name}/documents")
+    async def add_documents(name: str, request: Request) -> Response:
+        return _json(await api(request).add_documents(name, await body(request)), 202)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> Response:
+        return _json(await api(request).get_job(job_id))
+
+    @app.post("/v1/search")
+    async def search(request: Request) -> Response:
+        return _json(await api(request).search(await body(request)))
 
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -9,10 +10,10 @@ import grpc
 from preprocess.clients import MeshClients
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
-from ragmesh.v1 import inference_pb2
+from ragmesh.v1 import common_pb2
 
 
-def model_object(card: inference_pb2.ModelCard) -> dict[str, Any]:
+def model_object(card: common_pb2.ModelCard) -> dict[str, Any]:
     """OpenAI's model object plus vLLM's max_model_len."""
     return {
         "id": card.id,
@@ -23,14 +24,22 @@ def model_object(card: inference_pb2.ModelCard) -> dict[str, Any]:
     }
 
 
-async def list_models(clients: MeshClients, deadline: float = 10.0) -> list[inference_pb2.ModelCard]:
-    try:
-        reply = await clients.inference.ListModels(
-            inference_pb2.ListModelsRequest(), timeout=deadline, metadata=call_metadata()
-        )
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-    return list(reply.models)
+async def list_models(clients: MeshClients, deadline: float = 10.0) -> list[common_pb2.ModelCard]:
+    """Chat models from inference, then embedding models from retrieval (left out if it is down)."""
+    request = common_pb2.ListModelsRequest()
+    chat, embedding = await asyncio.gather(
+        clients.inference.ListModels(request, timeout=deadline, metadata=call_metadata()),
+        clients.retrieval.ListModels(request, timeout=deadline, metadata=call_metadata()),
+        return_exceptions=True,
+    )
+    if isinstance(chat, grpc.aio.AioRpcError):
+        raise from_rpc_error(chat) from None
+    if isinstance(chat, BaseException):
+        raise chat
+    models = list(chat.models)
+    if isinstance(embedding, common_pb2.ListModelsResponse):
+        models.extend(embedding.models)
+    return models
 
 
 async def models_page(clients: MeshClients) -> dict[str, Any]:

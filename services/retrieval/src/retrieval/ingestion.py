@@ -51,6 +51,19 @@ class CollectionGoneError(Exception):
     """The job's collection was deleted (or re-created) after the job was accepted."""
 
 
+def check_job(job: ingest_pb2.IngestJob) -> None:
+    """Refuse a job that cannot be indexed as it is (it is dead-lettered, not retried)."""
+    if not job.job_id or not job.collection:
+        raise ValueError("job without an id or a collection")
+    seen: set[str] = set()
+    for chunk in job.chunks:
+        if not chunk.chunk_id or not chunk.document_id:
+            raise ValueError("chunk without a chunk_id or a document_id")
+        if chunk.chunk_id in seen:
+            raise ValueError(f"chunk id {chunk.chunk_id!r} appears twice in the job")
+        seen.add(chunk.chunk_id)
+
+
 def records_from(chunks: Sequence[ingest_pb2.Chunk]) -> list[ChunkRecord]:
     texts = [embedding_text(c.title, c.text) for c in chunks]
     return [
@@ -172,6 +185,7 @@ class Ingestion:
             log.warning("job status not recorded", extra={"error": str(exc)})
 
     async def _process(self, job: ingest_pb2.IngestJob) -> None:
+        check_job(job)
         async with self._store.lock(job.collection):
             snapshot = await self._store.ensure_local(job.collection, job.collection_id)
             if snapshot is None:

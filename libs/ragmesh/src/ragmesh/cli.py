@@ -1,0 +1,166 @@
+"""`ragmesh` command line: talks to a running mesh through its public HTTP API.
+
+    ragmesh ingest corpus.jsonl --collection scifact --create
+    ragmesh ingest ./notes --collection notes --create      # *.txt, *.md and *.jsonl under a folder
+    ragmesh search "what causes tides" --collection notes
+
+JSONL lines are {"id" or "_id", "text", "title"?, "metadata"?}. A text file
+becomes one document: its path (relative to the folder) is the id, its name
+the title.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+DEFAULT_URL = os.environ.get("RAGMESH_URL", "http://127.0.0.1:8080")
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            raw = json.loads(line)
+            doc_id = raw.get("id", raw.get("_id"))
+            if doc_id is None or "text" not in raw:
+                raise SystemExit(f"{path}:{number}: a document needs 'id' (or '_id') and 'text'")
+            doc: dict[str, Any] = {"id": str(doc_id), "text": raw["text"], "title": raw.get("title") or ""}
+            if raw.get("metadata"):
+                doc["metadata"] = raw["metadata"]
+            yield doc
+
+
+def read_documents(path: Path) -> Iterator[dict[str, Any]]:
+    """Documents from a JSONL file or from the text files under a folder."""
+    if path.is_file():
+        yield from read_jsonl(path)
+        return
+    for file in sorted(path.rglob("*")):
+        if file.suffix == ".jsonl":
+            yield from read_jsonl(file)
+        elif file.suffix in (".txt", ".md") and file.is_file():
+            text = file.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield {"id": str(file.relative_to(path)), "title": file.stem, "text": text}
+
+
+def batches(docs: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check(reply: httpx.Response) -> dict[str, Any]:
+    if reply.status_code >= 400:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text
+        raise SystemExit(f"error {reply.status_code}: {message}")
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+def ingest(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist")
+    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        if args.create:
+            reply = client.post("/v1/collections", json={"name": args.collection})
+            if reply.status_code != 409:
+                _check(reply)
+        jobs: list[dict[str, Any]] = []
+        documents = 0
+        with tqdm(desc="submitting", unit="doc") as bar:
+            for batch in batches(read_documents(path), args.batch_size):
+                accepted = _check(
+                    client.post(f"/v1/collections/{args.collection}/documents", json={"documents": batch})
+                )
+                jobs.append(accepted)
+                documents += len(batch)
+                bar.update(len(batch))
+        total = sum(int(job["chunks"]) for job in jobs)
+        print(f"{documents} documents, {total} chunks queued in {len(jobs)} job(s)", file=sys.stderr)
+        if args.no_wait:
+            for job in jobs:
+                print(job["job_id"])
+            return 0
+        return _wait(client, jobs, total)
+
+
+def _wait(client: httpx.Client, jobs: list[dict[str, Any]], total: int) -> int:
+    pending = {job["job_id"] for job in jobs}
+    done_by_job: dict[str, int] = {}
+    failed: list[dict[str, Any]] = []
+    with tqdm(total=total, desc="indexing", unit="chunk") as bar:
+        while pending:
+            for job_id in sorted(pending):
+                status = _check(client.get(f"/v1/jobs/{job_id}"))
+                done_by_job[job_id] = int(status["done"])
+                if status["status"] in ("succeeded", "failed"):
+                    pending.discard(job_id)
+                    if status["status"] == "failed":
+                        failed.append(status)
+            bar.n = sum(done_by_job.values())
+            bar.refresh()
+            if pending:
+                time.sleep(0.5)
+    for status in failed:
+        print(f"job {status['id']} failed: {status['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def search(args: argparse.Namespace) -> int:
+    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        body = {"collection": args.collection, "query": args.query, "top_k": args.top_k, "mode": args.mode}
+        for hit in _check(client.post("/v1/search", json=body))["results"]:
+            print(f"{hit['score']:.4f}  {hit['document_id']}  {hit['title'][:60]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ragmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help="the gateway (default: %(default)s, or $RAGMESH_URL)")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p_ingest = commands.add_parser("ingest", help="ingest a JSONL file or a folder of text files")
+    p_ingest.add_argument("path")
+    p_ingest.add_argument("--collection", required=True)
+    p_ingest.add_argument("--create", action="store_true", help="create the collection if it does not exist")
+    p_ingest.add_argument("--batch-size", type=int, default=500, help="documents per request (default: %(default)s)")
+    p_ingest.add_argument("--no-wait", action="store_true", help="print the job ids instead of waiting")
+    p_ingest.set_defaults(run=ingest)
+
+    p_search = commands.add_parser("search", help="search a collection")
+    p_search.add_argument("query")
+    p_search.add_argument("--collection", required=True)
+    p_search.add_argument("--top-k", type=int, default=5)
+    p_search.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid")
+    p_search.set_defaults(run=search)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

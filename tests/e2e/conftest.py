@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from ..conftest import free_port
+from ..conftest import free_port, unique_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -71,6 +71,8 @@ def mesh_env(run_dir: Path, **extra: str) -> dict[str, str]:
     ):
         env.pop(key, None)
     env["RAGMESH_RUN_DIR"] = str(run_dir)
+    # Queues and Redis keys of its own: a `make up` mesh on the same servers must not see them.
+    env["RAGMESH_NAMESPACE"] = unique_namespace()
     env.update(extra)
     return env
 

@@ -145,6 +145,12 @@ def test_health_endpoints(http: httpx.Client) -> None:
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/v1/health/ready")
     assert ready.status_code == 200
-    assert ready.json()["dependencies"] == {"inference": "ok", "postprocess": "ok", "retrieval": "ok"}
+    assert ready.json()["dependencies"] == {
+        "inference": "ok",
+        "postprocess": "ok",
+        "retrieval": "ok",
+        "redis": "ok",
+        "rabbitmq": "ok",
+    }
     assert http.get("/v1/health/live").status_code == 200
     assert "ragmesh_preprocess_chat_completions_total" in http.get("/metrics").text

@@ -94,6 +94,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         run_dir,
         RAGMESH_GATEWAY_MAX_BODY="1m",
         RAGMESH_PREPROCESS_MAX_BODY_BYTES=str(1024 * 1024),
+        RAGMESH_PREPROCESS_MAX_DOCUMENTS_PER_REQUEST="50",
+        RAGMESH_PREPROCESS_MAX_DOCUMENT_CHARS="200000",
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",
     )

@@ -48,6 +48,11 @@ async def run_replica(
         ingest_batch_size=4,
     )
     async with retrieval_service(settings) as service:
+        # Ready means consuming: its index.events queue exists from then on.
+        deadline = time.monotonic() + 30
+        while (await service.ready_check())["rabbitmq"] != "ok":
+            assert time.monotonic() < deadline, "replica not ready"
+            await asyncio.sleep(0.05)
         server = create_server()
         service.register(server)
         await add_health(server, list(service.service_names))

@@ -12,6 +12,7 @@ from inference.engine import LlamaCppEngine
 from inference.servicer import InferenceServicer
 from inference.settings import InferenceSettings
 from postprocess.servicer import PostprocessServicer
+from postprocess.session import GuardConfig
 from ragmesh.grpc_client import create_channel
 from ragmesh.grpc_server import add_health, create_server
 from ragmesh.v1 import inference_pb2_grpc, postprocess_pb2_grpc
@@ -45,7 +46,7 @@ async def inference_channel(engine: LlamaCppEngine) -> AsyncIterator[grpc.aio.Ch
 @pytest.fixture(scope="session")
 async def postprocess_channel() -> AsyncIterator[grpc.aio.Channel]:
     server = create_server()
-    postprocess_pb2_grpc.add_PostprocessServicer_to_server(PostprocessServicer(), server)
+    postprocess_pb2_grpc.add_PostprocessServicer_to_server(PostprocessServicer(GuardConfig(), None), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = create_channel(f"127.0.0.1:{port}")

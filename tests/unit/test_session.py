@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from postprocess.session import ProcessSession
+from postprocess.session import GuardConfig, ProcessSession
+
+NO_GUARDS = GuardConfig(pii=())
 from ragmesh.errors import RagmeshError
 from ragmesh.v1 import common_pb2, postprocess_pb2
 
@@ -40,7 +42,7 @@ def feed_all(
 
 
 def test_stream_chunks_have_openai_shape_and_usage_comes_last() -> None:
-    session = ProcessSession(start(stream=True, include_usage=True))
+    session = ProcessSession(start(stream=True, include_usage=True), NO_GUARDS)
     out = feed_all(
         session,
         [chunk(), chunk("Hel", 1), chunk("lo", 2), chunk("", 2, common_pb2.FINISH_REASON_LENGTH)],
@@ -96,3 +98,101 @@ def test_out_of_range_choice_index_is_refused() -> None:
     session = ProcessSession(start())
     with pytest.raises(RagmeshError):
         session.feed(chunk("x", index=3))
+
+
+def rag_start(**kw: Any) -> postprocess_pb2.ProcessStart:
+    s = start(**kw)
+    for i, doc in enumerate(["d1", "d2", "d3"], start=1):
+        s.sources.add(index=i, document_id=doc, chunk_id=f"{doc}#0", title=doc.upper(), score=1.0 / i, snippet="...")
+    s.rag.collection = "facts"
+    s.rag.status = "ok"
+    s.rag.context_tokens = 120
+    s.rag.passages_used = 3
+    return s
+
+
+def test_citations_mark_the_sources_the_answer_cites() -> None:
+    session = ProcessSession(rag_start(stream=False))
+    out = feed_all(session, [chunk("Tides follow the moon [1], [3", 5), chunk("].", 7, common_pb2.FINISH_REASON_STOP)])
+    body = json.loads(out[-1].response_json)
+    assert [(c["document_id"], c["cited"]) for c in body["citations"]] == [("d1", True), ("d2", False), ("d3", True)]
+    assert body["rag"]["collection"] == "facts" and body["rag"]["passages_used"] == 3
+    assert body["usage"]["prompt_tokens_details"]["retrieval_tokens"] == 120
+
+
+def test_streamed_citations_ride_on_the_last_chunk_with_choices() -> None:
+    session = ProcessSession(rag_start(stream=True, include_usage=True))
+    out = feed_all(session, [chunk(), chunk("See [2]", 2), chunk(".", 3, common_pb2.FINISH_REASON_STOP)])
+    bodies = [json.loads(r.chunk_json) for r in out if r.chunk_json]
+    with_choices = [b for b in bodies if b["choices"]]
+    assert all("citations" not in b for b in with_choices[:-1])
+    assert [c["cited"] for c in with_choices[-1]["citations"]] == [False, True, False]
+    assert "citations" not in bodies[-1]  # the usage chunk
+
+
+def test_pii_is_redacted_in_the_stream_and_the_answer() -> None:
+    session = ProcessSession(start(stream=False))
+    out = feed_all(session, [chunk("Mail bob@exa", 1), chunk("mple.org now", 2, common_pb2.FINISH_REASON_STOP)])
+    assert json.loads(out[-1].response_json)["choices"][0]["message"]["content"] == "Mail [email redacted] now"
+
+
+def test_blocklist_ends_the_answer_with_content_filter() -> None:
+    session = ProcessSession(start(stream=False), GuardConfig(pii=(), blocklist=("launch codes",)))
+    out = feed_all(session, [chunk("Here are the launch", 1), chunk(" codes: 1234", 2), chunk(" more", 3)])
+    choice = json.loads(out[-1].response_json)["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] == "Here are the "
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "ok"),
+    [
+        (postprocess_pb2.ResponseFormat(type="json_object"), '{"a": 1}', True),
+        (postprocess_pb2.ResponseFormat(type="json_object"), "not json", False),
+        (postprocess_pb2.ResponseFormat(type="json_object"), "[1, 2]", False),
+        (
+            postprocess_pb2.ResponseFormat(type="json_schema", schema_json='{"type": "object", "required": ["a"]}'),
+            '{"b": 1}',
+            False,
+        ),
+        (
+            postprocess_pb2.ResponseFormat(type="json_schema", schema_json='{"type": "object", "required": ["a"]}'),
+            '{"a": 1}',
+            True,
+        ),
+    ],
+)
+def test_response_format_is_checked_at_the_end(fmt: postprocess_pb2.ResponseFormat, text: str, ok: bool) -> None:
+    session = ProcessSession(start(stream=False, response_format=fmt), NO_GUARDS)
+    if ok:
+        body = json.loads(feed_all(session, [chunk(text, 3, common_pb2.FINISH_REASON_STOP)])[-1].response_json)
+        assert body["choices"][0]["message"]["content"] == text
+    else:
+        with pytest.raises(RagmeshError) as info:
+            feed_all(session, [chunk(text, 3, common_pb2.FINISH_REASON_STOP)])
+        assert info.value.code == "response_format_violation" and info.value.param == "response_format"
+
+
+def test_truncated_json_is_left_to_finish_reason_length() -> None:
+    fmt = postprocess_pb2.ResponseFormat(type="json_object")
+    session = ProcessSession(start(stream=False, response_format=fmt), NO_GUARDS)
+    body = json.loads(feed_all(session, [chunk('{"a": ', 3, common_pb2.FINISH_REASON_LENGTH)])[-1].response_json)
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_cache_record_replays_as_stream_and_as_response() -> None:
+    first = ProcessSession(rag_start(stream=False, cache_key="k"), NO_GUARDS)
+    feed_all(first, [chunk("Answer [1].", 4, common_pb2.FINISH_REASON_STOP)])
+    record = first.cache_record()
+    whole = json.loads(
+        ProcessSession(rag_start(stream=False, cache_key="k", id="chatcmpl-2"), NO_GUARDS)
+        .replay(record)[-1]
+        .response_json
+    )
+    assert whole["id"] == "chatcmpl-2" and whole["cached"] is True
+    assert whole["choices"][0]["message"]["content"] == "Answer [1]." and whole["usage"]["completion_tokens"] == 4
+    assert whole["citations"][0]["cited"] is True
+    streamed = ProcessSession(rag_start(stream=True, include_usage=True, cache_key="k"), NO_GUARDS).replay(record)
+    bodies = [json.loads(r.chunk_json) for r in streamed if r.chunk_json]
+    text = "".join(b["choices"][0]["delta"].get("content", "") for b in bodies if b["choices"])
+    assert text == "Answer [1]." and bodies[-1]["usage"]["completion_tokens"] == 4
+    assert [b for b in bodies if b["choices"]][-1]["cached"] is True and streamed[-1].generation_done

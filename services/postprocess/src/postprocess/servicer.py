@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from postprocess.session import ProcessSession
+from postprocess.cache import ResponseCache
+from postprocess.session import GuardConfig, ProcessSession
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.grpc_server import ServicerContext
 from ragmesh.v1 import postprocess_pb2, postprocess_pb2_grpc
 
 
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
+    def __init__(self, guards: GuardConfig, cache: ResponseCache | None) -> None:
+        self._guards = guards
+        self._cache = cache
+
     async def Process(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[postprocess_pb2.ProcessRequest],
@@ -19,13 +24,27 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "start":
             raise invalid_request("the first Process message must be a ProcessStart")
-        session = ProcessSession(first.start)
+        start = first.start
+        session = ProcessSession(start, self._guards)
         async for message in request_iterator:
             if message.WhichOneof("msg") != "chunk":
                 raise invalid_request("only one ProcessStart is allowed per call")
-            for response in session.feed(message.chunk):
+            responses = session.feed(message.chunk)
+            if session.done and start.cache_key and self._cache is not None:
+                # Before the last response: the caller cancels the call once it has it.
+                await self._cache.store(start.cache_key, session.cache_record())
+            for response in responses:
                 yield response
             if session.done:
                 return
         if not session.done:
             raise RagmeshError(ErrorKind.INTERNAL, "generation ended before every choice finished")
+
+    async def Replay(  # noqa: N802
+        self, request: postprocess_pb2.ProcessStart, context: ServicerContext
+    ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
+        record = await self._cache.load(request.cache_key) if self._cache and request.cache_key else None
+        if record is None:
+            raise RagmeshError(ErrorKind.NOT_FOUND, "no cached answer for this request", code="cache_miss")
+        for response in ProcessSession(request, self._guards).replay(record):
+            yield response

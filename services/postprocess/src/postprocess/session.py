@@ -1,17 +1,25 @@
 """One Process call: raw generation chunks in, OpenAI-shaped output out.
 
+Each choice's text goes through the stop-sequence matcher, then the guardrails,
+before it is released; the whole answer is kept for the non-stream response,
+for citations, for the response_format check and for the response cache.
 Pure logic (no I/O) so it can be tested chunk by chunk; the servicer feeds it.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
 import orjson
+from google.protobuf.json_format import MessageToDict
 
+from postprocess.guardrails import StreamGuard
 from postprocess.stops import StopMatcher
-from ragmesh.errors import invalid_request
+from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, postprocess_pb2
 
 FINISH_NAMES = {
@@ -21,29 +29,53 @@ FINISH_NAMES = {
     common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
+# [1], [2, 3], [1][4]: citation markers as the RAG prompt asks for them.
+_MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    pii: tuple[str, ...] = ("email", "phone", "card")
+    blocklist: tuple[str, ...] = ()
+    stop_on_block: bool = True
+
 
 @dataclass
 class _Choice:
     index: int
     matcher: StopMatcher
+    guard: StreamGuard
     started: bool = False
     finish_reason: str | None = None
     completion_tokens: int = 0
     parts: list[str] = field(default_factory=list)
 
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def cited_numbers(text: str) -> set[int]:
+    return {int(n) for group in _MARKER.findall(text) for n in group.split(",")}
+
 
 class ProcessSession:
     """Turns the generation of one request into client-ready chunks or one response."""
 
-    def __init__(self, start: postprocess_pb2.ProcessStart) -> None:
+    def __init__(self, start: postprocess_pb2.ProcessStart, guards: GuardConfig | None = None) -> None:
         if len(start.stop) > 4:
             raise invalid_request("stop accepts at most 4 sequences", param="stop")
+        guards = guards or GuardConfig()
         self._start = start
         self._chat = start.object == postprocess_pb2.OBJECT_KIND_CHAT_COMPLETION
-        self._choices = [_Choice(i, StopMatcher(start.stop)) for i in range(max(1, start.n))]
+        self._choices = [
+            _Choice(i, StopMatcher(start.stop), StreamGuard(guards.pii, guards.blocklist, guards.stop_on_block))
+            for i in range(max(1, start.n))
+        ]
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self.done = False
+        self.from_cache = False
 
     # --- input ------------------------------------------------------------------
 
@@ -55,7 +87,7 @@ class ProcessSession:
             raise invalid_request(f"choice index {chunk.index} out of range", param="n")
         choice = self._choices[chunk.index]
         if choice.finish_reason is not None:
-            return []  # a stop sequence already ended this choice; the rest is discarded
+            return []  # a stop sequence or a guardrail already ended this choice
         self._prompt_tokens = max(self._prompt_tokens, chunk.prompt_tokens)
         self._cached_tokens = max(self._cached_tokens, chunk.cached_prompt_tokens)
         choice.completion_tokens = max(choice.completion_tokens, chunk.completion_tokens)
@@ -66,32 +98,121 @@ class ProcessSession:
             if self._start.stream and self._chat:
                 out.append(self._chunk(choice.index, {"role": "assistant", "content": ""}, None))
         text, hit = choice.matcher.push(chunk.text)
-        if hit:
-            choice.finish_reason = "stop"
-        elif chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        ending = hit or chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+        if not hit and ending:
             text += choice.matcher.flush()
+        released = choice.guard.push(text)
+        text = released.text
+        if not released.blocked and ending:
+            tail = choice.guard.flush()
+            text += tail.text
+            released.blocked = tail.blocked
+        if released.blocked:
+            choice.finish_reason = "content_filter"
+        elif hit:
+            choice.finish_reason = "stop"
+        elif ending:
             choice.finish_reason = FINISH_NAMES.get(chunk.finish_reason, "stop")
         if text:
             choice.parts.append(text)
             if self._start.stream:
                 out.append(self._chunk(choice.index, {"content": text}, None))
         if choice.finish_reason is not None:
+            self._check_format(choice)
+            last = all(c.finish_reason is not None for c in self._choices)
             if self._start.stream:
-                out.append(self._chunk(choice.index, {}, choice.finish_reason))
-            if all(c.finish_reason is not None for c in self._choices):
+                out.append(self._chunk(choice.index, {}, choice.finish_reason, final=last))
+            if last:
                 out.extend(self._final())
+        return out
+
+    def _check_format(self, choice: _Choice) -> None:
+        """Enforce response_format on a finished answer (a truncated one is left to finish_reason)."""
+        kind = self._start.response_format.type
+        if kind not in ("json_object", "json_schema") or choice.finish_reason != "stop":
+            return
+        try:
+            value = json.loads(choice.text)
+        except ValueError as exc:
+            raise _format_error(f"the answer is not valid JSON ({exc})") from None
+        if kind == "json_object" and not isinstance(value, dict):
+            raise _format_error("the answer is JSON but not an object")
+        if kind == "json_schema" and self._start.response_format.schema_json:
+            try:
+                jsonschema.validate(value, json.loads(self._start.response_format.schema_json))
+            except jsonschema.ValidationError as exc:
+                raise _format_error(f"the answer does not match the schema: {exc.message}") from None
+
+    # --- cache --------------------------------------------------------------------
+
+    def cache_record(self) -> dict[str, Any]:
+        """What the response cache keeps of a finished answer."""
+        return {
+            "choices": [{"text": c.text, "finish_reason": c.finish_reason} for c in self._choices],
+            "prompt_tokens": self._prompt_tokens,
+            "completion_tokens": [c.completion_tokens for c in self._choices],
+        }
+
+    def replay(self, record: dict[str, Any]) -> list[postprocess_pb2.ProcessResponse]:
+        """The output of a cached answer, shaped for this request (its id, model, stream)."""
+        self.from_cache = True
+        self._prompt_tokens = int(record["prompt_tokens"])
+        out: list[postprocess_pb2.ProcessResponse] = []
+        for choice, saved, tokens in zip(self._choices, record["choices"], record["completion_tokens"], strict=False):
+            choice.parts = [saved["text"]]
+            choice.finish_reason = saved["finish_reason"]
+            choice.completion_tokens = int(tokens)
+        if self._start.stream:
+            for i, choice in enumerate(self._choices):
+                last = i == len(self._choices) - 1
+                if self._chat:
+                    out.append(self._chunk(choice.index, {"role": "assistant", "content": ""}, None))
+                if choice.text:
+                    out.append(self._chunk(choice.index, {"content": choice.text}, None))
+                out.append(self._chunk(choice.index, {}, choice.finish_reason, final=last))
+        out.extend(self._final())
         return out
 
     # --- output -----------------------------------------------------------------
 
     def usage(self) -> dict[str, Any]:
         completion = sum(c.completion_tokens for c in self._choices)
+        details: dict[str, Any] = {"cached_tokens": self._cached_tokens}
+        if self._start.HasField("rag"):
+            details["retrieval_tokens"] = self._start.rag.context_tokens
         return {
             "prompt_tokens": self._prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self._prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": self._cached_tokens},
+            "prompt_tokens_details": details,
         }
+
+    def citations(self) -> list[dict[str, Any]]:
+        cited: set[int] = set()
+        for choice in self._choices:
+            cited |= cited_numbers(choice.text)
+        return [
+            {
+                "index": s.index,
+                "document_id": s.document_id,
+                "chunk_id": s.chunk_id,
+                "title": s.title,
+                "score": s.score,
+                "snippet": s.snippet,
+                "cited": s.index in cited,
+            }
+            for s in self._start.sources
+        ]
+
+    def _extensions(self, body: dict[str, Any]) -> None:
+        """ragmesh's own top-level fields: citations and rag (RAG requests), cached (cacheable ones)."""
+        if self._start.HasField("rag"):
+            body["citations"] = self.citations()
+            body["rag"] = MessageToDict(
+                self._start.rag, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+        if self._start.cache_key:
+            body["cached"] = self.from_cache
 
     def _final(self) -> list[postprocess_pb2.ProcessResponse]:
         self.done = True
@@ -116,7 +237,9 @@ class ProcessSession:
             "model": self._start.model,
         }
 
-    def _chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None) -> postprocess_pb2.ProcessResponse:
+    def _chunk(
+        self, index: int, delta: dict[str, Any], finish_reason: str | None, final: bool = False
+    ) -> postprocess_pb2.ProcessResponse:
         body = self._envelope()
         if self._chat:
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -130,23 +253,34 @@ class ProcessSession:
         body["choices"] = [choice]
         if self._start.include_usage:
             body["usage"] = None
+        if final:  # the last chunk with choices carries the response-level fields
+            self._extensions(body)
         return postprocess_pb2.ProcessResponse(chunk_json=_dumps(body))
 
     def _response_json(self) -> str:
         body = self._envelope()
         choices: list[dict[str, Any]] = []
         for c in self._choices:
-            text = "".join(c.parts)
             if self._chat:
-                message = {"role": "assistant", "content": text, "refusal": None}
+                message = {"role": "assistant", "content": c.text, "refusal": None}
                 choices.append(
                     {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
                 )
             else:
-                choices.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append({"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
         body["choices"] = choices
         body["usage"] = self.usage()
+        self._extensions(body)
         return _dumps(body)
+
+
+def _format_error(detail: str) -> RagmeshError:
+    return RagmeshError(
+        ErrorKind.INTERNAL,
+        f"The model's answer does not satisfy response_format: {detail}.",
+        param="response_format",
+        code="response_format_violation",
+    )
 
 
 def _dumps(body: dict[str, Any]) -> str:

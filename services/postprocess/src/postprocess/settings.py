@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ragmesh.settings import ServiceSettings
@@ -12,3 +15,13 @@ class PostprocessSettings(ServiceSettings):
 
     grpc_port: int = 50053
     http_port: int = 8003
+
+    # Guardrails applied to every answer as it streams. PII kinds: email, phone, card.
+    pii_redaction: list[Literal["email", "phone", "card"]] = Field(default_factory=lambda: ["email", "phone", "card"])
+    # Terms (case-insensitive, whole words or phrases) no answer may contain.
+    blocklist: list[str] = Field(default_factory=list)
+    # "stop": end the answer before the term (finish_reason content_filter);
+    # "redact": replace the term and go on.
+    blocklist_action: Literal["stop", "redact"] = "stop"
+
+    response_cache_ttl: int = 24 * 3600

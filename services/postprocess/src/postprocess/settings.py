@@ -10,6 +10,10 @@ from pydantic_settings import SettingsConfigDict
 from ragmesh.settings import ServiceSettings
 
 
+PiiKind = Literal["email", "phone", "card"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card")
+
+
 class PostprocessSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGMESH_POSTPROCESS_", extra="ignore")
 
@@ -17,7 +21,7 @@ class PostprocessSettings(ServiceSettings):
     http_port: int = 8003
 
     # Guardrails applied to every answer as it streams. PII kinds: email, phone, card.
-    pii_redaction: list[Literal["email", "phone", "card"]] = Field(default_factory=lambda: ["email", "phone", "card"])
+    pii_redaction: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
     # Terms (case-insensitive, whole words or phrases) no answer may contain.
     blocklist: list[str] = Field(default_factory=list)
     # "stop": end the answer before the term (finish_reason content_filter);

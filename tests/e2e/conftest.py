@@ -95,6 +95,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         RAGMESH_GATEWAY_MAX_BODY="1m",
         RAGMESH_PREPROCESS_MAX_BODY_BYTES=str(1024 * 1024),
         RAGMESH_PREPROCESS_MAX_DOCUMENTS_PER_REQUEST="50",
+        RAGMESH_PREPROCESS_MODEL_ALIASES=json.dumps(
+            {
+                "facts-rag": {"model": MODEL, "collection": "e2e-rag", "top_k": 2},
+                "facts-rag-lenient": {
+                    "model": MODEL,
+                    "collection": "e2e-rag",
+                    "top_k": 2,
+                    "on_retrieval_error": "no_context",
+                },
+            }
+        ),
         RAGMESH_PREPROCESS_MAX_DOCUMENT_CHARS="200000",
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from postprocess.session import GuardConfig, ProcessSession
-
-NO_GUARDS = GuardConfig(pii=())
 from ragmesh.errors import RagmeshError
 from ragmesh.v1 import common_pb2, postprocess_pb2
+
+NO_GUARDS = GuardConfig(pii=())
 
 
 def start(**kw: Any) -> postprocess_pb2.ProcessStart:

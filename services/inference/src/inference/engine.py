@@ -10,6 +10,7 @@ generation, which is how a cancelled gRPC call frees its slot.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -240,6 +241,9 @@ class LlamaCppEngine:
             body["presence_penalty"] = sampling.presence_penalty
         if sampling.HasField("frequency_penalty"):
             body["frequency_penalty"] = sampling.frequency_penalty
+        if request.response_format_json:
+            # llama.cpp turns json_object / json_schema into a grammar the sampler follows.
+            body["response_format"] = json.loads(request.response_format_json)
         if sampling.HasField("seed"):
             # Each choice gets its own seed so n > 1 gives n different, reproducible answers.
             body["seed"] = (sampling.seed + index) & 0xFFFFFFFF

@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 import orjson
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from postprocess.guardrails import StreamGuard
 from postprocess.stops import StopMatcher
@@ -150,13 +150,24 @@ class ProcessSession:
         return {
             "choices": [{"text": c.text, "finish_reason": c.finish_reason} for c in self._choices],
             "prompt_tokens": self._prompt_tokens,
+            "cached_prompt_tokens": self._cached_tokens,
             "completion_tokens": [c.completion_tokens for c in self._choices],
+            # The prompt's sources, so a replay cites without fitting the prompt again.
+            "sources": [MessageToDict(s, preserving_proto_field_name=True) for s in self._start.sources],
+            "rag": MessageToDict(self._start.rag, preserving_proto_field_name=True)
+            if self._start.HasField("rag")
+            else None,
         }
 
     def replay(self, record: dict[str, Any]) -> list[postprocess_pb2.ProcessResponse]:
         """The output of a cached answer, shaped for this request (its id, model, stream)."""
         self.from_cache = True
         self._prompt_tokens = int(record["prompt_tokens"])
+        self._cached_tokens = int(record.get("cached_prompt_tokens", 0))
+        if record.get("rag"):
+            self._start.rag.CopyFrom(ParseDict(record["rag"], postprocess_pb2.RagReport()))
+            del self._start.sources[:]
+            self._start.sources.extend(ParseDict(s, postprocess_pb2.Source()) for s in record.get("sources", []))
         out: list[postprocess_pb2.ProcessResponse] = []
         for choice, saved, tokens in zip(self._choices, record["choices"], record["completion_tokens"], strict=False):
             choice.parts = [saved["text"]]

@@ -9,7 +9,6 @@ from pydantic_settings import SettingsConfigDict
 
 from ragmesh.settings import ServiceSettings
 
-
 PiiKind = Literal["email", "phone", "card"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card")
 

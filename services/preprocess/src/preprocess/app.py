@@ -107,11 +107,11 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
-        return _json(await models_page(request.app.state.clients))
+        return _json(await models_page(request.app.state.clients, settings.model_aliases))
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> Response:
-        return _json(await model_detail(request.app.state.clients, model))
+        return _json(await model_detail(request.app.state.clients, settings.model_aliases, model))
 
     def api(request: Request) -> RetrievalApi:
         return request.app.state.retrieval  # type: ignore[no-any-return]

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from preprocess.clients import MeshClients
+from preprocess.settings import ModelAlias
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
 from ragmesh.v1 import common_pb2
@@ -42,14 +43,33 @@ async def list_models(clients: MeshClients, deadline: float = 10.0) -> list[comm
     return models
 
 
-async def models_page(clients: MeshClients) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(card) for card in await list_models(clients)]}
+def alias_object(name: str, alias: ModelAlias, base: dict[str, Any]) -> dict[str, Any]:
+    """A model alias's card: its base model (vLLM's root/parent) and the collection it answers from."""
+    return {
+        **base,
+        "id": name,
+        "root": alias.model,
+        "parent": alias.model,
+        "rag": {"collection": alias.collection, "top_k": alias.top_k, "mode": alias.mode},
+    }
 
 
-async def model_detail(clients: MeshClients, model: str) -> dict[str, Any]:
-    for card in await list_models(clients):
-        if card.id == model:
-            return model_object(card)
+async def all_models(clients: MeshClients, aliases: dict[str, ModelAlias]) -> list[dict[str, Any]]:
+    """Served models, then the aliases whose base model is served."""
+    models = [model_object(card) for card in await list_models(clients)]
+    by_id = {m["id"]: m for m in models}
+    models += [alias_object(name, a, by_id[a.model]) for name, a in sorted(aliases.items()) if a.model in by_id]
+    return models
+
+
+async def models_page(clients: MeshClients, aliases: dict[str, ModelAlias]) -> dict[str, Any]:
+    return {"object": "list", "data": await all_models(clients, aliases)}
+
+
+async def model_detail(clients: MeshClients, aliases: dict[str, ModelAlias], model: str) -> dict[str, Any]:
+    for card in await all_models(clients, aliases):
+        if card["id"] == model:
+            return card
     raise RagmeshError(
         ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", param="model", code="model_not_found"
     )

@@ -8,7 +8,9 @@ sequence) cancels both calls, which frees the engine slot.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
+from typing import Protocol
 
 import grpc
 
@@ -16,6 +18,16 @@ from preprocess.clients import MeshClients
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Answer(Protocol):
+    """Client-ready output of one request, from a generation or from the cache."""
+
+    def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]: ...
+
+    async def collect(self) -> str: ...
 
 
 class GenerationPipeline:
@@ -25,7 +37,10 @@ class GenerationPipeline:
         generate: inference_pb2.GenerateRequest,
         start: postprocess_pb2.ProcessStart,
         timeout: float,
+        fixed: common_pb2.GenerationChunk | None = None,
     ) -> None:
+        """`fixed`: an answer known without the model (the whole generation, one chunk)."""
+        self._fixed = fixed
         self._clients = clients
         self._generate = generate
         self._start = start
@@ -44,8 +59,11 @@ class GenerationPipeline:
         overload) surface here, before any byte of a streamed response is sent.
         """
         metadata = call_metadata()
-        self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
         self._proc = self._clients.postprocess.Process(timeout=self._timeout, metadata=metadata)
+        if self._fixed is not None:
+            self._first = self._fixed
+            return
+        self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
         try:
             first = await self._gen.read()
         except grpc.aio.AioRpcError as exc:
@@ -67,13 +85,15 @@ class GenerationPipeline:
 
     async def _pump(self) -> None:
         """Forward generation chunks to postprocess until generation ends."""
-        assert self._gen is not None and self._proc is not None and self._first is not None
+        assert self._proc is not None and self._first is not None
         try:
             await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
             chunk: object = self._first
             while chunk is not grpc.aio.EOF:
                 assert isinstance(chunk, common_pb2.GenerationChunk)
                 await self._proc.write(postprocess_pb2.ProcessRequest(chunk=chunk))
+                if self._gen is None:  # a fixed answer: that was all of it
+                    break
                 try:
                     chunk = await self._gen.read()
                 except grpc.aio.AioRpcError as exc:
@@ -115,3 +135,48 @@ class GenerationPipeline:
             if response.response_json:
                 return response.response_json
         raise RagmeshError(ErrorKind.INTERNAL, "postprocess returned no response")
+
+
+class CachedAnswer:
+    """An answer replayed from the response cache by postprocess (same output shapes)."""
+
+    def __init__(self, clients: MeshClients, start: postprocess_pb2.ProcessStart, timeout: float) -> None:
+        self._clients = clients
+        self._start = start
+        self._timeout = timeout
+        self._call: grpc.aio.UnaryStreamCall[postprocess_pb2.ProcessStart, postprocess_pb2.ProcessResponse] | None = (
+            None
+        )
+        self._first: postprocess_pb2.ProcessResponse | None = None
+
+    async def open(self) -> bool:
+        """Whether the cache has the answer. Any trouble with the cache counts as a miss."""
+        self._call = self._clients.postprocess.Replay(self._start, timeout=self._timeout, metadata=call_metadata())
+        try:
+            first = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("response cache lookup failed", extra={"error": exc.details()})
+            return False
+        if not isinstance(first, postprocess_pb2.ProcessResponse):
+            return False
+        self._first = first
+        return True
+
+    async def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
+        assert self._call is not None and self._first is not None
+        try:
+            response: object = self._first
+            while isinstance(response, postprocess_pb2.ProcessResponse):
+                yield response
+                response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            self._call.cancel()
+
+    async def collect(self) -> str:
+        async for response in self.responses():
+            if response.response_json:
+                return response.response_json
+        raise RagmeshError(ErrorKind.INTERNAL, "the cached answer was empty")

@@ -36,8 +36,26 @@ class StreamOptions(_Lenient):
     include_usage: StrictBool | None = None
 
 
+class JsonSchemaFormat(_Lenient):
+    name: StrictStr = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class RagOptions(BaseModel):
+    """ragmesh's `rag` extension (the openai SDK sends it through extra_body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: StrictStr = Field(min_length=1)
+    top_k: int = Field(default=4, ge=1, le=20)
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    on_error: Literal["fail", "no_context"] = "fail"
 
 
 class ChatCompletionRequest(_Lenient):
@@ -60,6 +78,13 @@ class ChatCompletionRequest(_Lenient):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     user: StrictStr | None = None
+    # ragmesh extensions
+    rag: RagOptions | None = None
+    cache: StrictBool | None = None
+
+    def deterministic(self) -> bool:
+        """Greedy decoding or a fixed seed: the same request gives the same answer."""
+        return self.temperature == 0 or self.seed is not None
 
     def text_of(self, index: int) -> str:
         """The text of message `index`, content parts joined (parts were checked in parsing)."""
@@ -135,10 +160,10 @@ def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
         raise invalid_request("logprobs are not supported by this server yet.", param="logprobs")
     if request.tools or request.tool_choice not in (None, "none"):
         raise invalid_request("tool calling is not supported by this server yet.", param="tools")
-    if request.response_format is not None and request.response_format.type != "text":
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or not fmt.json_schema.schema_):
         raise invalid_request(
-            f"response_format '{request.response_format.type}' is not supported by this server yet.",
-            param="response_format",
+            "response_format of type 'json_schema' needs json_schema.schema.", param="response_format.json_schema"
         )
     for i, message in enumerate(request.messages):
         if isinstance(message.content, list):

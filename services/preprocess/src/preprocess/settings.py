@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from ragmesh.settings import ServiceSettings
+
+
+class ModelAlias(BaseModel):
+    """A model name clients can use that binds a base model to a collection (RAG without extra fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    collection: str
+    top_k: int = Field(default=4, ge=1, le=20)
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    # What a request does when retrieval fails: 503 ("fail") or answer without sources.
+    on_retrieval_error: Literal["fail", "no_context"] = "fail"
 
 
 class PreprocessSettings(ServiceSettings):
@@ -30,3 +46,15 @@ class PreprocessSettings(ServiceSettings):
     chunk_tokens: int = 200
     chunk_overlap: int = 40
     publish_timeout: float = 10.0
+
+    # RAG: model aliases as JSON, e.g.
+    # {"scifact-rag": {"model": "SmolLM2-135M-Instruct", "collection": "scifact", "top_k": 4}}
+    model_aliases: dict[str, ModelAlias] = Field(default_factory=dict)
+    # Deadline of the search a RAG request makes (apart from the whole request's).
+    rag_search_timeout: float = 5.0
+    # Tokens kept free for the answer when a RAG request sets no max_tokens.
+    rag_completion_reserve: int = 512
+
+    # Deterministic requests (temperature 0 or a seed) are answered from the
+    # response cache when the same request (and collection version) was answered before.
+    response_cache: bool = True

@@ -1,0 +1,216 @@
+"""Retrieval-augmented generation: from a chat request to a prompt with numbered sources.
+
+1. The retrieval query comes from the conversation, not from the system prompt:
+   the last user turn, with the previous user turn in front when the last one is
+   short or leans on it ("what about there?").
+2. Search runs under its own deadline. When it fails the request fails (503),
+   or, if the alias or request says `on_error: no_context`, is answered without
+   sources and says so (`rag.status`).
+3. The passages are fitted into the model's context: the answer's token budget
+   is reserved, then passages are added best first while the prompt, counted
+   by the model's own tokenizer, still fits. A passage that does not fit is left
+   out whole (never cut); `rag.passages_used` says how many went in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+
+from preprocess.clients import MeshClients
+from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
+from ragmesh.grpc_client import call_metadata
+from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2, retrieval_pb2
+
+MODES = {
+    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
+    "dense": retrieval_pb2.SEARCH_MODE_DENSE,
+    "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
+}
+
+INSTRUCTIONS = (
+    "Answer the question using the numbered sources below. After each statement, cite the "
+    "sources it comes from by their numbers in square brackets, like [1] or [2]. If the sources "
+    "do not contain the answer, say that you do not know."
+)
+NO_SOURCES_ANSWER = "No sources were found in collection '{collection}' for this question."
+
+# A last user turn this short, or with a word pointing back, needs the turn before it.
+_FOLLOW_UP = re.compile(r"\b(it|its|they|them|their|there|that|this|those|these|he|she|his|her|him)\b", re.I)
+_SHORT_TURN_WORDS = 6
+SNIPPET_CHARS = 240
+
+
+@dataclass(frozen=True)
+class RagSpec:
+    collection: str
+    top_k: int = 4
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    on_error: Literal["fail", "no_context"] = "fail"
+
+
+@dataclass
+class RagResult:
+    messages: list[common_pb2.ChatMessage]
+    report: postprocess_pb2.RagReport
+    sources: list[postprocess_pb2.Source] = field(default_factory=list)
+    collection_id: str = ""
+
+    @property
+    def no_sources(self) -> bool:
+        return self.report.status == "no_sources"
+
+
+def retrieval_query(messages: list[common_pb2.ChatMessage]) -> str:
+    """The search query a conversation asks: its last user turn, with context when it needs some."""
+    turns = [m.content.strip() for m in messages if m.role == "user" and m.content.strip()]
+    if not turns:
+        return ""
+    last = turns[-1]
+    if len(turns) > 1 and (len(last.split()) <= _SHORT_TURN_WORDS or _FOLLOW_UP.search(last)):
+        return f"{turns[-2]}\n{last}"
+    return last
+
+
+def format_passage(number: int, hit: retrieval_pb2.SearchHit) -> str:
+    title = f" {hit.title}" if hit.title else ""
+    return f"[{number}]{title}\n{hit.text}"
+
+
+def with_sources(messages: list[common_pb2.ChatMessage], passages: list[str]) -> list[common_pb2.ChatMessage]:
+    """The conversation with the instructions and sources in its (first) system message."""
+    block = INSTRUCTIONS + "\n\nSources:\n\n" + "\n\n".join(passages) if passages else INSTRUCTIONS
+    out = [common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name) for m in messages]
+    if out and out[0].role in ("system", "developer"):
+        out[0].content = f"{out[0].content}\n\n{block}"
+    else:
+        out.insert(0, common_pb2.ChatMessage(role="system", content=block))
+    return out
+
+
+@dataclass
+class Retrieved:
+    report: postprocess_pb2.RagReport
+    hits: list[retrieval_pb2.SearchHit]
+    collection_id: str
+
+
+class RagPlanner:
+    def __init__(self, clients: MeshClients, search_timeout: float, completion_reserve: int) -> None:
+        self._clients = clients
+        self._search_timeout = search_timeout
+        self._completion_reserve = completion_reserve
+
+    async def _count(
+        self, model: str, messages: list[common_pb2.ChatMessage] | None = None, prompt: str = ""
+    ) -> inference_pb2.TokenizeResponse:
+        request = inference_pb2.TokenizeRequest(model=model)
+        if messages is not None:
+            request.chat.messages.extend(messages)
+        else:
+            request.prompt = prompt
+        try:
+            return await self._clients.inference.Tokenize(request, timeout=10, metadata=call_metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def _search(self, spec: RagSpec, query: str) -> retrieval_pb2.SearchResponse:
+        request = retrieval_pb2.SearchRequest(
+            collection=spec.collection, query=query, top_k=spec.top_k, mode=MODES[spec.mode]
+        )
+        try:
+            return await self._clients.retrieval.Search(request, timeout=self._search_timeout, metadata=call_metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def retrieve(self, messages: list[common_pb2.ChatMessage], spec: RagSpec) -> Retrieved:
+        """Search the collection for the conversation (a failure follows spec.on_error)."""
+        report = postprocess_pb2.RagReport(collection=spec.collection)
+        query = retrieval_query(messages)
+        if not query:
+            raise RagmeshError(ErrorKind.INVALID_REQUEST, "RAG needs a user message to search for.", param="messages")
+        try:
+            found, collection = await asyncio.gather(
+                self._search(spec, query),
+                self._clients.retrieval.GetCollection(
+                    retrieval_pb2.CollectionRequest(name=spec.collection),
+                    timeout=self._search_timeout,
+                    metadata=call_metadata(),
+                ),
+            )
+        except grpc.aio.AioRpcError as exc:
+            return self._failed(report, spec, from_rpc_error(exc))
+        except RagmeshError as err:
+            return self._failed(report, spec, err)
+        report.index_version = found.index_version
+        report.passages_retrieved = len(found.hits)
+        report.status = "ok" if found.hits else "no_sources"
+        return Retrieved(report, list(found.hits), collection.id)
+
+    async def fit(
+        self, model: str, messages: list[common_pb2.ChatMessage], retrieved: Retrieved, max_tokens: int | None
+    ) -> RagResult:
+        """The prompt with as many passages as fit, and the sources they are."""
+        report = retrieved.report
+        if report.status != "ok":
+            return RagResult(messages, report, collection_id=retrieved.collection_id)
+        fitted, used, context_tokens = await self._fit(model, messages, retrieved.hits, max_tokens)
+        report.passages_used = len(used)
+        report.context_tokens = context_tokens
+        sources = [
+            postprocess_pb2.Source(
+                index=number,
+                document_id=hit.document_id,
+                chunk_id=hit.chunk_id,
+                title=hit.title,
+                score=hit.score,
+                snippet=hit.text[:SNIPPET_CHARS],
+            )
+            for number, hit in enumerate(used, start=1)
+        ]
+        return RagResult(fitted, report, sources, retrieved.collection_id)
+
+    def _failed(self, report: postprocess_pb2.RagReport, spec: RagSpec, err: RagmeshError) -> Retrieved:
+        if err.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID_REQUEST):
+            raise err  # the client's mistake: unknown collection, bad top_k
+        if spec.on_error == "fail":
+            raise RagmeshError(
+                ErrorKind.UNAVAILABLE, f"Retrieval from '{spec.collection}' failed: {err.message}", retry_after=1
+            ) from err
+        report.status = "no_context"
+        report.error = err.message
+        return Retrieved(report, [], "")
+
+    async def _fit(
+        self,
+        model: str,
+        messages: list[common_pb2.ChatMessage],
+        hits: list[retrieval_pb2.SearchHit],
+        max_tokens: int | None,
+    ) -> tuple[list[common_pb2.ChatMessage], list[retrieval_pb2.SearchHit], int]:
+        """Best passages first, as many as fit; (messages, passages used, tokens they added)."""
+        passages = [format_passage(i + 1, hit) for i, hit in enumerate(hits)]
+        plain, bare, *sizes = await asyncio.gather(
+            self._count(model, messages),
+            self._count(model, with_sources(messages, [])),
+            *(self._count(model, prompt=p + "\n\n") for p in passages),
+        )
+        budget = plain.max_context - (max_tokens or self._completion_reserve)
+        total = bare.count
+        chosen: list[int] = []
+        for i, size in enumerate(sizes):
+            if total + size.count <= budget:
+                chosen.append(i)
+                total += size.count
+        while True:
+            # Renumber so that the sources the model sees are [1]..[n] in rank order.
+            used = [hits[i] for i in chosen]
+            fitted = with_sources(messages, [format_passage(n + 1, h) for n, h in enumerate(used)])
+            exact = (await self._count(model, fitted)).count
+            if exact <= budget or not chosen:
+                return fitted, used, max(0, exact - plain.count)
+            chosen.pop()  # token boundaries merge differently once joined: drop the weakest

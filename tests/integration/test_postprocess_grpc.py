@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 
+from postprocess.server import postprocess_service
+from postprocess.settings import PostprocessSettings
+from ragmesh.grpc_client import create_channel
+from ragmesh.grpc_server import create_server
 from ragmesh.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
+
+from ..conftest import unique_namespace
 
 
 def start_msg(**kw: object) -> postprocess_pb2.ProcessRequest:
@@ -64,3 +72,63 @@ async def test_generation_that_ends_unfinished_is_an_error(postprocess_channel: 
         async for _ in call:
             pass
     assert info.value.code() == grpc.StatusCode.INTERNAL
+
+
+@pytest.fixture
+async def guarded_postprocess(redis_url: str) -> AsyncIterator[postprocess_pb2_grpc.PostprocessAsyncStub]:
+    """The postprocess service as `python -m postprocess` wires it: guardrails on, cache in Redis."""
+    settings = PostprocessSettings(redis_url=redis_url, namespace=unique_namespace(), blocklist=["launch codes"])
+    async with postprocess_service(settings) as service:
+        server = create_server()
+        service.register(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = create_channel(f"127.0.0.1:{port}")
+        yield postprocess_pb2_grpc.PostprocessStub(channel)
+        await channel.close()
+        await server.stop(0)
+
+
+async def run(
+    stub: postprocess_pb2_grpc.PostprocessAsyncStub, start: postprocess_pb2.ProcessRequest, pieces: list[str]
+) -> dict[str, Any]:
+    call = stub.Process(timeout=10)
+    await call.write(start)
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        finish = common_pb2.FINISH_REASON_STOP if last else common_pb2.FINISH_REASON_UNSPECIFIED
+        await call.write(chunk_msg(piece, i + 1, finish))
+    async for reply in call:
+        if reply.generation_done:
+            call.cancel()
+            return dict(json.loads(reply.response_json))
+    raise AssertionError("no final response")
+
+
+async def test_guardrails_over_grpc_redact_split_pii_and_stop_on_blocklist(
+    guarded_postprocess: postprocess_pb2_grpc.PostprocessAsyncStub,
+) -> None:
+    body = await run(
+        guarded_postprocess, start_msg(stream=False), ["Mail ann@", "example.org or call 555-", "867-5309."]
+    )
+    assert body["choices"][0]["message"]["content"] == "Mail [email redacted] or call [phone redacted]."
+    body = await run(guarded_postprocess, start_msg(stream=False), ["The launch", " codes are 0000"])
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert "codes" not in body["choices"][0]["message"]["content"]
+
+
+async def test_response_cache_store_and_replay_over_grpc(
+    guarded_postprocess: postprocess_pb2_grpc.PostprocessAsyncStub,
+) -> None:
+    start = start_msg(stream=False, cache_key="key-1")
+    with pytest.raises(grpc.aio.AioRpcError) as miss:
+        async for _ in guarded_postprocess.Replay(start.start):
+            pass
+    assert miss.value.code() == grpc.StatusCode.NOT_FOUND
+    first = await run(guarded_postprocess, start, ["Cached ", "answer."])
+    assert first["cached"] is False
+    replies = [r async for r in guarded_postprocess.Replay(start_msg(stream=False, cache_key="key-1").start)]
+    replayed = json.loads(replies[-1].response_json)
+    assert (
+        replayed["cached"] is True and replayed["choices"] == first["choices"] and replayed["usage"] == first["usage"]
+    )

@@ -1,7 +1,10 @@
 """Sentence embeddings with a Redis cache in front.
 
-The model runs in one dedicated thread (torch on a single core: on a small
-machine more threads fight the rest of the mesh). The cache is keyed by model
+The model runs in dedicated threads, one per lane, each with its own copy of
+the model (torch on a single core each: on a small machine more threads fight
+the rest of the mesh). The interactive lane (search queries, small embedding
+requests) never waits behind the bulk lane (ingestion), which may be busy for
+minutes. The cache is keyed by model
 name and the SHA-256 of the text, never by the text itself, and holds the raw
 float32 vector. When Redis is unreachable the cache is bypassed: embeddings
 are computed, a warning is logged and a metric counted.
@@ -12,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +38,18 @@ ENCODE_SECONDS = Histogram(
 )
 
 
+INTERACTIVE, BULK = "interactive", "bulk"
+LANES = (INTERACTIVE, BULK)
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux schedules threads separately)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:  # not permitted or not Linux: run at normal priority
+        log.warning("could not lower the bulk embedding priority", extra={"error": str(exc)})
+
+
 def model_path(settings: RetrievalSettings) -> str:
     if settings.embedding_model_path:
         return settings.embedding_model_path
@@ -47,8 +64,17 @@ class Embedder:
     def __init__(self, settings: RetrievalSettings, redis: aioredis.Redis | None) -> None:
         self._settings = settings
         self._redis = redis
-        self._model: Any = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._models: dict[str, Any] = {}
+        self._executors = {
+            INTERACTIVE: ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-interactive"),
+            # Ingestion yields the CPU to everything interactive (queries, generation).
+            BULK: ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="embed-bulk",
+                initializer=_lower_priority,
+                initargs=(settings.bulk_nice,),
+            ),
+        }
         self.model_name = settings.embedding_model_name
         self.dimensions = 0
         self.max_tokens = 0
@@ -61,11 +87,13 @@ class Embedder:
 
         torch.set_num_threads(self._settings.torch_threads)
         started = time.perf_counter()
-        self._model = SentenceTransformer(model_path(self._settings), device="cpu")
-        self.dimensions = int(self._model.get_embedding_dimension())
-        self.max_tokens = int(self._model.max_seq_length)
-        # The first call allocates; do it now rather than in a user's request.
-        self._model.encode(["warm up"], normalize_embeddings=True)
+        for lane in LANES:
+            model = SentenceTransformer(model_path(self._settings), device="cpu")
+            # The first call allocates; do it now rather than in a user's request.
+            model.encode(["warm up"], normalize_embeddings=True)
+            self._models[lane] = model
+        self.dimensions = int(self._models[INTERACTIVE].get_embedding_dimension())
+        self.max_tokens = int(self._models[INTERACTIVE].max_seq_length)
         log.info(
             "embedding model loaded",
             extra={
@@ -76,19 +104,20 @@ class Embedder:
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text as the model sees them, [CLS] and [SEP] included (blocking)."""
-        tokenizer = self._model.tokenizer
+        tokenizer = self._models[INTERACTIVE].tokenizer
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
     async def count_tokens_async(self, texts: list[str]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.count_tokens, texts)
+        return await asyncio.get_running_loop().run_in_executor(self._executors[INTERACTIVE], self.count_tokens, texts)
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, lane: str, texts: list[str]) -> np.ndarray:
         started = time.perf_counter()
-        vectors = self._model.encode(
+        vectors = self._models[lane].encode(
             texts,
             batch_size=self._settings.encode_batch_size,
             normalize_embeddings=True,
@@ -101,8 +130,12 @@ class Embedder:
     def _key(self, text: str) -> str:
         return self._key_prefix + hashlib.sha256(text.encode()).hexdigest()
 
-    async def embed(self, texts: list[str], use_cache: bool = True) -> np.ndarray:
-        """(len(texts), dimensions) float32 vectors; identical texts give identical vectors."""
+    async def embed(self, texts: list[str], use_cache: bool = True, bulk: bool = False) -> np.ndarray:
+        """(len(texts), dimensions) float32 vectors; identical texts give identical vectors.
+
+        `bulk` work (ingestion, large requests) runs in its own lane, so that
+        queries are not held up behind it.
+        """
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         if not texts:
             return out
@@ -118,7 +151,10 @@ class Embedder:
         if missing:
             unique = list(missing)
             CACHE_MISSES.inc(len(unique))
-            vectors = await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, unique)
+            lane = BULK if bulk else INTERACTIVE
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                self._executors[lane], self._encode, lane, unique
+            )
             for text, vector in zip(unique, vectors, strict=True):
                 out[missing[text]] = vector
             if use_cache:

@@ -211,7 +211,7 @@ class Ingestion:
         parts = []
         step = self._settings.ingest_batch_size
         for begin in range(0, total, step):
-            parts.append(await self._embedder.embed(texts[begin : begin + step]))
+            parts.append(await self._embedder.embed(texts[begin : begin + step], bulk=True))
             if self._jobs is not None:
                 await self._record(self._jobs.progress(job.job_id, min(total, begin + step)))
         if not parts:

@@ -19,6 +19,9 @@ from retrieval.store import CollectionStore
 
 log = logging.getLogger(__name__)
 
+# Embed requests larger than this go to the bulk lane, leaving the interactive one to queries.
+INTERACTIVE_EMBED_INPUTS = 16
+
 MODE_NAMES = {
     retrieval_pb2.SEARCH_MODE_HYBRID: "hybrid",
     retrieval_pb2.SEARCH_MODE_DENSE: "dense",
@@ -107,7 +110,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                     param="input",
                     code="context_length_exceeded",
                 )
-        vectors = await self._embedder.embed(inputs)
+        vectors = await self._embedder.embed(inputs, bulk=len(inputs) > INTERACTIVE_EMBED_INPUTS)
         return retrieval_pb2.EmbedResponse(
             vectors=np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
             dimensions=self._embedder.dimensions,

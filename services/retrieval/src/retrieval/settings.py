@@ -29,6 +29,9 @@ class RetrievalSettings(ServiceSettings):
     embedding_model_name: str = "all-MiniLM-L6-v2"
     encode_batch_size: int = 64
     torch_threads: int = 1
+    # Nice value of the ingestion embedding thread: bulk work must not slow
+    # down queries or the LLM on the same machine.
+    bulk_nice: int = 10
     embedding_cache_ttl: int = 30 * 24 * 3600
     # Texts per Embed call (OpenAI allows 2048 inputs).
     max_embed_inputs: int = 2048

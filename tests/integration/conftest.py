@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -30,26 +31,32 @@ async def engine() -> AsyncIterator[LlamaCppEngine]:
     await engine.aclose()
 
 
-@pytest.fixture(scope="session")
-async def inference_channel(engine: LlamaCppEngine) -> AsyncIterator[grpc.aio.Channel]:
+@asynccontextmanager
+async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[grpc.aio.Channel]:
+    """A real gRPC server on a free loopback port (with the mesh's interceptor and health), and a channel to it."""
     server = create_server()
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
-    await add_health(server, ["ragmesh.v1.Inference"])
+    register(server)
+    await add_health(server, [])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = create_channel(f"127.0.0.1:{port}")
-    yield channel
-    await channel.close()
-    await server.stop(0)
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+@pytest.fixture(scope="session")
+async def inference_channel(engine: LlamaCppEngine) -> AsyncIterator[grpc.aio.Channel]:
+    async with serving(
+        lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), s)
+    ) as ch:
+        yield ch
 
 
 @pytest.fixture(scope="session")
 async def postprocess_channel() -> AsyncIterator[grpc.aio.Channel]:
-    server = create_server()
-    postprocess_pb2_grpc.add_PostprocessServicer_to_server(PostprocessServicer(GuardConfig(), None), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = create_channel(f"127.0.0.1:{port}")
-    yield channel
-    await channel.close()
-    await server.stop(0)
+    servicer = PostprocessServicer(GuardConfig(), None)
+    async with serving(lambda s: postprocess_pb2_grpc.add_PostprocessServicer_to_server(servicer, s)) as ch:
+        yield ch

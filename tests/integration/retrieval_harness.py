@@ -15,12 +15,12 @@ import redis.asyncio as aioredis
 from preprocess.documents import Chunker, load_tokenizer
 from preprocess.ingest import DocumentsRequest, IngestPublisher
 from preprocess.settings import PreprocessSettings
-from ragmesh.grpc_client import create_channel
-from ragmesh.grpc_server import add_health, create_server
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval.server import retrieval_service
 from retrieval.settings import RetrievalSettings
+
+from .conftest import serving
 
 
 @dataclass
@@ -53,17 +53,8 @@ async def run_replica(
         while (await service.ready_check())["rabbitmq"] != "ok":
             assert time.monotonic() < deadline, "replica not ready"
             await asyncio.sleep(0.05)
-        server = create_server()
-        service.register(server)
-        await add_health(server, list(service.service_names))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = create_channel(f"127.0.0.1:{port}")
-        try:
+        async with serving(service.register) as channel:
             yield Replica(retrieval_pb2_grpc.RetrievalStub(channel), settings)
-        finally:
-            await channel.close()
-            await server.stop(0)
 
 
 @asynccontextmanager

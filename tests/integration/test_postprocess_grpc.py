@@ -11,11 +11,10 @@ import pytest
 
 from postprocess.server import postprocess_service
 from postprocess.settings import PostprocessSettings
-from ragmesh.grpc_client import create_channel
-from ragmesh.grpc_server import create_server
 from ragmesh.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
 
 from ..conftest import unique_namespace
+from .conftest import serving
 
 
 def start_msg(**kw: object) -> postprocess_pb2.ProcessRequest:
@@ -78,15 +77,8 @@ async def test_generation_that_ends_unfinished_is_an_error(postprocess_channel: 
 async def guarded_postprocess(redis_url: str) -> AsyncIterator[postprocess_pb2_grpc.PostprocessAsyncStub]:
     """The postprocess service as `python -m postprocess` wires it: guardrails on, cache in Redis."""
     settings = PostprocessSettings(redis_url=redis_url, namespace=unique_namespace(), blocklist=["launch codes"])
-    async with postprocess_service(settings) as service:
-        server = create_server()
-        service.register(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = create_channel(f"127.0.0.1:{port}")
+    async with postprocess_service(settings) as service, serving(service.register) as channel:
         yield postprocess_pb2_grpc.PostprocessStub(channel)
-        await channel.close()
-        await server.stop(0)
 
 
 async def run(

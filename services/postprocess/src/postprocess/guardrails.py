@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from postprocess.stops import longest_partial_suffix
+
 # Bounded patterns: a match never spans more than these shapes allow.
 PII_PATTERNS: dict[str, re.Pattern[str]] = {
     "email": re.compile(r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,24}\b"),
@@ -89,22 +91,13 @@ class StreamGuard:
             match = tail.search(buffer)
             if match:
                 cut = min(cut, match.start())
-        cut = min(cut, len(buffer) - self._partial_term(buffer))
+        # Blocklisted phrases can span words: hold back a tail that begins one.
+        longest = max((len(t) for t in self._terms), default=0)
+        cut = min(cut, len(buffer) - longest_partial_suffix(buffer[-longest:].lower() if longest else "", self._terms))
         if len(buffer) - cut > MAX_HELD:
             cut = len(buffer) - KEEP_HELD
         self._held = buffer[cut:]
         return self._clean(buffer[:cut])
-
-    def _partial_term(self, buffer: str) -> int:
-        """Length of the longest tail that begins a blocklisted phrase (phrases can span words)."""
-        lowered = buffer[-max((len(t) for t in self._terms), default=0) :].lower()
-        best = 0
-        for term in self._terms:
-            for k in range(min(len(term) - 1, len(lowered)), best, -1):
-                if lowered.endswith(term[:k]):
-                    best = k
-                    break
-        return best
 
     def flush(self) -> FilterResult:
         """The end of the answer: release (redacted) whatever was held back."""

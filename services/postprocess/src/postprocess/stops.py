@@ -5,6 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def longest_partial_suffix(text: str, terms: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `terms`.
+
+    Such a tail may still become a whole term once the next delta arrives, so a
+    streaming filter holds it back.
+    """
+    best = 0
+    for term in terms:
+        for k in range(min(len(term) - 1, len(text)), best, -1):
+            if text.endswith(term[:k]):
+                best = k
+                break
+    return best
+
+
 class StopMatcher:
     """Releases streamed text up to the first stop sequence, never including it.
 
@@ -26,7 +41,7 @@ class StopMatcher:
         if hit >= 0:
             self._held = ""
             return buf[:hit], True
-        hold = self._longest_partial_suffix(buf)
+        hold = longest_partial_suffix(buf, self._stops)
         self._held = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False
 
@@ -34,13 +49,3 @@ class StopMatcher:
         """At the end of generation, release what was held back (it was no stop)."""
         held, self._held = self._held, ""
         return held
-
-    def _longest_partial_suffix(self, buf: str) -> int:
-        # Only suffixes shorter than a whole stop matter: a whole one was found above.
-        best = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:k]):
-                    best = k
-                    break
-        return best

@@ -255,3 +255,31 @@ async def test_search_bad_input(replica: Replica) -> None:
     empty = await replica.search("bad-input", "anything")
     assert list(empty.hits) == []
     await asyncio.sleep(0)
+
+
+async def test_delete_during_ingestion_is_immediate_and_nothing_comes_back(
+    tmp_path: Path, namespace: str, redis_url: str, amqp_url: str, publisher: tuple[object, JobStore]
+) -> None:
+    data = tmp_path / "d"
+    many = [(f"doc{i}", f"Title {i}", f"Sentence number {i} about topic {i % 7} and more words.") for i in range(400)]
+    async with run_replica(data, "d", namespace, redis_url, amqp_url) as replica_d:
+        collection = await create(replica_d, "doomed")
+        pub, jobs = publisher
+        accepted = await pub.submit(collection.name, collection.id, documents(*many))  # type: ignore[attr-defined]
+
+        async def running() -> bool:
+            job = await jobs.get(accepted.job_id)
+            return job is not None and job["status"] in ("running", "failed", "succeeded")
+
+        await eventually(running)
+        started = asyncio.get_running_loop().time()
+        await replica_d.stub.DeleteCollection(retrieval_pb2.CollectionRequest(name="doomed"), timeout=5)
+        assert asyncio.get_running_loop().time() - started < 2.0
+        with pytest.raises(grpc.aio.AioRpcError):
+            await replica_d.search("doomed", "topic")
+        job = await wait_job(jobs, accepted.job_id)
+        assert job["status"] == "failed" and "deleted" in str(job["error"])
+    async with run_replica(data, "d", namespace, redis_url, amqp_url) as restarted:
+        listed = await restarted.stub.ListCollections(retrieval_pb2.ListCollectionsRequest())
+        assert "doomed" not in [c.name for c in listed.collections]
+    assert not (data / "collections" / "doomed").exists()

@@ -35,7 +35,7 @@ from ragmesh.v1 import ingest_pb2
 from retrieval.embedder import Embedder
 from retrieval.index import ChunkRecord, Snapshot, bm25_tokens, embedding_text
 from retrieval.settings import RetrievalSettings
-from retrieval.store import CollectionStore, RegistryUnavailableError
+from retrieval.store import CollectionGoneError, CollectionStore, RegistryUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ EVENTS_APPLIED = Counter("ragmesh_retrieval_index_events_applied_total", "index.
 
 # Seconds to wait before a job that hit a transient failure goes back to the queue.
 RETRY_DELAY = 1.0
-
-
-class CollectionGoneError(Exception):
-    """The job's collection was deleted (or re-created) after the job was accepted."""
 
 
 def check_job(job: ingest_pb2.IngestJob) -> None:
@@ -194,7 +190,7 @@ class Ingestion:
             already = job.job_id in snapshot.meta.applied_jobs
             if self._jobs is not None and not already:
                 await self._jobs.running(job.job_id)
-            vectors = await self._embed_with_progress(job, total)
+            vectors = await self._embed_with_progress(job, total, snapshot.meta.id)
             if already:
                 version = snapshot.meta.version
             else:
@@ -206,11 +202,13 @@ class Ingestion:
             if self._jobs is not None:
                 await self._jobs.succeeded(job.job_id, total)
 
-    async def _embed_with_progress(self, job: ingest_pb2.IngestJob, total: int) -> np.ndarray:
+    async def _embed_with_progress(self, job: ingest_pb2.IngestJob, total: int, collection_id: str) -> np.ndarray:
         texts = [embedding_text(c.title, c.text) for c in job.chunks]
         parts = []
         step = self._settings.ingest_batch_size
         for begin in range(0, total, step):
+            if self._store.is_gone(collection_id):
+                raise CollectionGoneError()  # deleted meanwhile: no point embedding the rest
             parts.append(await self._embedder.embed(texts[begin : begin + step], bulk=True))
             if self._jobs is not None:
                 await self._record(self._jobs.progress(job.job_id, min(total, begin + step)))
@@ -255,7 +253,10 @@ class Ingestion:
                 vectors = np.frombuffer(added.vectors, dtype="<f4").reshape(len(added.chunks), added.dimensions)
                 records = await asyncio.to_thread(records_from, added.chunks)
                 version = max(added.version, snapshot.meta.version + 1)
-                await self._store.add_chunks(snapshot, records, vectors, version=version, job_id=added.job_id)
+                try:
+                    await self._store.add_chunks(snapshot, records, vectors, version=version, job_id=added.job_id)
+                except CollectionGoneError:
+                    return
         EVENTS_APPLIED.labels(change or "unknown").inc()
 
 

@@ -70,6 +70,10 @@ class RegistryUnavailableError(Exception):
     """Redis did not answer."""
 
 
+class CollectionGoneError(Exception):
+    """The collection was deleted (or re-created) while work on it was under way."""
+
+
 class CollectionStore:
     def __init__(self, settings: RetrievalSettings, redis: aioredis.Redis | None) -> None:
         self._settings = settings
@@ -80,6 +84,11 @@ class CollectionStore:
         ns = settings.namespace or "ragmesh"
         self._registry_key = f"{ns}:collections"
         self._version_prefix = f"{ns}:collection-version:"
+        # Present as long as Redis has kept the registry (absent after a flush).
+        self._epoch_key = f"{ns}:collections-epoch"
+        # Ids of collections deleted while this process runs: work on them stops.
+        self._gone: set[str] = set()
+        self._cleanups: set[asyncio.Task[None]] = set()
         self.params = IndexParams(
             settings.hnsw_threshold, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search
         )
@@ -102,23 +111,27 @@ class CollectionStore:
     async def reconcile(self) -> None:
         """Make the registry and this replica agree after a start.
 
-        A collection on disk that the registry lacks is registered again (Redis
-        may have lost its data); one the registry lists under another id was
-        deleted and re-created while this replica was away, so the local copy goes.
+        When Redis lost the registry (its epoch marker is gone), the collections
+        on disk are registered again. Otherwise the registry is the truth: a
+        collection it lacks, or lists under another id, was deleted (and maybe
+        re-created) while this replica was away, so the local copy goes.
         """
         try:
             registry = await self._registry_all()
+            epoch = await self._redis_call(self._redis.get(self._epoch_key))  # type: ignore[union-attr]
         except RegistryUnavailableError:
             log.warning("registry unavailable at start; serving collections from disk")
             return
+        assert self._redis is not None
         for name, snapshot in list(self._snapshots.items()):
             entry = registry.get(name)
-            if entry is None:
-                await self._redis_call(
-                    self._redis.hsetnx(self._registry_key, name, _entry_json(snapshot.meta.id, snapshot.meta.created))  # type: ignore[union-attr]
-                )
-            elif entry.id != snapshot.meta.id:
+            if entry is None and not epoch:
+                entry_json = _entry_json(snapshot.meta.id, snapshot.meta.created)
+                await self._redis_call(self._redis.hsetnx(self._registry_key, name, entry_json))
+                log.warning("collection registered again from disk", extra={"collection": name})
+            elif entry is None or entry.id != snapshot.meta.id:
                 await self._drop_local(name)
+        await self._redis_call(self._redis.setnx(self._epoch_key, int(time.time())))
 
     # --- registry ---------------------------------------------------------------
 
@@ -179,11 +192,14 @@ class CollectionStore:
             raise RagmeshError(
                 ErrorKind.CONFLICT, f"Collection '{name}' already exists.", param="name", code="collection_exists"
             )
+        await self._redis_call(self._redis.setnx(self._epoch_key, int(time.time())))
         async with self.lock(name):
             return await self._install_empty(meta)
 
     async def ensure_local(self, name: str, collection_id: str, created: int = 0) -> Snapshot | None:
         """This replica's copy of a collection the registry knows (created empty if it is new here)."""
+        if collection_id in self._gone:
+            return None
         snapshot = self._snapshots.get(name)
         if snapshot is not None and snapshot.meta.id == collection_id:
             return snapshot
@@ -204,32 +220,61 @@ class CollectionStore:
         return snapshot
 
     async def delete(self, name: str) -> Snapshot:
-        """Remove a collection everywhere: from the registry at once, from disk here."""
+        """Remove a collection everywhere: from the registry at once, from this disk soon after.
+
+        No lock is taken for the registry: an ingestion job holding the
+        collection may run for minutes, and the deletion must not wait for it.
+        The job sees the deletion (`is_gone`) and is abandoned.
+        """
         check_name(name)
-        async with self.lock(name):
-            local = self._snapshots.get(name)
-            try:
-                entry = await self.registry_entry(name)
-            except RegistryUnavailableError:
-                raise RagmeshError(
-                    ErrorKind.UNAVAILABLE, "The collection registry (Redis) is unavailable; retry shortly."
-                ) from None
-            if entry is None:
-                raise not_found(name)
-            assert self._redis is not None
-            await self._redis_call(self._redis.hdel(self._registry_key, name))
-            await self._redis_call(self._redis.delete(self._version_key(entry.id)))
-            if local is not None and local.meta.id == entry.id:
-                await self._drop_local(name)
-                return local
-            return Snapshot(Meta(name=name, id=entry.id, created=entry.created))
+        try:
+            entry = await self.registry_entry(name)
+        except RegistryUnavailableError:
+            raise registry_down() from None
+        if entry is None:
+            raise not_found(name)
+        assert self._redis is not None
+        await self._redis_call(self._redis.hdel(self._registry_key, name))
+        await self._redis_call(self._redis.delete(self._version_key(entry.id)))
+        local = self._snapshots.get(name)
+        self._forget(name, entry.id)
+        if local is not None and local.meta.id == entry.id:
+            return local
+        return Snapshot(Meta(name=name, id=entry.id, created=entry.created))
 
     async def drop_if(self, name: str, collection_id: str) -> None:
         """Apply a deletion another replica made."""
-        async with self.lock(name):
-            local = self._snapshots.get(name)
-            if local is not None and local.meta.id == collection_id:
-                await self._drop_local(name)
+        self._forget(name, collection_id)
+
+    async def _registered(self, snapshot: Snapshot) -> bool:
+        """Whether the registry still lists this collection (true when Redis cannot say)."""
+        try:
+            entry = await self.registry_entry(snapshot.meta.name)
+        except RegistryUnavailableError:
+            return True
+        if entry is None or entry.id != snapshot.meta.id:
+            self._gone.add(snapshot.meta.id)
+            return False
+        return True
+
+    def is_gone(self, collection_id: str) -> bool:
+        return collection_id in self._gone
+
+    def _forget(self, name: str, collection_id: str) -> None:
+        """Stop serving a collection now; remove its files once no job holds it."""
+        self._gone.add(collection_id)
+        local = self._snapshots.get(name)
+        if local is not None and local.meta.id == collection_id:
+            del self._snapshots[name]
+
+        async def cleanup() -> None:
+            async with self.lock(name):
+                if name not in self._snapshots:  # not re-created meanwhile
+                    await asyncio.to_thread(shutil.rmtree, self._root / name, True)
+
+        task = asyncio.create_task(cleanup())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _drop_local(self, name: str) -> None:
         self._snapshots.pop(name, None)
@@ -282,13 +327,17 @@ class CollectionStore:
 
         def build_and_save() -> Snapshot:
             updated = snapshot.with_chunks(chunks, vectors, self.params, version=version, job_id=job_id)
+            if self.is_gone(snapshot.meta.id):
+                raise CollectionGoneError()  # deleted while this was built: do not write it back
             updated.save(self._root / snapshot.meta.name)
             return updated
 
+        if self.is_gone(snapshot.meta.id) or not await self._registered(snapshot):
+            raise CollectionGoneError()
         updated = await asyncio.to_thread(build_and_save)
-        current = self._snapshots.get(snapshot.meta.name)
-        if current is not None and current.meta.id == snapshot.meta.id:
-            self._snapshots[snapshot.meta.name] = updated
+        if self.is_gone(snapshot.meta.id):
+            raise CollectionGoneError()  # its files go with the cleanup that waits for this lock
+        self._snapshots[snapshot.meta.name] = updated
         return updated
 
 

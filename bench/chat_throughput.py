@@ -51,6 +51,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        # Measure generation, not ragmesh's response cache (llama.cpp ignores the field).
+        "cache": False,
     }
     started = time.perf_counter()
     ttft = 0.0

@@ -1,0 +1,180 @@
+"""The backends file: which engines serve which models, with keys, limits and fallbacks.
+
+YAML (or JSON, which is YAML), path from RAGMESH_INFERENCE_BACKENDS_FILE. See
+deploy/backends.example.yaml. A file with an error is refused as a whole,
+naming the line: at start the service does not start; on reload the running
+configuration stays.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A backends file that cannot be used; the message names the file and the line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddedBackend(_Strict):
+    """The in-process llama.cpp engine (its model and threads come from the inference settings)."""
+
+    name: str
+    type: Literal["embedded"]
+
+
+class UpstreamBackend(_Strict):
+    """Any OpenAI-compatible endpoint: vLLM, Ollama's /v1, NVIDIA API catalog or NIM, OpenAI."""
+
+    name: str
+    type: Literal["openai"]
+    base_url: str
+    # The key is read from the environment or a file, never written in this file.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    timeout: float = Field(default=120.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    max_concurrency: int = Field(default=32, ge=1)
+    # Models: listed, or discovered from the endpoint's /models (filtered by the patterns).
+    models: list[str] = Field(default_factory=list)
+    discover: bool = False
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _has_models(self) -> UpstreamBackend:
+        if not self.models and not self.discover:
+            raise ValueError("an upstream needs `models` or `discover: true`")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+    def wants(self, model: str) -> bool:
+        """Whether a discovered model passes the include/exclude patterns."""
+        return any(fnmatch.fnmatchcase(model, p) for p in self.include) and not any(
+            fnmatch.fnmatchcase(model, p) for p in self.exclude
+        )
+
+    def api_key(self) -> str | None:
+        """The key, read at (re)load time; never logged nor returned."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ConfigError(f"backend {self.name!r}: environment variable {self.api_key_env} is not set")
+            return key
+        if self.api_key_file:
+            try:
+                return Path(self.api_key_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"backend {self.name!r}: cannot read api_key_file: {exc.strerror}") from None
+        return None
+
+
+Backend = Annotated[EmbeddedBackend | UpstreamBackend, Field(discriminator="type")]
+
+
+class Route(_Strict):
+    """Per-model routing: which backends may serve it, and what to try when they all fail."""
+
+    backends: list[str] = Field(default_factory=list)  # empty: every backend that serves the model
+    fallback: list[str] = Field(default_factory=list)  # other model ids, in order
+
+
+class RetryPolicy(_Strict):
+    attempts: int = Field(default=3, ge=1, le=10)
+    backoff_base: float = Field(default=0.2, ge=0)
+    backoff_max: float = Field(default=5.0, ge=0)
+
+
+class BreakerPolicy(_Strict):
+    failures: int = Field(default=5, ge=1)  # consecutive failures that open a backend's circuit
+    reset_after: float = Field(default=30.0, gt=0)  # seconds before one trial request (half-open)
+
+
+class BackendsFile(_Strict):
+    backends: list[Backend] = Field(min_length=1)
+    routes: dict[str, Route] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit_breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BackendsFile:
+        names = [b.name for b in self.backends]
+        duplicated = {n for n in names if names.count(n) > 1}
+        if duplicated:
+            raise ValueError(f"backend names must be unique: {sorted(duplicated)}")
+        if sum(isinstance(b, EmbeddedBackend) for b in self.backends) > 1:
+            raise ValueError("at most one embedded backend")
+        for model, route in self.routes.items():
+            unknown = set(route.backends) - set(names)
+            if unknown:
+                raise ValueError(f"route {model!r} names unknown backends {sorted(unknown)}")
+        return self
+
+
+DEFAULT = BackendsFile(backends=[EmbeddedBackend(name="embedded", type="embedded")])
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location (nearest parent found)."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            match = node.value[part]
+        else:
+            match = None
+        if match is None:
+            break
+        node, line = match, match.start_mark.line + 1
+    return line
+
+
+def parse_backends(text: str, source: str = "<backends>") -> BackendsFile:
+    """Validate a backends file; ConfigError names the line of the first problem."""
+    try:
+        root = yaml.compose(text)
+        raw: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        raise ConfigError(f"{source}, {where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the file must be a mapping with a `backends` list")
+    try:
+        return BackendsFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = tuple(p for p in first["loc"] if p not in ("embedded", "openai"))
+        line = _line_of(root, loc)
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        raise ConfigError(f"{source}, line {line}: {path}: {first['msg']}") from None
+
+
+def load_backends(path: str) -> BackendsFile:
+    """The backends file at `path`, or the embedded engine alone when no path is set."""
+    if not path:
+        return DEFAULT
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_backends(text, path)

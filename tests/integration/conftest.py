@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
+from inference.config import DEFAULT
 from inference.engine import LlamaCppEngine
+from inference.router import Router
 from inference.servicer import InferenceServicer
 from inference.settings import InferenceSettings
 from postprocess.servicer import PostprocessServicer
@@ -49,9 +51,11 @@ async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[
 
 @pytest.fixture(scope="session")
 async def inference_channel(engine: LlamaCppEngine) -> AsyncIterator[grpc.aio.Channel]:
-    async with serving(
-        lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), s)
-    ) as ch:
+    """The embedded engine behind the router, as with no backends file."""
+    router = Router(engine)
+    await router.load(DEFAULT)
+    servicer = InferenceServicer(router, engine, lambda: router.load(DEFAULT))
+    async with serving(lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s)) as ch:
         yield ch
 
 

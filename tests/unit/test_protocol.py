@@ -46,7 +46,7 @@ def bad(body: Any) -> RagmeshError:
         ({"stop": ""}, "stop"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
         ({"model": 3}, "model"),
     ],
 )

@@ -196,3 +196,31 @@ def test_cache_record_replays_as_stream_and_as_response() -> None:
     text = "".join(b["choices"][0]["delta"].get("content", "") for b in bodies if b["choices"])
     assert text == "Answer [1]." and bodies[-1]["usage"]["completion_tokens"] == 4
     assert [b for b in bodies if b["choices"]][-1]["cached"] is True and streamed[-1].generation_done
+
+
+def test_tool_calls_and_logprobs_pass_through_and_merge() -> None:
+    call_a = {
+        "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_", "arguments": '{"ci'}}
+        ]
+    }
+    call_b = {"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": 'ty": "Paris"}'}}]}
+    logprobs = {"logprobs": {"content": [{"token": "x", "logprob": -0.1}]}}
+    chunks = [
+        common_pb2.GenerationChunk(extra_json=json.dumps(call_a), prompt_tokens=3),
+        common_pb2.GenerationChunk(extra_json=json.dumps({**call_b, **logprobs})),
+        common_pb2.GenerationChunk(
+            completion_tokens=4, finish_reason=common_pb2.FINISH_REASON_TOOL_CALLS, extra_json=json.dumps(logprobs)
+        ),
+    ]
+    whole = json.loads(feed_all(ProcessSession(start(stream=False), NO_GUARDS), chunks)[-1].response_json)
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert len(choice["logprobs"]["content"]) == 2
+    streamed = feed_all(ProcessSession(start(stream=True), NO_GUARDS), chunks)
+    deltas = [json.loads(r.chunk_json)["choices"][0] for r in streamed if r.chunk_json]
+    assert [d["delta"].get("tool_calls") for d in deltas[1:3]] == [call_a["tool_calls"], call_b["tool_calls"]]
+    assert deltas[2]["logprobs"] == logprobs["logprobs"]

@@ -27,6 +27,7 @@ class ErrorKind(enum.Enum):
     RATE_LIMITED = "rate_limited"
     CANCELLED = "cancelled"
     UNAVAILABLE = "unavailable"
+    BAD_GATEWAY = "bad_gateway"
     DEADLINE = "deadline"
     INTERNAL = "internal"
 
@@ -58,6 +59,8 @@ ERROR_TABLE: dict[ErrorKind, ErrorRow] = {
     # 499 is nginx's "client closed request": nobody reads it, but logs and metrics do.
     ErrorKind.CANCELLED: ErrorRow(grpc.StatusCode.CANCELLED, 499, "cancelled", "cancelled"),
     ErrorKind.UNAVAILABLE: ErrorRow(grpc.StatusCode.UNAVAILABLE, 503, "server_error", "service_unavailable"),
+    # An upstream engine answered something unusable (error status, non-JSON, wrong shape).
+    ErrorKind.BAD_GATEWAY: ErrorRow(grpc.StatusCode.INTERNAL, 502, "server_error", "bad_gateway"),
     ErrorKind.DEADLINE: ErrorRow(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "server_error", "timeout"),
     ErrorKind.INTERNAL: ErrorRow(grpc.StatusCode.INTERNAL, 500, "server_error", "internal_error"),
 }

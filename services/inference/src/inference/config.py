@@ -44,6 +44,8 @@ class UpstreamBackend(_Strict):
     timeout: float = Field(default=120.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)
+    # Tokens a request may use at this endpoint (prompt + completion), for RAG's prompt fitting.
+    context_length: int = Field(default=8192, ge=256)
     # Models: listed, or discovered from the endpoint's /models (filtered by the patterns).
     models: list[str] = Field(default_factory=list)
     discover: bool = False
@@ -164,6 +166,8 @@ def parse_backends(text: str, source: str = "<backends>") -> BackendsFile:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         loc = tuple(p for p in first["loc"] if p not in ("embedded", "openai"))
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc += ("type",)  # point at the `type:` line itself
         line = _line_of(root, loc)
         path = ".".join(str(p) for p in loc) or "(top level)"
         raise ConfigError(f"{source}, line {line}: {path}: {first['msg']}") from None

@@ -226,7 +226,12 @@ class LlamaCppEngine:
 
     def _body(self, request: inference_pb2.GenerateRequest, index: int) -> dict[str, Any]:
         sampling = request.sampling
-        body: dict[str, Any] = {"stream": True, "timings_per_token": True}
+        body: dict[str, Any] = {
+            # llama.cpp's own sampling extras (top_k, min_p, logit_bias, logprobs...) pass through.
+            **{k: v for k, v in _client_fields(request).items() if k not in _ENGINE_OWNED},
+            "stream": True,
+            "timings_per_token": True,
+        }
         if request.WhichOneof("input") == "chat":
             body["messages"] = _messages(request.chat.messages)
         else:
@@ -276,12 +281,15 @@ class LlamaCppEngine:
                 state.prompt_tokens = usage.get("prompt_tokens", state.prompt_tokens)
                 state.completion_tokens = usage.get("completion_tokens", state.completion_tokens)
             text = ""
+            extra = ""
             for choice in chunk.get("choices", ()):
                 reason = choice.get("finish_reason")
                 if reason:
                     state.finish_reason = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP)
                 text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-            if text or first:
+                if choice.get("logprobs"):
+                    extra = json.dumps({"logprobs": choice["logprobs"]})
+            if text or first or extra:
                 if first:
                     TTFT.observe(time.perf_counter() - started)
                     first = False
@@ -293,6 +301,7 @@ class LlamaCppEngine:
                         prompt_tokens=state.prompt_tokens,
                         cached_prompt_tokens=state.cached_tokens,
                         model=state.model,
+                        extra_json=extra,
                     )
                 )
             return cancelled.is_set()
@@ -364,6 +373,37 @@ class LlamaCppEngine:
         finally:
             # Stops every choice at its next token; the threads then exit by themselves.
             cancelled.set()
+
+
+# What the engine sets itself, whatever the client's request said: the mesh
+# handles n (one call per choice), stop sequences (postprocess) and the input.
+_ENGINE_OWNED = frozenset(
+    {
+        "model",
+        "messages",
+        "prompt",
+        "stream",
+        "stream_options",
+        "n",
+        "stop",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "max_tokens",
+        "max_completion_tokens",
+        "seed",
+        "user",
+    }
+)
+
+
+def _client_fields(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
+    if not request.openai_json:
+        return {}
+    fields: dict[str, Any] = json.loads(request.openai_json)
+    return fields
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:

@@ -1,39 +1,75 @@
-"""Wiring of the inference service: engine, servicer, gRPC server and ops endpoints."""
+"""Wiring of the inference service: backends file, engines, router, gRPC server, reload on SIGHUP."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import grpc
 
+from inference.config import ConfigError, EmbeddedBackend, load_backends
 from inference.engine import LlamaCppEngine
+from inference.router import Registry, Router
 from inference.servicer import InferenceServicer
 from inference.settings import InferenceSettings
+from ragmesh.errors import invalid_request
 from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
 from ragmesh.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 @asynccontextmanager
 async def inference_service(settings: InferenceSettings) -> AsyncIterator[GrpcService]:
-    """Load the engine and yield the servicer to register; unload on exit."""
-    engine = LlamaCppEngine(settings)
-    await asyncio.to_thread(engine.load)
+    """Load the backends file and the engines it names; yield the servicer to register."""
+    config = load_backends(settings.backends_file)  # ConfigError: the service does not start
+    embedded: LlamaCppEngine | None = None
+    if any(isinstance(b, EmbeddedBackend) for b in config.backends):
+        embedded = LlamaCppEngine(settings)
+        await asyncio.to_thread(embedded.load)
+    router = Router(embedded)
+    await router.load(config)
+    reload_lock = asyncio.Lock()
+
+    async def reload() -> Registry:
+        """Read the file again; a bad file is refused and the running configuration stays."""
+        async with reload_lock:
+            try:
+                fresh = load_backends(settings.backends_file)
+            except ConfigError as exc:
+                log.error("backends file refused; keeping the running configuration", extra={"error": str(exc)})
+                raise invalid_request(str(exc), param="backends_file") from None
+            return await router.load(fresh)
+
+    def on_sighup() -> None:
+        async def run() -> None:
+            with suppress(Exception):
+                await reload()
+
+        asyncio.get_running_loop().create_task(run())
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     def register(server: grpc.aio.Server) -> None:
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router, embedded, reload), server)
 
     async def ready() -> dict[str, str]:
-        return {"engine": "ok"}
+        return {"engines": "ok"}
 
     try:
         yield GrpcService(register=register, service_names=[SERVICE_NAME], ready_check=ready)
     finally:
-        await engine.aclose()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await router.aclose()
+        if embedded is not None:
+            await embedded.aclose()
 
 
 def serve(settings: InferenceSettings) -> None:

@@ -1,24 +1,34 @@
-"""The Inference gRPC servicer: a thin layer from the contract to the engine."""
+"""The Inference gRPC servicer: a thin layer from the contract to the router and engines."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from inference.engine import LlamaCppEngine
+from inference.router import Registry, Router
+from ragmesh.errors import ErrorKind, RagmeshError
 from ragmesh.grpc_server import ServicerContext
 from ragmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+# Characters per token when no tokenizer of the model is at hand (an upstream
+# model and no embedded engine): a common rule of thumb for English text.
+CHARS_PER_TOKEN = 4
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    """Serves the embedded engine. Domain errors become statuses in the shared interceptor."""
+    """Domain errors become statuses in the shared interceptor."""
 
-    def __init__(self, engine: LlamaCppEngine) -> None:
-        self._engine = engine
+    def __init__(
+        self, router: Router, embedded: LlamaCppEngine | None, reload: Callable[[], Awaitable[Registry]]
+    ) -> None:
+        self._router = router
+        self._embedded = embedded
+        self._reload = reload
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.GenerateRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.GenerationChunk]:
-        stream = self._engine.generate(request)
+        stream = self._router.generate(request)
         try:
             async for chunk in stream:
                 yield chunk
@@ -29,15 +39,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(  # noqa: N802
         self, request: inference_pb2.TokenizeRequest, context: ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        self._engine.check_model(request.model)
-        ids = await self._engine.count_tokens(request)
+        """Exact for the embedded model; for an upstream model, an estimate (its tokenizer is not here)."""
+        card = self._router.card(request.model)
+        if card is None:
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND,
+                f"The model `{request.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        if self._embedded is not None:
+            ids = await self._embedded.count_tokens(request)
+            count = len(ids)
+        else:
+            ids = []
+            text = request.prompt or "".join(m.content for m in request.chat.messages)
+            count = len(text) // CHARS_PER_TOKEN + 8 * len(request.chat.messages)
+        exact = self._embedded is not None and card.backend == "embedded"
         return inference_pb2.TokenizeResponse(
-            count=len(ids),
-            ids=ids if request.return_ids else [],
-            max_context=self._engine.max_context,
+            count=count, ids=ids if request.return_ids and exact else [], max_context=card.max_context
         )
 
     async def ListModels(  # noqa: N802
         self, request: common_pb2.ListModelsRequest, context: ServicerContext
     ) -> common_pb2.ListModelsResponse:
-        return common_pb2.ListModelsResponse(models=[self._engine.model_card()])
+        return common_pb2.ListModelsResponse(models=self._router.cards())
+
+    async def ReloadBackends(  # noqa: N802
+        self, request: inference_pb2.ReloadBackendsRequest, context: ServicerContext
+    ) -> inference_pb2.ReloadBackendsResponse:
+        registry = await self._reload()
+        return inference_pb2.ReloadBackendsResponse(backends=list(registry.engines), models=sorted(registry.targets))

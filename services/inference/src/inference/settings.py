@@ -50,6 +50,10 @@ class InferenceSettings(ServiceSettings):
     # Requests admitted at once (running + waiting for a slot); past it: 503.
     max_concurrent_requests: int = 64
 
+    # Backends (upstream OpenAI-compatible endpoints, routes, fallbacks): a YAML
+    # file; empty means the embedded engine alone. SIGHUP reloads it.
+    backends_file: str = ""
+
     def resolved_model_path(self) -> str:
         return self.model_path or packaged_smollm2_path()
 

@@ -49,10 +49,38 @@ class _Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     parts: list[str] = field(default_factory=list)
+    # What engines pass through besides text: tool calls (merged as OpenAI's
+    # SDK does: by index, arguments appended), refusal text, logprobs lists.
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    refusal: str = ""
+    logprobs: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def absorb(self, delta: dict[str, Any], logprobs: dict[str, Any] | None) -> None:
+        for call in delta.get("tool_calls") or []:
+            merged = self.tool_calls.setdefault(
+                int(call.get("index", 0)), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            merged["id"] = call.get("id") or merged["id"]
+            merged["type"] = call.get("type") or merged["type"]
+            function = call.get("function") or {}
+            merged["function"]["name"] += function.get("name") or ""
+            merged["function"]["arguments"] += function.get("arguments") or ""
+        self.refusal += delta.get("refusal") or ""
+        for key, values in (logprobs or {}).items():
+            if isinstance(values, list):
+                self.logprobs.setdefault(key, []).extend(values)
+
+    def message_extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        if self.tool_calls:
+            extras["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        if self.refusal:
+            extras["refusal"] = self.refusal
+        return extras
 
 
 def cited_numbers(text: str) -> set[int]:
@@ -97,6 +125,10 @@ class ProcessSession:
             choice.started = True
             if self._start.stream and self._chat:
                 out.append(self._chunk(choice.index, {"role": "assistant", "content": ""}, None))
+        extras: dict[str, Any] = json.loads(chunk.extra_json) if chunk.extra_json else {}
+        finish_override = extras.pop("finish_reason", None)
+        logprobs = extras.pop("logprobs", None)
+        choice.absorb(extras, logprobs)
         text, hit = choice.matcher.push(chunk.text)
         ending = hit or chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
         if not hit and ending:
@@ -112,11 +144,12 @@ class ProcessSession:
         elif hit:
             choice.finish_reason = "stop"
         elif ending:
-            choice.finish_reason = FINISH_NAMES.get(chunk.finish_reason, "stop")
+            choice.finish_reason = finish_override or FINISH_NAMES.get(chunk.finish_reason, "stop")
         if text:
             choice.parts.append(text)
-            if self._start.stream:
-                out.append(self._chunk(choice.index, {"content": text}, None))
+        if self._start.stream and (text or extras or logprobs):
+            delta = {"content": text} if text else {}
+            out.append(self._chunk(choice.index, {**delta, **extras}, None, logprobs=logprobs))
         if choice.finish_reason is not None:
             self._check_format(choice)
             last = all(c.finish_reason is not None for c in self._choices)
@@ -148,7 +181,10 @@ class ProcessSession:
     def cache_record(self) -> dict[str, Any]:
         """What the response cache keeps of a finished answer."""
         return {
-            "choices": [{"text": c.text, "finish_reason": c.finish_reason} for c in self._choices],
+            "choices": [
+                {"text": c.text, "finish_reason": c.finish_reason, "extras": c.message_extras(), "logprobs": c.logprobs}
+                for c in self._choices
+            ],
             "prompt_tokens": self._prompt_tokens,
             "cached_prompt_tokens": self._cached_tokens,
             "completion_tokens": [c.completion_tokens for c in self._choices],
@@ -172,14 +208,27 @@ class ProcessSession:
         for choice, saved, tokens in zip(self._choices, record["choices"], record["completion_tokens"], strict=False):
             choice.parts = [saved["text"]]
             choice.finish_reason = saved["finish_reason"]
+            choice.absorb(
+                {
+                    "tool_calls": [
+                        {**c, "index": i} for i, c in enumerate(saved.get("extras", {}).get("tool_calls", []))
+                    ]
+                },
+                saved.get("logprobs"),
+            )
+            choice.refusal = saved.get("extras", {}).get("refusal", "")
             choice.completion_tokens = int(tokens)
         if self._start.stream:
             for i, choice in enumerate(self._choices):
                 last = i == len(self._choices) - 1
                 if self._chat:
                     out.append(self._chunk(choice.index, {"role": "assistant", "content": ""}, None))
-                if choice.text:
-                    out.append(self._chunk(choice.index, {"content": choice.text}, None))
+                extras = choice.message_extras()
+                if "tool_calls" in extras:
+                    extras["tool_calls"] = [{"index": i, **c} for i, c in enumerate(extras["tool_calls"])]
+                if choice.text or extras or choice.logprobs:
+                    delta = {"content": choice.text} if choice.text else {}
+                    out.append(self._chunk(choice.index, {**delta, **extras}, None, logprobs=choice.logprobs or None))
                 out.append(self._chunk(choice.index, {}, choice.finish_reason, final=last))
         out.extend(self._final())
         return out
@@ -249,18 +298,21 @@ class ProcessSession:
         }
 
     def _chunk(
-        self, index: int, delta: dict[str, Any], finish_reason: str | None, final: bool = False
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: str | None,
+        final: bool = False,
+        logprobs: dict[str, Any] | None = None,
     ) -> postprocess_pb2.ProcessResponse:
         body = self._envelope()
+        choice: dict[str, Any] = {"index": index}
         if self._chat:
-            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice["delta"] = delta
         else:
-            choice = {
-                "index": index,
-                "text": delta.get("content", ""),
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
+            choice["text"] = delta.get("content", "")
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = finish_reason
         body["choices"] = [choice]
         if self._start.include_usage:
             body["usage"] = None
@@ -272,13 +324,16 @@ class ProcessSession:
         body = self._envelope()
         choices: list[dict[str, Any]] = []
         for c in self._choices:
+            logprobs = c.logprobs or None
             if self._chat:
-                message = {"role": "assistant", "content": c.text, "refusal": None}
+                extras = c.message_extras()
+                content = c.text if c.text or "tool_calls" not in extras else None
+                message = {"role": "assistant", "content": content, "refusal": None, **extras}
                 choices.append(
-                    {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+                    {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
                 )
             else:
-                choices.append({"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append({"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         body["choices"] = choices
         body["usage"] = self.usage()
         self._extensions(body)

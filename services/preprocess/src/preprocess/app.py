@@ -20,7 +20,7 @@ from preprocess.documents import Chunker, load_tokenizer
 from preprocess.http_errors import install_error_handlers
 from preprocess.http_io import read_json
 from preprocess.ingest import IngestPublisher
-from preprocess.models import model_detail, models_page
+from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
 from preprocess.retrieval_api import RetrievalApi
 from preprocess.settings import PreprocessSettings
 from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
@@ -104,6 +104,16 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         chat: ChatCompletions = request.app.state.chat
         return await chat.create(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        chat: ChatCompletions = request.app.state.chat
+        return await chat.create_completion(request)
+
+    @app.post("/v1/admin/reload-backends")
+    async def reload_backends(request: Request) -> Response:
+        check_admin(request, settings.admin_key)
+        return _json(await reload_inference_backends(request.app.state.clients))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

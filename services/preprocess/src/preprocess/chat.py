@@ -1,4 +1,9 @@
-"""POST /v1/chat/completions: validate, normalise, run the pipeline, answer JSON or SSE."""
+"""POST /v1/chat/completions and POST /v1/completions: validate, retrieve, generate, answer JSON or SSE.
+
+Both endpoints run the same path: optional retrieval (a `rag` field or a model
+alias), the response cache for deterministic requests, then inference ->
+postprocess, streamed or collected.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,13 @@ from preprocess.clients import MeshClients
 from preprocess.http_io import SSE_DONE, read_json, sse_error, sse_event, until_disconnect
 from preprocess.normalize import normalize_text
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
-from preprocess.protocol import ChatCompletionRequest, parse_chat_request
+from preprocess.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
 from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
 from preprocess.settings import ModelAlias, PreprocessSettings
 from ragmesh.errors import RagmeshError
@@ -32,7 +43,9 @@ TTFT = Histogram(
     "Time from request arrival to the first content chunk sent (streaming)",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-COMPLETIONS = Counter("ragmesh_preprocess_chat_completions_total", "Chat completions by outcome", ["stream", "outcome"])
+COMPLETIONS = Counter(
+    "ragmesh_preprocess_completions_total", "Chat and legacy completions by outcome", ["endpoint", "stream", "outcome"]
+)
 
 # Says whether the answer came from the response cache: hit, miss or off (not cacheable).
 CACHE_HEADER = "X-Ragmesh-Cache"
@@ -52,48 +65,52 @@ def normalized_messages(chat: ChatCompletionRequest) -> list[common_pb2.ChatMess
     ]
 
 
+def sampling_of(req: SamplingRequest) -> inference_pb2.SamplingParams:
+    sampling = inference_pb2.SamplingParams(n=req.n or 1)
+    limit = req.completion_limit()
+    if limit is not None:
+        sampling.max_tokens = limit
+    if req.temperature is not None:
+        sampling.temperature = req.temperature
+    if req.top_p is not None:
+        sampling.top_p = req.top_p
+    if req.seed is not None:
+        sampling.seed = req.seed
+    if req.presence_penalty is not None:
+        sampling.presence_penalty = req.presence_penalty
+    if req.frequency_penalty is not None:
+        sampling.frequency_penalty = req.frequency_penalty
+    return sampling
+
+
 def to_generate_request(
     chat: ChatCompletionRequest, model: str | None = None, messages: list[common_pb2.ChatMessage] | None = None
 ) -> inference_pb2.GenerateRequest:
     """The inference request for a validated chat request (its own messages unless RAG rewrote them)."""
-    sampling = inference_pb2.SamplingParams(n=chat.n or 1)
-    limit = chat.completion_limit()
-    if limit is not None:
-        sampling.max_tokens = limit
-    if chat.temperature is not None:
-        sampling.temperature = chat.temperature
-    if chat.top_p is not None:
-        sampling.top_p = chat.top_p
-    if chat.seed is not None:
-        sampling.seed = chat.seed
-    if chat.presence_penalty is not None:
-        sampling.presence_penalty = chat.presence_penalty
-    if chat.frequency_penalty is not None:
-        sampling.frequency_penalty = chat.frequency_penalty
     request = inference_pb2.GenerateRequest(
         model=model or chat.model,
         chat=inference_pb2.ChatInput(messages=messages if messages is not None else normalized_messages(chat)),
-        sampling=sampling,
+        sampling=sampling_of(chat),
     )
     if chat.response_format is not None and chat.response_format.type != "text":
-        request.response_format_json = orjson.dumps(
-            chat.response_format.model_dump(by_alias=True, exclude_none=True)
-        ).decode()
+        fmt = chat.response_format.model_dump(by_alias=True, exclude_none=True)
+        request.response_format_json = orjson.dumps(fmt).decode()
     return request
 
 
-def to_process_start(chat: ChatCompletionRequest) -> postprocess_pb2.ProcessStart:
+def to_process_start(req: SamplingRequest) -> postprocess_pb2.ProcessStart:
+    chat = isinstance(req, ChatCompletionRequest)
     start = postprocess_pb2.ProcessStart(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        model=chat.model,
+        id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        model=req.model,
         created=int(time.time()),
-        stream=bool(chat.stream),
-        include_usage=bool(chat.stream and chat.stream_options and chat.stream_options.include_usage),
-        stop=chat.stop_list(),
-        n=chat.n or 1,
-        object=postprocess_pb2.OBJECT_KIND_CHAT_COMPLETION,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        stop=req.stop_list(),
+        n=req.n or 1,
+        object=postprocess_pb2.OBJECT_KIND_CHAT_COMPLETION if chat else postprocess_pb2.OBJECT_KIND_TEXT_COMPLETION,
     )
-    fmt = chat.response_format
+    fmt = req.response_format if isinstance(req, ChatCompletionRequest) else None
     if fmt is not None:
         start.response_format.type = fmt.type
         if fmt.json_schema is not None:
@@ -101,30 +118,47 @@ def to_process_start(chat: ChatCompletionRequest) -> postprocess_pb2.ProcessStar
     return start
 
 
-def rag_spec(chat: ChatCompletionRequest, alias: ModelAlias | None) -> RagSpec | None:
+def openai_body(req: SamplingRequest, rag_system: common_pb2.ChatMessage | None) -> str:
+    """The client's request as an upstream should get it: every OpenAI field it sent, ragmesh's
+    own fields removed, text normalised, and the RAG sources where the model reads them."""
+    body = req.model_dump(mode="json", exclude_unset=True, by_alias=True, exclude={"rag", "cache"})
+    if isinstance(req, CompletionRequest):
+        prompt = normalize_text(req.prompt_text())
+        body["prompt"] = f"{rag_system.content}\n\n{prompt}" if rag_system is not None else prompt
+        body.setdefault("max_tokens", req.max_tokens)
+        return orjson.dumps(body).decode()
+    messages = body["messages"]
+    for message in messages:
+        if isinstance(message.get("content"), str):
+            message["content"] = normalize_text(message["content"])
+    if rag_system is not None:
+        if messages and messages[0].get("role") in ("system", "developer"):
+            messages[0]["content"] = rag_system.content
+        else:
+            messages.insert(0, {"role": "system", "content": rag_system.content})
+    return orjson.dumps(body).decode()
+
+
+def rag_spec(req: SamplingRequest, alias: ModelAlias | None) -> RagSpec | None:
     """The request's own `rag` field wins over the alias's binding."""
-    if chat.rag is not None:
-        return RagSpec(chat.rag.collection, chat.rag.top_k, chat.rag.mode, chat.rag.on_error)
+    if req.rag is not None:
+        return RagSpec(req.rag.collection, req.rag.top_k, req.rag.mode, req.rag.on_error)
     if alias is not None:
         return RagSpec(alias.collection, alias.top_k, alias.mode, alias.on_retrieval_error)
     return None
 
 
 def cache_key(
-    chat: ChatCompletionRequest,
-    generate: inference_pb2.GenerateRequest,
-    spec: RagSpec | None,
-    retrieved: Retrieved | None,
+    req: SamplingRequest, generate: inference_pb2.GenerateRequest, spec: RagSpec | None, retrieved: Retrieved | None
 ) -> str:
     """What makes two requests the same answer: inputs, sampling and (RAG) the collection's version."""
     material: dict[str, Any] = {
-        "v": 1,
-        "model": chat.model,
+        "v": 2,
+        "request": req.model_dump(
+            mode="json", exclude_unset=True, by_alias=True, exclude={"rag", "cache", "stream", "stream_options"}
+        ),
         "engine_model": generate.model,
-        "messages": [[m.role, m.name, normalize_text(chat.text_of(i))] for i, m in enumerate(chat.messages)],
         "sampling": MessageToDict(generate.sampling, preserving_proto_field_name=True),
-        "stop": chat.stop_list(),
-        "response_format": generate.response_format_json,
     }
     if spec is not None and retrieved is not None:
         material["rag"] = [
@@ -138,48 +172,65 @@ def cache_key(
 
 
 class ChatCompletions:
-    """The chat completions endpoint, bound to the mesh clients."""
+    """The chat and legacy completion endpoints, bound to the mesh clients."""
 
     def __init__(self, clients: MeshClients, settings: PreprocessSettings) -> None:
         self._clients = clients
         self._settings = settings
         self._rag = RagPlanner(clients, settings.rag_search_timeout, settings.rag_completion_reserve)
 
-    def _cacheable(self, request: Request, chat: ChatCompletionRequest) -> bool:
+    def _cacheable(self, request: Request, req: SamplingRequest) -> bool:
         no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
-        return self._settings.response_cache and chat.cache is not False and not no_cache and chat.deterministic()
+        return self._settings.response_cache and req.cache is not False and not no_cache and req.deterministic()
 
     async def create(self, request: Request) -> Response:
+        """POST /v1/chat/completions."""
+        body = await read_json(request, self._settings.max_body_bytes)
+        return await self._serve(request, "chat", parse_chat_request(body, self._settings.max_n))
+
+    async def create_completion(self, request: Request) -> Response:
+        """POST /v1/completions (legacy)."""
+        body = await read_json(request, self._settings.max_body_bytes)
+        return await self._serve(request, "completions", parse_completion_request(body, self._settings.max_n))
+
+    async def _serve(self, request: Request, endpoint: str, req: SamplingRequest) -> Response:
         arrived = time.perf_counter()
-        chat = parse_chat_request(await read_json(request, self._settings.max_body_bytes), self._settings.max_n)
-        stream = "true" if chat.stream else "false"
+        stream = "true" if req.stream else "false"
         try:
-            answer, cache_state = await until_disconnect(request, self._answer(request, chat))
+            answer, cache_state = await until_disconnect(request, self._answer(request, req))
             headers = {CACHE_HEADER: cache_state}
-            if chat.stream:
+            if req.stream:
                 return StreamingResponse(
-                    self._events(answer, arrived), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+                    self._events(answer, arrived, endpoint),
+                    media_type="text/event-stream",
+                    headers={**SSE_HEADERS, **headers},
                 )
             body = await until_disconnect(request, answer.collect())
         except RagmeshError as err:
-            COMPLETIONS.labels(stream, err.kind.value).inc()
+            COMPLETIONS.labels(endpoint, stream, err.kind.value).inc()
             raise
-        COMPLETIONS.labels(stream, "ok").inc()
+        COMPLETIONS.labels(endpoint, stream, "ok").inc()
         return Response(body, media_type="application/json", headers=headers)
 
-    async def _answer(self, request: Request, chat: ChatCompletionRequest) -> tuple[Answer, str]:
+    async def _answer(self, request: Request, req: SamplingRequest) -> tuple[Answer, str]:
         """An opened answer (from the cache, or a generation under way) and the cache state."""
-        alias = self._settings.model_aliases.get(chat.model)
-        spec = rag_spec(chat, alias)
-        model = alias.model if alias is not None else chat.model
-        messages = normalized_messages(chat)
-        start = to_process_start(chat)
+        alias = self._settings.model_aliases.get(req.model)
+        spec = rag_spec(req, alias)
+        model = alias.model if alias is not None else req.model
+        if isinstance(req, ChatCompletionRequest):
+            messages = normalized_messages(req)
+            generate = to_generate_request(req, model, messages)
+        else:
+            assert isinstance(req, CompletionRequest)
+            prompt = normalize_text(req.prompt_text())
+            messages = [common_pb2.ChatMessage(role="user", content=prompt)]  # what retrieval searches for
+            generate = inference_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling_of(req))
+        start = to_process_start(req)
         retrieved = await self._rag.retrieve(messages, spec) if spec is not None else None
-        generate = to_generate_request(chat, model, messages)
 
         cache_state = "off"
-        if self._cacheable(request, chat):
-            start.cache_key = cache_key(chat, generate, spec, retrieved)
+        if self._cacheable(request, req):
+            start.cache_key = cache_key(req, generate, spec, retrieved)
             if retrieved is not None:
                 start.rag.CopyFrom(retrieved.report)
             cached = CachedAnswer(self._clients, start, self._settings.request_timeout)
@@ -188,23 +239,30 @@ class ChatCompletions:
             cache_state = "miss"
 
         fixed = None
+        rag_system = None
         if retrieved is not None:
-            planned = await self._rag.fit(model, messages, retrieved, chat.completion_limit())
-            generate.chat.ClearField("messages")
-            generate.chat.messages.extend(planned.messages)
+            planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
             start.rag.CopyFrom(planned.report)
             start.sources.extend(planned.sources)
+            if planned.report.status == "ok":
+                rag_system = planned.messages[0]
+                if generate.WhichOneof("input") == "chat":
+                    generate.chat.ClearField("messages")
+                    generate.chat.messages.extend(planned.messages)
+                else:
+                    generate.prompt = f"{rag_system.content}\n\n{generate.prompt}"
             if planned.no_sources:
                 fixed = common_pb2.GenerationChunk(
                     text=NO_SOURCES_ANSWER.format(collection=planned.report.collection),
                     finish_reason=common_pb2.FINISH_REASON_STOP,
                     model=model,
                 )
+        generate.openai_json = openai_body(req, rag_system)
         pipeline = GenerationPipeline(self._clients, generate, start, self._settings.request_timeout, fixed)
         await pipeline.open()
         return pipeline, cache_state
 
-    async def _events(self, answer: Answer, arrived: float) -> AsyncIterator[bytes]:
+    async def _events(self, answer: Answer, arrived: float, endpoint: str) -> AsyncIterator[bytes]:
         # Starlette cancels this generator when the client disconnects; the
         # answer's cleanup then cancels the gRPC calls and frees the slot.
         first = True
@@ -216,9 +274,9 @@ class ChatCompletions:
                         first = False
                     yield sse_event(response.chunk_json)
             yield SSE_DONE
-            COMPLETIONS.labels("true", "ok").inc()
+            COMPLETIONS.labels(endpoint, "true", "ok").inc()
         except RagmeshError as err:
             # Headers are sent: the error travels as an event the openai client raises.
             log.warning("stream failed", extra={"kind": err.kind.value, "error": err.message})
-            COMPLETIONS.labels("true", err.kind.value).inc()
+            COMPLETIONS.labels(endpoint, "true", err.kind.value).inc()
             yield sse_error(err)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Any
 
 import grpc
+from starlette.requests import Request
 
 from preprocess.clients import MeshClients
 from preprocess.settings import ModelAlias
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
-from ragmesh.v1 import common_pb2
+from ragmesh.v1 import common_pb2, inference_pb2
 
 
 def model_object(card: common_pb2.ModelCard) -> dict[str, Any]:
@@ -73,3 +75,23 @@ async def model_detail(clients: MeshClients, aliases: dict[str, ModelAlias], mod
     raise RagmeshError(
         ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", param="model", code="model_not_found"
     )
+
+
+def check_admin(request: Request, admin_key: str) -> None:
+    """Admin endpoints need the configured admin key as a bearer token (and are off without one)."""
+    if not admin_key:
+        raise RagmeshError(ErrorKind.NOT_FOUND, "Admin endpoints are off (RAGMESH_PREPROCESS_ADMIN_KEY is not set).")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), admin_key.encode()):
+        raise RagmeshError(ErrorKind.AUTHENTICATION, "A valid admin key is required.")
+
+
+async def reload_inference_backends(clients: MeshClients) -> dict[str, Any]:
+    """Ask inference to read its backends file again (a bad file is refused, naming the line)."""
+    try:
+        reply = await clients.inference.ReloadBackends(
+            inference_pb2.ReloadBackendsRequest(), timeout=60, metadata=call_metadata()
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    return {"object": "backends.reloaded", "backends": list(reply.backends), "models": list(reply.models)}

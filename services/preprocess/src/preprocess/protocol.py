@@ -7,11 +7,13 @@ honour yet are refused with a clear 400 instead of being silently dropped.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from ragmesh.errors import RagmeshError, invalid_request
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class _Lenient(BaseModel):
@@ -58,11 +60,11 @@ class RagOptions(BaseModel):
     on_error: Literal["fail", "no_context"] = "fail"
 
 
-class ChatCompletionRequest(_Lenient):
+class SamplingRequest(_Lenient):
+    """What chat and legacy completion requests share."""
+
     model: StrictStr = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
@@ -72,11 +74,6 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: StrictBool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
     user: StrictStr | None = None
     # ragmesh extensions
     rag: RagOptions | None = None
@@ -85,6 +82,24 @@ class ChatCompletionRequest(_Lenient):
     def deterministic(self) -> bool:
         """Greedy decoding or a fixed seed: the same request gives the same answer."""
         return self.temperature == 0 or self.seed is not None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def completion_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
 
     def text_of(self, index: int) -> str:
         """The text of message `index`, content parts joined (parts were checked in parsing)."""
@@ -95,14 +110,24 @@ class ChatCompletionRequest(_Lenient):
             return content
         return "".join(part["text"] for part in content)
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
     def completion_limit(self) -> int | None:
         """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI's API."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions (legacy): one prompt per request."""
+
+    prompt: StrictStr | list[StrictStr]
+    # OpenAI's default for legacy completions.
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: StrictBool | None = None
+    suffix: StrictStr | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -139,14 +164,16 @@ def validation_error(exc: ValidationError) -> RagmeshError:
     )
 
 
-def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
-    """Validate a decoded JSON body as a chat completion request (400 on any problem)."""
+def _validated(model: type[RequestT], body: Any) -> RequestT:
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     try:
-        request = ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def _check_sampling(request: SamplingRequest, max_n: int) -> None:
     stops = request.stop_list()
     if len(stops) > 4:
         raise invalid_request("'stop' accepts at most 4 sequences.", param="stop")
@@ -156,10 +183,29 @@ def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
         raise invalid_request(f"'n' must be at most {max_n} on this server.", param="n")
     if request.stream_options is not None and not request.stream:
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-    if request.logprobs or request.top_logprobs:
-        raise invalid_request("logprobs are not supported by this server yet.", param="logprobs")
-    if request.tools or request.tool_choice not in (None, "none"):
-        raise invalid_request("tool calling is not supported by this server yet.", param="tools")
+
+
+def parse_completion_request(body: Any, max_n: int) -> CompletionRequest:
+    """Validate a legacy completion request (400 on any problem)."""
+    request = _validated(CompletionRequest, body)
+    _check_sampling(request, max_n)
+    if isinstance(request.prompt, list) and len(request.prompt) != 1:
+        raise invalid_request("Send one prompt per request (a list of prompts is not supported).", param="prompt")
+    if request.echo:
+        raise invalid_request("'echo' is not supported.", param="echo")
+    if request.suffix:
+        raise invalid_request("'suffix' is not supported.", param="suffix")
+    if request.best_of not in (None, 1):
+        raise invalid_request("'best_of' is not supported.", param="best_of")
+    return request
+
+
+def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
+    """Validate a decoded JSON body as a chat completion request (400 on any problem)."""
+    request = _validated(ChatCompletionRequest, body)
+    _check_sampling(request, max_n)
+    if request.top_logprobs and not request.logprobs:
+        raise invalid_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     fmt = request.response_format
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or not fmt.json_schema.schema_):
         raise invalid_request(

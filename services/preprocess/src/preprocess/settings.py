@@ -58,3 +58,6 @@ class PreprocessSettings(ServiceSettings):
     # Deterministic requests (temperature 0 or a seed) are answered from the
     # response cache when the same request (and collection version) was answered before.
     response_cache: bool = True
+
+    # Bearer key of the admin endpoints (POST /v1/admin/reload-backends); empty: they are off.
+    admin_key: str = ""

@@ -1,0 +1,306 @@
+"""Routing a request to an engine: model registry, load balancing, retries, circuit breakers, fallback.
+
+- A model served by several backends goes to the one with the fewest
+  outstanding requests among those whose circuit is closed (or half-open for a
+  trial request).
+- A failure a retry may fix (connection error, 429, 5xx, timeout) is retried,
+  on any backend of the model, with exponential backoff and jitter, sleeping
+  at least what a Retry-After asked for. Once the first chunk went to the
+  caller (and on to the client), nothing is retried: the error reaches the
+  client as such.
+- When every attempt failed, the model's fallback list is tried in order (say,
+  an upstream first, the embedded model when it is down).
+- A backend whose calls keep failing has its circuit opened for a while; then
+  one trial request decides whether it closes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+
+from inference.config import BackendsFile, EmbeddedBackend, UpstreamBackend
+from inference.engine import LlamaCppEngine
+from inference.upstream import UpstreamEngine, UpstreamError
+from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.v1 import common_pb2, inference_pb2
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_CALLS = Counter(
+    "ragmesh_inference_backend_calls_total", "Engine calls by backend and outcome", ["backend", "outcome"]
+)
+CIRCUIT_OPEN = Gauge("ragmesh_inference_circuit_open", "1 while a backend's circuit is open", ["backend"])
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(
+        self, request: inference_pb2.GenerateRequest, model: str
+    ) -> AsyncGenerator[common_pb2.GenerationChunk, None]: ...
+
+
+class EmbeddedAdapter:
+    """The embedded engine behind the router's interface."""
+
+    def __init__(self, name: str, engine: LlamaCppEngine) -> None:
+        self.name = name
+        self.engine = engine
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, model: str
+    ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
+        if request.openai_json:
+            asked = json.loads(request.openai_json)
+            if asked.get("tools") or asked.get("functions"):
+                raise RagmeshError(
+                    ErrorKind.INVALID_REQUEST,
+                    f"The model `{model}` (the embedded engine) does not support tool calling.",
+                    param="tools",
+                )
+        routed = inference_pb2.GenerateRequest()
+        routed.CopyFrom(request)
+        routed.model = model
+        stream = self.engine.generate(routed)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+
+@dataclass
+class Breaker:
+    """Closed -> (failures in a row) -> open -> (reset_after) -> half-open: one trial -> closed or open."""
+
+    failures_to_open: int
+    reset_after: float
+    failures: int = 0
+    opened_at: float | None = None
+    trial_running: bool = False
+
+    def allows(self, now: float) -> bool:
+        if self.opened_at is None:
+            return True
+        # Half-open: one request (this one) is the trial.
+        return now - self.opened_at >= self.reset_after and not self.trial_running
+
+    def started(self, now: float) -> None:
+        if self.opened_at is not None:
+            self.trial_running = True
+
+    def succeeded(self) -> None:
+        self.failures, self.opened_at, self.trial_running = 0, None, False
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.trial_running = False
+        if self.opened_at is not None or self.failures >= self.failures_to_open:
+            self.opened_at = now
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if time.monotonic() - self.opened_at >= self.reset_after else "open"
+
+
+@dataclass
+class Target:
+    backend: str
+    engine: Engine
+    model: str  # the id the backend knows the model by
+
+
+@dataclass
+class Registry:
+    """One loaded backends file: engines, who serves what, breakers. Replaced whole on reload."""
+
+    config: BackendsFile
+    engines: dict[str, Engine]
+    targets: dict[str, list[Target]]
+    cards: list[common_pb2.ModelCard]
+    breakers: dict[str, Breaker] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(self, embedded: LlamaCppEngine | None) -> None:
+        self._embedded = embedded
+        self._registry: Registry | None = None
+        self._outstanding: dict[str, int] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def registry(self) -> Registry:
+        assert self._registry is not None, "router not loaded"
+        return self._registry
+
+    async def load(self, config: BackendsFile) -> Registry:
+        """Build engines and the model registry for `config`, then switch to it."""
+        engines: dict[str, Engine] = {}
+        targets: dict[str, list[Target]] = {}
+        cards: list[common_pb2.ModelCard] = []
+        upstreams: list[UpstreamEngine] = []
+        try:
+            for backend in config.backends:
+                if isinstance(backend, EmbeddedBackend):
+                    if self._embedded is None:
+                        raise RagmeshError(
+                            ErrorKind.INVALID_REQUEST, f"backend {backend.name!r}: no embedded engine here"
+                        )
+                    engines[backend.name] = EmbeddedAdapter(backend.name, self._embedded)
+                    card = self._embedded.model_card()
+                    card.owned_by = backend.name
+                    models = [(card.id, card)]
+                else:
+                    upstream = UpstreamEngine(backend)
+                    upstreams.append(upstream)
+                    engines[backend.name] = upstream
+                    models = [(m, _upstream_card(backend, m)) for m in await _models_of(upstream, backend)]
+                for model_id, card in models:
+                    targets.setdefault(model_id, []).append(Target(backend.name, engines[backend.name], model_id))
+                    if all(c.id != model_id for c in cards):
+                        cards.append(card)
+        except BaseException:
+            for upstream in upstreams:
+                await upstream.aclose()
+            raise
+        for model, route in config.routes.items():
+            if route.backends and model in targets:
+                targets[model] = [t for t in targets[model] if t.backend in route.backends]
+        policy = config.circuit_breaker
+        breakers = {name: Breaker(policy.failures, policy.reset_after) for name in engines}
+        old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers)
+        if old is not None:
+            task = asyncio.create_task(_close_later(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        log.info("backends loaded", extra={"backends": list(engines), "models": sorted(targets)})
+        return self._registry
+
+    async def aclose(self) -> None:
+        if self._registry is not None:
+            for engine in self._registry.engines.values():
+                if isinstance(engine, UpstreamEngine):
+                    await engine.aclose()
+
+    def cards(self) -> list[common_pb2.ModelCard]:
+        return list(self.registry.cards)
+
+    def card(self, model: str) -> common_pb2.ModelCard | None:
+        return next((c for c in self.registry.cards if c.id == model), None)
+
+    def _pick(self, registry: Registry, targets: list[Target]) -> Target | None:
+        now = time.monotonic()
+        open_ = [t for t in targets if registry.breakers[t.backend].allows(now)]
+        if not open_:
+            return None
+        fewest = min(self._outstanding.get(t.backend, 0) for t in open_)
+        return random.choice([t for t in open_ if self._outstanding.get(t.backend, 0) == fewest])
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
+        """Stream the answer from the first target that takes the request."""
+        registry = self.registry
+        route = registry.config.routes.get(request.model)
+        chain = [request.model, *(route.fallback if route else [])]
+        if not registry.targets.get(request.model) and not (route and route.fallback):
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND,
+                f"The model `{request.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        retry = registry.config.retry
+        last: UpstreamError | None = None
+        for model in chain:
+            if last is not None and last.kind is ErrorKind.RATE_LIMITED:
+                break  # "slow down" is no outage: it goes back to the client, not to a fallback
+            targets = registry.targets.get(model, [])
+            for attempt in range(retry.attempts):
+                target = self._pick(registry, targets)
+                if target is None:
+                    break  # every backend of this model has its circuit open: next fallback
+                breaker = registry.breakers[target.backend]
+                breaker.started(time.monotonic())
+                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
+                sent = False
+                try:
+                    async for chunk in target.engine.generate(request, target.model):
+                        sent = True
+                        yield chunk
+                    breaker.succeeded()
+                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+                    return
+                except UpstreamError as err:
+                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
+                    if err.kind is not ErrorKind.RATE_LIMITED:
+                        breaker.failed(time.monotonic())
+                    else:
+                        breaker.trial_running = False
+                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
+                    if sent or not err.retryable:
+                        raise
+                    last = err
+                    log.warning("backend failed, retrying", extra={"backend": target.backend, "error": err.message})
+                    await asyncio.sleep(
+                        _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
+                    )
+                finally:
+                    self._outstanding[target.backend] -= 1
+        if last is not None:
+            raise last
+        raise RagmeshError(
+            ErrorKind.UNAVAILABLE, f"Every backend of `{request.model}` is unavailable (circuit open).", retry_after=1
+        )
+
+
+def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter, at least what Retry-After asked (within the cap)."""
+    delay = random.uniform(0, min(cap, base * 2**attempt))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+async def _models_of(upstream: UpstreamEngine, backend: UpstreamBackend) -> list[str]:
+    models = list(backend.models)
+    if backend.discover:
+        try:
+            models += [m for m in await upstream.discover() if m not in models]
+        except RagmeshError as err:
+            # Listed models still route; discovery is tried again on the next reload.
+            log.warning("model discovery failed", extra={"backend": backend.name, "error": err.message})
+    return models
+
+
+def _upstream_card(backend: UpstreamBackend, model: str) -> common_pb2.ModelCard:
+    return common_pb2.ModelCard(
+        id=model,
+        owned_by=backend.name,
+        created=int(time.time()),
+        max_context=backend.context_length,
+        backend=backend.name,
+    )
+
+
+async def _close_later(old: Registry, grace: float = 60.0) -> None:
+    """Close a replaced configuration's upstream clients once its requests are likely done."""
+    await asyncio.sleep(grace)
+    for engine in old.engines.values():
+        if isinstance(engine, UpstreamEngine):
+            await engine.aclose()
+
+
+def describe(registry: Registry) -> dict[str, Any]:
+    return {"backends": list(registry.engines), "models": sorted(registry.targets)}

@@ -1,0 +1,241 @@
+"""An upstream OpenAI-compatible endpoint as an engine (vLLM, Ollama, NVIDIA API catalog / NIM, OpenAI).
+
+Requests always go upstream as streams (stream_options.include_usage), so the
+mesh streams tokens as they come whatever the client asked. The server-side
+key is added here; nothing of the client's credentials ever reaches this code.
+Upstream failures are sorted into what a retry may fix (connection errors,
+429, 5xx: `UpstreamError.retryable`) and what it may not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from inference.config import UpstreamBackend
+from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.v1 import common_pb2, inference_pb2
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "content_filter": common_pb2.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
+    "function_call": common_pb2.FINISH_REASON_TOOL_CALLS,
+}
+# Parameters the mesh itself owns on the way to an upstream.
+_MESH_FIELDS = ("stream", "stream_options", "model")
+
+
+class UpstreamError(RagmeshError):
+    """A failed upstream call, with whether trying again (here or elsewhere) may succeed."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(kind, message, retry_after=int(retry_after) if retry_after is not None else None)
+        self.retryable = retryable
+        self.retry_after_seconds = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        parsed = json.loads(body)
+        error = parsed.get("error", parsed)
+        return str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+    except ValueError:
+        return body[:200].decode(errors="replace")
+
+
+def status_error(backend: str, response: httpx.Response, body: bytes) -> UpstreamError:
+    """The domain error for an upstream's error status."""
+    status, detail = response.status_code, _error_message(body)
+    if status == 429:
+        return UpstreamError(
+            ErrorKind.RATE_LIMITED,
+            f"The upstream {backend!r} is rate limiting: {detail}",
+            retryable=True,
+            retry_after=_retry_after(response),
+        )
+    if status >= 500:
+        return UpstreamError(
+            ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} failed ({status}): {detail}", retryable=True
+        )
+    if status in (401, 403):
+        # The server-side key is wrong: the operator's problem, not the client's.
+        return UpstreamError(
+            ErrorKind.BAD_GATEWAY,
+            f"The upstream {backend!r} refused the server's credentials ({status}).",
+            retryable=True,
+        )
+    if status == 404:
+        return UpstreamError(ErrorKind.NOT_FOUND, f"The upstream {backend!r}: {detail}", retryable=False)
+    return UpstreamError(
+        ErrorKind.INVALID_REQUEST, f"The upstream {backend!r} rejected the request: {detail}", retryable=False
+    )
+
+
+def _bad_gateway(backend: str, what: str) -> UpstreamError:
+    return UpstreamError(ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} answered {what}.", retryable=False)
+
+
+@dataclass
+class _Choice:
+    finish: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class UpstreamEngine:
+    """One OpenAI-compatible endpoint and the models it serves."""
+
+    def __init__(self, config: UpstreamBackend) -> None:
+        self.name = config.name
+        self.config = config
+        headers = dict(config.headers)
+        key = config.api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout, connect=config.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def discover(self) -> list[str]:
+        """Model ids from the endpoint's /models, filtered by include/exclude."""
+        try:
+            reply = await self._client.get("/models")
+        except httpx.HTTPError as exc:
+            raise UpstreamError(ErrorKind.UNAVAILABLE, f"{self.name}: {exc!r}", retryable=True) from exc
+        if reply.status_code != 200:
+            raise status_error(self.name, reply, reply.content)
+        try:
+            ids = [str(m["id"]) for m in reply.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise _bad_gateway(self.name, "a /models list that is not OpenAI's shape") from None
+        return [m for m in ids if self.config.wants(m)]
+
+    def _body(self, request: inference_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body): the client's own request when preprocess passed it, else built from the fields."""
+        chat = request.WhichOneof("input") == "chat"
+        body: dict[str, Any] = json.loads(request.openai_json) if request.openai_json else {}
+        for key in _MESH_FIELDS:
+            body.pop(key, None)
+        if chat:
+            body["messages"] = (
+                [
+                    {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                    for m in request.chat.messages
+                ]
+                if not body.get("messages")
+                else body["messages"]
+            )
+        else:
+            body.setdefault("prompt", request.prompt)
+        sampling = request.sampling
+        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+            if sampling.HasField(name) and name not in body:
+                body[name] = getattr(sampling, name)
+        if sampling.n > 1:
+            body.setdefault("n", sampling.n)
+        if request.response_format_json and "response_format" not in body:
+            body["response_format"] = json.loads(request.response_format_json)
+        body.update({"model": model, "stream": True, "stream_options": {"include_usage": True}})
+        return ("/chat/completions" if chat else "/completions"), body
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, model: str
+    ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
+        """Stream the upstream's answer as GenerationChunks; the first one comes once it answered 200."""
+        path, body = self._body(request, model)
+        try:
+            async with self._client.stream("POST", path, json=body) as response:
+                if response.status_code != 200:
+                    raise status_error(self.name, response, await response.aread())
+                yield common_pb2.GenerationChunk(model=model)  # accepted: the caller may commit its response
+                async for chunk in self._chunks(response, model):
+                    yield chunk
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=True) from exc
+        except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+            raise UpstreamError(
+                ErrorKind.UNAVAILABLE,
+                f"The upstream {self.name!r} is unreachable or dropped the connection: {exc!r}",
+                retryable=True,
+            ) from exc
+
+    async def _chunks(self, response: httpx.Response, model: str) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
+        choices: dict[int, _Choice] = {}
+        usage: dict[str, Any] = {}
+        done = False
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                event = json.loads(data)
+            except ValueError:
+                raise _bad_gateway(self.name, f"a stream event that is not JSON ({data[:80]!r})") from None
+            if not isinstance(event, dict) or not isinstance(event.get("choices", []), list):
+                raise _bad_gateway(self.name, "a stream event that is not OpenAI's chunk shape")
+            if "error" in event:
+                raise UpstreamError(
+                    ErrorKind.BAD_GATEWAY,
+                    f"The upstream {self.name!r} failed mid-answer: {_error_message(data.encode())}",
+                    retryable=False,
+                )
+            if event.get("usage"):
+                usage = event["usage"]
+            for raw in event.get("choices", []):
+                index = int(raw.get("index", 0))
+                state = choices.setdefault(index, _Choice())
+                delta = raw.get("delta") or {}
+                text = delta.get("content") or raw.get("text") or ""
+                extras = {k: v for k, v in delta.items() if k not in ("content", "role") and v is not None}
+                if raw.get("logprobs"):
+                    extras["logprobs"] = raw["logprobs"]
+                if raw.get("finish_reason"):
+                    state.finish = raw["finish_reason"]
+                if text or extras:
+                    yield common_pb2.GenerationChunk(
+                        index=index, text=text, model=model, extra_json=json.dumps(extras) if extras else ""
+                    )
+        if not done and not usage and not any(c.finish for c in choices.values()):
+            raise UpstreamError(
+                ErrorKind.BAD_GATEWAY, f"The upstream {self.name!r} ended the stream early.", retryable=False
+            )
+        # Finish every choice once the usage is known (it comes after the finish reasons).
+        prompt_tokens = int(usage.get("prompt_tokens", 0))
+        completion = int(usage.get("completion_tokens", 0))
+        for i, index in enumerate(sorted(choices) or [0]):
+            state = choices.get(index, _Choice(finish="stop"))
+            yield common_pb2.GenerationChunk(
+                index=index,
+                model=model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion if i == 0 else 0,  # usage is for all choices together
+                finish_reason=FINISH_REASONS.get(state.finish or "stop", common_pb2.FINISH_REASON_STOP),
+                extra_json=json.dumps({"finish_reason": state.finish}) if state.finish not in FINISH_REASONS else "",
+            )

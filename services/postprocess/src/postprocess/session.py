@@ -333,7 +333,8 @@ class ProcessSession:
                     {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
                 )
             else:
-                choices.append({"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+                choice = {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+                choices.append(choice)
         body["choices"] = choices
         body["usage"] = self.usage()
         self._extensions(body)

@@ -30,6 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM_VENV = ROOT / "build" / "litellm-venv"
 MODEL = "bench/echo"
+# LiteLLM refuses to start without a master key; every target gets the same header.
+BENCH_KEY = "sk-ragmesh-bench-0123456789abcdef0123456789abcdef"
 
 
 def free_port() -> int:
@@ -126,7 +128,7 @@ def litellm(upstream: str, work: Path) -> Iterator[str]:
         "litellm_settings:\n  telemetry: false\n  drop_params: true\n"
     )
     port = free_port()
-    env = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
+    env = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False", LITELLM_MASTER_KEY=BENCH_KEY)
     with process(
         [str(binary), "--config", str(config), "--port", str(port), "--num_workers", "1"], env, work / "litellm.log"
     ):
@@ -146,13 +148,13 @@ async def load(url: str, concurrency: int, requests: int) -> tuple[list[float], 
             while remaining > 0:
                 remaining -= 1
                 started = time.perf_counter()
-                reply = await client.post("/chat/completions", json=body, headers={"Authorization": "Bearer bench"})
+                reply = await client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {BENCH_KEY}"})
                 latencies.append(time.perf_counter() - started)
                 if reply.status_code != 200:
                     raise RuntimeError(f"{url}: {reply.status_code} {reply.text[:200]}")
 
         for _ in range(min(20, requests)):  # warm up connections
-            await client.post("/chat/completions", json=body, headers={"Authorization": "Bearer bench"})
+            await client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {BENCH_KEY}"})
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, time.perf_counter() - started

@@ -81,8 +81,8 @@ async def test_stream_is_parsed_and_the_request_passes_through() -> None:
     chunks = await collect(engine_with(handler))
     assert seen["tools"] == [{"t": 1}] and seen["model"] == "m" and seen["stream"] is True
     assert seen["stream_options"] == {"include_usage": True}
-    assert [c.text for c in chunks] == ["", "Hel", "lo", ""]
-    assert json.loads(chunks[2].extra_json) == {"tool_calls": [{"index": 0, "id": "c1"}]}
+    assert [c.text for c in chunks] == ["Hel", "lo", ""]
+    assert json.loads(chunks[1].extra_json) == {"tool_calls": [{"index": 0, "id": "c1"}]}
     last = chunks[-1]
     assert last.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
     assert (last.prompt_tokens, last.completion_tokens) == (5, 2)

@@ -165,13 +165,13 @@ class UpstreamEngine:
     async def generate(
         self, request: inference_pb2.GenerateRequest, model: str
     ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
-        """Stream the upstream's answer as GenerationChunks; the first one comes once it answered 200."""
+        """Stream the upstream's answer as GenerationChunks; the first one comes once it answered 200
+        and sent something (an error status fails the call before any chunk)."""
         path, body = self._body(request, model)
         try:
             async with self._client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     raise status_error(self.name, response, await response.aread())
-                yield common_pb2.GenerationChunk(model=model)  # accepted: the caller may commit its response
                 async for chunk in self._chunks(response, model):
                     yield chunk
         except httpx.TimeoutException as exc:
@@ -191,9 +191,11 @@ class UpstreamEngine:
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == "[DONE]" or done:
+                # Read to the end all the same: a response left unread closes
+                # its connection instead of returning it to the pool.
                 done = True
-                break
+                continue
             try:
                 event = json.loads(data)
             except ValueError:

@@ -139,6 +139,7 @@ def litellm(upstream: str, work: Path) -> Iterator[str]:
 async def load(url: str, concurrency: int, requests: int) -> tuple[list[float], float]:
     """(latencies, wall seconds) for `requests` chat completions, `concurrency` at a time."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    auth = {"Authorization": f"Bearer {BENCH_KEY}"}
     latencies: list[float] = []
     remaining = requests
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -148,13 +149,13 @@ async def load(url: str, concurrency: int, requests: int) -> tuple[list[float], 
             while remaining > 0:
                 remaining -= 1
                 started = time.perf_counter()
-                reply = await client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {BENCH_KEY}"})
+                reply = await client.post("/chat/completions", json=body, headers=auth)
                 latencies.append(time.perf_counter() - started)
                 if reply.status_code != 200:
                     raise RuntimeError(f"{url}: {reply.status_code} {reply.text[:200]}")
 
         for _ in range(min(20, requests)):  # warm up connections
-            await client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {BENCH_KEY}"})
+            await client.post("/chat/completions", json=body, headers=auth)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, time.perf_counter() - started

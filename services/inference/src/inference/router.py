@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
@@ -300,7 +300,3 @@ async def _close_later(old: Registry, grace: float = 60.0) -> None:
     for engine in old.engines.values():
         if isinstance(engine, UpstreamEngine):
             await engine.aclose()
-
-
-def describe(registry: Registry) -> dict[str, Any]:
-    return {"backends": list(registry.engines), "models": sorted(registry.targets)}

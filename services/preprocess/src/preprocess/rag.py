@@ -22,15 +22,10 @@ from typing import Literal
 import grpc
 
 from preprocess.clients import MeshClients
+from preprocess.retrieval_api import SEARCH_MODES
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2, retrieval_pb2
-
-MODES = {
-    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
-    "dense": retrieval_pb2.SEARCH_MODE_DENSE,
-    "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
-}
 
 INSTRUCTIONS = (
     "Answer the question using the numbered sources below. After each statement, cite the "
@@ -120,7 +115,7 @@ class RagPlanner:
 
     async def _search(self, spec: RagSpec, query: str) -> retrieval_pb2.SearchResponse:
         request = retrieval_pb2.SearchRequest(
-            collection=spec.collection, query=query, top_k=spec.top_k, mode=MODES[spec.mode]
+            collection=spec.collection, query=query, top_k=spec.top_k, mode=SEARCH_MODES[spec.mode]
         )
         try:
             return await self._clients.retrieval.Search(request, timeout=self._search_timeout, metadata=call_metadata())
@@ -134,22 +129,13 @@ class RagPlanner:
         if not query:
             raise RagmeshError(ErrorKind.INVALID_REQUEST, "RAG needs a user message to search for.", param="messages")
         try:
-            found, collection = await asyncio.gather(
-                self._search(spec, query),
-                self._clients.retrieval.GetCollection(
-                    retrieval_pb2.CollectionRequest(name=spec.collection),
-                    timeout=self._search_timeout,
-                    metadata=call_metadata(),
-                ),
-            )
-        except grpc.aio.AioRpcError as exc:
-            return self._failed(report, spec, from_rpc_error(exc))
+            found = await self._search(spec, query)
         except RagmeshError as err:
             return self._failed(report, spec, err)
         report.index_version = found.index_version
         report.passages_retrieved = len(found.hits)
         report.status = "ok" if found.hits else "no_sources"
-        return Retrieved(report, list(found.hits), collection.id)
+        return Retrieved(report, list(found.hits), found.collection_id)
 
     async def fit(
         self, model: str, messages: list[common_pb2.ChatMessage], retrieved: Retrieved, max_tokens: int | None

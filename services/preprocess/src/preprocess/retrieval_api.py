@@ -20,7 +20,7 @@ from ragmesh.grpc_client import call_metadata
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import retrieval_pb2
 
-MODES = {
+SEARCH_MODES = {
     "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
     "dense": retrieval_pb2.SEARCH_MODE_DENSE,
     "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
@@ -144,7 +144,7 @@ class RetrievalApi:
                 collection=request.collection,
                 query=request.query,
                 top_k=request.top_k,
-                mode=MODES[request.mode],
+                mode=SEARCH_MODES[request.mode],
                 no_cache=not request.cache,
             ),
         )

@@ -272,6 +272,5 @@ def _added_event(
             chunks=job.chunks,
             vectors=np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
             dimensions=vectors.shape[1] if len(vectors) else 0,
-            replaced_documents=sorted({c.document_id for c in job.chunks}),
         ),
     )

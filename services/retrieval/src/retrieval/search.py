@@ -31,8 +31,6 @@ from retrieval.store import SearchView
 
 log = logging.getLogger(__name__)
 
-MODES = ("hybrid", "dense", "sparse")
-
 RESULT_CACHE = Counter("ragmesh_retrieval_result_cache_total", "Search result cache lookups", ["outcome"])
 SEARCH_SECONDS = Histogram(
     "ragmesh_retrieval_search_seconds",

@@ -71,6 +71,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         response = retrieval_pb2.SearchResponse(
             index_version=view.global_version if view.global_version is not None else view.snapshot.meta.version,
             cached=cached,
+            collection_id=view.snapshot.meta.id,
         )
         for hit in hits:
             metadata = Struct()

@@ -107,6 +107,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             }
         ),
         RAGMESH_PREPROCESS_MAX_DOCUMENT_CHARS="200000",
+        RAGMESH_PREPROCESS_MAX_FILE_BYTES="250000",
+        RAGMESH_PREPROCESS_BATCH_BACKOFF_BASE="0.5",
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",
     )

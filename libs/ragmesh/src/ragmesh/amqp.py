@@ -49,6 +49,46 @@ class Topology:
     def index_events_queue(self, replica_id: str) -> str:
         return self._name(f"index.events.{replica_id}")
 
+    @property
+    def requests_exchange(self) -> str:
+        """Where batch lines and direct-protocol requests are published (direct exchange)."""
+        return self._name("requests")
+
+    @property
+    def requests_queue(self) -> str:
+        return self._name("batch.requests")
+
+    @property
+    def retry_queue(self) -> str:
+        """Requests waiting out a backoff: each expires back into the requests queue."""
+        return self._name("batch.retry")
+
+    @property
+    def requests_dead_queue(self) -> str:
+        return self._name("batch.dead")
+
+
+# Routing key of the requests exchange that reaches the batch workers.
+REQUEST_ROUTING_KEY = "request"
+
+
+async def declare_requests(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """The requests exchange and queue, the retry (delay) queue and the dead-letter queue."""
+    exchange = await channel.declare_exchange(topology.requests_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    dead = await channel.declare_queue(topology.requests_dead_queue, durable=True)
+    queue = await channel.declare_queue(topology.requests_queue, durable=True)
+    await queue.bind(exchange, REQUEST_ROUTING_KEY)
+    await channel.declare_queue(
+        topology.retry_queue,
+        durable=True,
+        arguments={
+            "x-dead-letter-exchange": topology.requests_exchange,
+            "x-dead-letter-routing-key": REQUEST_ROUTING_KEY,
+        },
+    )
+    del dead  # declared so that it exists: failed messages are published to it by name
+    return queue
+
 
 async def connect(url: str) -> AbstractRobustConnection:
     """A robust connection: it reconnects by itself and restores its consumers."""

@@ -3,6 +3,7 @@
     ragmesh ingest corpus.jsonl --collection scifact --create
     ragmesh ingest ./notes --collection notes --create      # *.txt, *.md and *.jsonl under a folder
     ragmesh search "what causes tides" --collection notes
+    ragmesh batch submit lines.jsonl --wait            # OpenAI batch: results saved beside the file
 
 JSONL lines are {"id" or "_id", "text", "title"?, "metadata"?}. A text file
 becomes one document: its path (relative to the folder) is the id, its name
@@ -127,6 +128,47 @@ def _wait(client: httpx.Client, jobs: list[dict[str, Any]], total: int) -> int:
     return 1 if failed else 0
 
 
+def batch_submit(args: argparse.Namespace) -> int:
+    """Upload a batch file, create the batch, and (with --wait) follow it to the end and save the results."""
+    path = Path(args.path)
+    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        with open(path, "rb") as handle:
+            uploaded = _check(client.post("/v1/files", files={"file": (path.name, handle)}, data={"purpose": "batch"}))
+        endpoint = args.endpoint or _first_url(path)
+        batch = _check(
+            client.post(
+                "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
+            )
+        )
+        print(batch["id"])
+        if not args.wait:
+            return 0
+        total = int(batch["request_counts"]["total"])
+        with tqdm(total=total, desc=batch["id"][:18], unit="line") as bar:
+            while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+                time.sleep(0.5)
+                batch = _check(client.get(f"/v1/batches/{batch['id']}"))
+                counts = batch["request_counts"]
+                bar.n = int(counts["completed"]) + int(counts["failed"])
+                bar.refresh()
+        counts = batch["request_counts"]
+        print(f"{batch['status']}: {counts['completed']} completed, {counts['failed']} failed", file=sys.stderr)
+        for kind in ("output_file_id", "error_file_id"):
+            if batch.get(kind):
+                target = path.with_suffix(f".{kind.split('_')[0]}.jsonl")
+                target.write_bytes(client.get(f"/v1/files/{batch[kind]}/content").content)
+                print(f"{kind.split('_')[0]}: {target}", file=sys.stderr)
+        return 0 if batch["status"] == "completed" else 1
+
+
+def _first_url(path: Path) -> str:
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                return str(json.loads(line).get("url", "/v1/chat/completions"))
+    raise SystemExit(f"{path} is empty")
+
+
 def search(args: argparse.Namespace) -> int:
     with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
         body = {"collection": args.collection, "query": args.query, "top_k": args.top_k, "mode": args.mode}
@@ -150,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     p_ingest.add_argument("--batch-size", type=int, default=500, help="documents per request (default: %(default)s)")
     p_ingest.add_argument("--no-wait", action="store_true", help="print the job ids instead of waiting")
     p_ingest.set_defaults(run=ingest)
+
+    p_batch = commands.add_parser("batch", help="OpenAI batch jobs")
+    batch_commands = p_batch.add_subparsers(dest="batch_command", required=True)
+    p_submit = batch_commands.add_parser("submit", help="upload a JSONL batch file and create the batch")
+    p_submit.add_argument("path")
+    p_submit.add_argument("--endpoint", default=None, help="default: the url of the file's first line")
+    p_submit.add_argument("--wait", action="store_true", help="follow the batch with a progress bar, save its files")
+    p_submit.set_defaults(run=batch_submit)
 
     p_search = commands.add_parser("search", help="search a collection")
     p_search.add_argument("query")

@@ -97,6 +97,10 @@ class LlamaCppEngine:
         self._executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_requests, thread_name_prefix="llama")
         self._admitted = 0
         self._admitted_lock = threading.Lock()
+        # Choices running, by priority (touched on the event loop only), and the
+        # batch requests waiting for a slot interactive traffic leaves free.
+        self._running = {inference_pb2.PRIORITY_INTERACTIVE: 0, inference_pb2.PRIORITY_BATCH: 0}
+        self._batch_waiters: list[asyncio.Future[None]] = []
         self.model_id = settings.served_model_name
         self.created = int(time.time())
 
@@ -224,6 +228,31 @@ class LlamaCppEngine:
             self._admitted -= 1
         ACTIVE_REQUESTS.dec()
 
+    def _batch_room(self) -> int:
+        """Slots batch work may take now: all but one while no interactive request runs, fewer when some do."""
+        reserved = 1 if self._settings.n_parallel > 1 else 0
+        busy = sum(self._running.values())
+        return self._settings.n_parallel - reserved - busy
+
+    async def _wait_for_batch_room(self, n: int) -> None:
+        wanted = max(1, min(n, self._settings.n_parallel - 1))
+        loop = asyncio.get_running_loop()
+        while self._batch_room() < wanted:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._batch_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._batch_waiters:
+                    self._batch_waiters.remove(waiter)
+
+    def _slots_changed(self, priority: inference_pb2.Priority.ValueType, delta: int) -> None:
+        self._running[priority] += delta
+        if delta < 0:
+            for waiter in self._batch_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     def _body(self, request: inference_pb2.GenerateRequest, index: int) -> dict[str, Any]:
         sampling = request.sampling
         body: dict[str, Any] = {
@@ -341,13 +370,19 @@ class LlamaCppEngine:
             raise invalid_request("either messages or prompt is required", param="messages")
         await self._check_context(request)
         n = max(1, request.sampling.n)
+        priority = request.priority
+        if priority == inference_pb2.PRIORITY_BATCH:
+            await self._wait_for_batch_room(n)
         self._admit(n)
+        self._slots_changed(priority, n)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
 
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
+            if item is _DONE:  # the choice's thread is done with its slot
+                loop.call_soon_threadsafe(self._slots_changed, priority, -1)
 
         chat = request.WhichOneof("input") == "chat"
         for index in range(n):
@@ -357,6 +392,7 @@ class LlamaCppEngine:
             except RuntimeError:  # executor shut down: the service is stopping
                 for _ in range(n - index):
                     self._release()
+                    self._slots_changed(priority, -1)
                 cancelled.set()
                 raise RagmeshError(ErrorKind.UNAVAILABLE, "inference is shutting down") from None
         running = n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,14 +15,16 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from preprocess.batches import Batches
 from preprocess.chat import ChatCompletions
 from preprocess.clients import MeshClients
 from preprocess.documents import Chunker, load_tokenizer
+from preprocess.files import FileStore
 from preprocess.http_errors import install_error_handlers
-from preprocess.http_io import read_json
+from preprocess.http_io import read_json, read_upload
 from preprocess.ingest import IngestPublisher
 from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
-from preprocess.retrieval_api import RetrievalApi
+from preprocess.retrieval_api import RetrievalApi, runner
 from preprocess.settings import PreprocessSettings
 from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
 from ragmesh.jobs import JobStore
@@ -74,9 +77,19 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         jobs = JobStore(redis, settings.namespace)
         chunker = Chunker(await asyncio.to_thread(load_tokenizer), settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
+        chat = ChatCompletions(clients, settings)
+        retrieval = RetrievalApi(clients, settings, publisher, jobs)
+        batches = Batches(
+            settings,
+            redis,
+            FileStore(redis, Path(settings.files_dir), settings.namespace),
+            runner(settings, chat, retrieval),
+        )
+        batches.start_workers()
         app.state.clients = clients
-        app.state.chat = ChatCompletions(clients, settings)
-        app.state.retrieval = RetrievalApi(clients, settings, publisher, jobs)
+        app.state.chat = chat
+        app.state.retrieval = retrieval
+        app.state.batches = batches
 
         async def ready() -> dict[str, str]:
             deps = await clients.ready()
@@ -92,6 +105,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         try:
             yield
         finally:
+            await batches.close()
             await publisher.close()
             await clients.close()
             await redis.aclose()
@@ -156,6 +170,38 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request) -> Response:
         return _json(await api(request).get_job(job_id))
+
+    def batch_api(request: Request) -> Batches:
+        return request.app.state.batches  # type: ignore[no-any-return]
+
+    @app.post("/v1/files")
+    async def upload_file(request: Request) -> Response:
+        data, filename, purpose = await read_upload(request, settings.max_file_bytes)
+        return _json(await batch_api(request).upload(data, filename, purpose))
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str, request: Request) -> Response:
+        return _json(await batch_api(request).files.info(file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, request: Request) -> Response:
+        return Response(await batch_api(request).files.content(file_id), media_type="application/jsonl")
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> Response:
+        return _json(await batch_api(request).create(await body(request)))
+
+    @app.get("/v1/batches")
+    async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> Response:
+        return _json(await batch_api(request).list(max(1, min(limit, 100)), after))
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str, request: Request) -> Response:
+        return _json(await batch_api(request).get(batch_id))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request) -> Response:
+        return _json(await batch_api(request).cancel(batch_id))
 
     @app.post("/v1/search")
     async def search(request: Request) -> Response:

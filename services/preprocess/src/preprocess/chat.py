@@ -179,8 +179,7 @@ class ChatCompletions:
         self._settings = settings
         self._rag = RagPlanner(clients, settings.rag_search_timeout, settings.rag_completion_reserve)
 
-    def _cacheable(self, request: Request, req: SamplingRequest) -> bool:
-        no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
+    def _cacheable(self, req: SamplingRequest, no_cache: bool = False) -> bool:
         return self._settings.response_cache and req.cache is not False and not no_cache and req.deterministic()
 
     async def create(self, request: Request) -> Response:
@@ -197,7 +196,8 @@ class ChatCompletions:
         arrived = time.perf_counter()
         stream = "true" if req.stream else "false"
         try:
-            answer, cache_state = await until_disconnect(request, self._answer(request, req))
+            no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
+            answer, cache_state = await until_disconnect(request, self.answer(req, self._cacheable(req, no_cache)))
             headers = {CACHE_HEADER: cache_state}
             if req.stream:
                 return StreamingResponse(
@@ -212,7 +212,18 @@ class ChatCompletions:
         COMPLETIONS.labels(endpoint, stream, "ok").inc()
         return Response(body, media_type="application/json", headers=headers)
 
-    async def _answer(self, request: Request, req: SamplingRequest) -> tuple[Answer, str]:
+    async def complete(self, req: SamplingRequest) -> str:
+        """The whole (non-streamed) response body of a batch line: batch priority, no stream."""
+        req = req.model_copy(update={"stream": False, "stream_options": None})
+        answer, _ = await self.answer(req, self._cacheable(req), inference_pb2.PRIORITY_BATCH)
+        return await answer.collect()
+
+    async def answer(
+        self,
+        req: SamplingRequest,
+        cacheable: bool,
+        priority: inference_pb2.Priority.ValueType = inference_pb2.PRIORITY_INTERACTIVE,
+    ) -> tuple[Answer, str]:
         """An opened answer (from the cache, or a generation under way) and the cache state."""
         alias = self._settings.model_aliases.get(req.model)
         spec = rag_spec(req, alias)
@@ -229,7 +240,7 @@ class ChatCompletions:
         retrieved = await self._rag.retrieve(messages, spec) if spec is not None else None
 
         cache_state = "off"
-        if self._cacheable(request, req):
+        if cacheable:
             start.cache_key = cache_key(req, generate, spec, retrieved)
             if retrieved is not None:
                 start.rag.CopyFrom(retrieved.report)
@@ -258,6 +269,7 @@ class ChatCompletions:
                     model=model,
                 )
         generate.openai_json = openai_body(req, rag_system)
+        generate.priority = priority
         pipeline = GenerationPipeline(self._clients, generate, start, self._settings.request_timeout, fixed)
         await pipeline.open()
         return pipeline, cache_state

@@ -81,3 +81,26 @@ SSE_DONE = b"data: [DONE]\n\n"
 def sse_error(err: RagmeshError) -> bytes:
     """The tail of a stream that failed after it started: an error event, then [DONE]."""
     return sse_event(orjson.dumps(err.to_openai())) + SSE_DONE
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str, str]:
+    """(contents, filename, purpose) of a multipart upload with `file` and `purpose` fields."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise RagmeshError(
+            ErrorKind.UNSUPPORTED_MEDIA_TYPE, "Upload files as multipart/form-data with 'file' and 'purpose' fields."
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+        raise _too_large(max_bytes)
+    form = await request.form(max_part_size=max_bytes + 1)
+    upload = form.get("file")
+    purpose = form.get("purpose")
+    if upload is None or isinstance(upload, str):
+        raise RagmeshError(ErrorKind.INVALID_REQUEST, "The 'file' field is missing.", param="file")
+    if not isinstance(purpose, str):
+        raise RagmeshError(ErrorKind.INVALID_REQUEST, "The 'purpose' field is missing.", param="purpose")
+    data = await upload.read()
+    if len(data) > max_bytes:
+        raise _too_large(max_bytes)
+    return data, upload.filename or "upload.jsonl", purpose

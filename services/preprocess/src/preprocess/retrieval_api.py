@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import grpc
 import numpy as np
+import orjson
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
 from preprocess.ingest import IngestPublisher, parse_documents
-from preprocess.protocol import validation_error
+from preprocess.protocol import parse_chat_request, parse_completion_request, validation_error
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error, invalid_request
 from ragmesh.grpc_client import call_metadata
@@ -192,3 +194,21 @@ class RetrievalApi:
             "model": reply.model,
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
         }
+
+
+def runner(
+    settings: PreprocessSettings, chat: Any, retrieval: RetrievalApi
+) -> Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """How a batch line or a direct-protocol request runs: the same path as over HTTP."""
+
+    async def run(url: str, body: dict[str, Any]) -> dict[str, Any]:
+        if url == "/v1/embeddings":
+            return await retrieval.embeddings(body)
+        if url == "/v1/chat/completions":
+            request: Any = parse_chat_request(body, settings.max_n)
+        else:
+            request = parse_completion_request(body, settings.max_n)
+        result: dict[str, Any] = orjson.loads(await chat.complete(request))
+        return result
+
+    return run

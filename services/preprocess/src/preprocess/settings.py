@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,6 +59,22 @@ class PreprocessSettings(ServiceSettings):
     # Deterministic requests (temperature 0 or a seed) are answered from the
     # response cache when the same request (and collection version) was answered before.
     response_cache: bool = True
+
+    # Files (batch inputs and outputs): a folder every replica can read (a shared
+    # volume or a mounted object store in a cluster), size and line limits.
+    files_dir: str = Field(
+        default_factory=lambda: os.path.join(os.environ.get("RAGMESH_DATA_DIR", "./run/data"), "files")
+    )
+    max_file_bytes: int = 30 * 1024 * 1024
+    max_file_lines: int = 50_000
+    # Batch lines this replica works on at once. The embedded engine admits batch
+    # work only into slots interactive requests leave free, and always keeps one
+    # slot for them, so this only needs to be large enough to fill the engine.
+    batch_workers: int = 4
+    # Attempts of a line that fails for a reason that may pass, with exponential backoff.
+    batch_max_retries: int = 3
+    batch_backoff_base: float = 1.0
+    batch_backoff_max: float = 30.0
 
     # Bearer key of the admin endpoints (POST /v1/admin/reload-backends); empty: they are off.
     admin_key: str = ""

@@ -144,9 +144,8 @@ def main() -> int:
     ratio = statistics.median(loaded) / statistics.median(idle)
     print()
     for name, rate_i, rate_b in (("chat", chat_interactive, chat_batch), ("embeddings", emb_interactive, emb_batch)):
-        print(
-            f"target: batch throughput >= interactive ({name}): {rate_b / rate_i:.2f}x -> {'PASS' if rate_b >= rate_i else 'FAIL'}"
-        )
+        verdict = "PASS" if rate_b >= rate_i else "FAIL"
+        print(f"target: batch throughput >= interactive ({name}): {rate_b / rate_i:.2f}x -> {verdict}")
     print(f"target: TTFT under batch load <= 2x idle: {ratio:.2f}x -> {'PASS' if ratio <= 2 else 'FAIL'}")
     return 0
 

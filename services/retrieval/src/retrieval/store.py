@@ -78,7 +78,7 @@ class CollectionStore:
     def __init__(self, settings: RetrievalSettings, redis: aioredis.Redis | None) -> None:
         self._settings = settings
         self._redis = redis
-        self._root = Path(settings.data_dir) / "collections"
+        self._root = Path(settings.collections_root()) / "collections"
         self._snapshots: dict[str, Snapshot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         ns = settings.namespace or "ragmesh"

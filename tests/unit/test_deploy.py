@@ -33,10 +33,11 @@ BIN = Path(sys.executable).parent
 
 def env_names(settings: type[BaseSettings]) -> set[str]:
     prefix = settings.model_config.get("env_prefix", "")
-    names = set()
+    names: set[str] = set()
     for name, field in settings.model_fields.items():
         alias = field.validation_alias
-        names.add(alias.choices[0] if isinstance(alias, AliasChoices) else f"{prefix}{name}".upper())  # type: ignore[union-attr]
+        first = alias.choices[0] if isinstance(alias, AliasChoices) else None
+        names.add(first if isinstance(first, str) else f"{prefix}{name}".upper())
     return names
 
 

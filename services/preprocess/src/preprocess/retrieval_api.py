@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import array
 import base64
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import grpc
-import numpy as np
 import orjson
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -181,12 +182,12 @@ class RetrievalApi:
         reply = await self._call(
             self._clients.retrieval.Embed, retrieval_pb2.EmbedRequest(model=request.model, inputs=inputs)
         )
-        vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(inputs), reply.dimensions)
+        # Little-endian float32 rows, as OpenAI's base64 encoding is too: sliced, not decoded, for base64.
+        row = 4 * reply.dimensions
         data = []
-        for i, vector in enumerate(vectors):
-            embedding: Any = (
-                base64.b64encode(vector.tobytes()).decode() if request.encoding_format == "base64" else vector.tolist()
-            )
+        for i in range(len(inputs)):
+            raw = reply.vectors[i * row : (i + 1) * row]
+            embedding: Any = base64.b64encode(raw).decode() if request.encoding_format == "base64" else _floats(raw)
             data.append({"object": "embedding", "index": i, "embedding": embedding})
         return {
             "object": "list",
@@ -194,6 +195,13 @@ class RetrievalApi:
             "model": reply.model,
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
         }
+
+
+def _floats(raw: bytes) -> list[float]:
+    values = array.array("f", raw)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
 
 
 def runner(

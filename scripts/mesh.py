@@ -88,6 +88,9 @@ def make_plan(env: dict[str, str], run_dir: Path) -> Plan:
     )
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     """The environment every service gets: the caller's, plus consistent peer addresses."""
     out = dict(env)
@@ -100,6 +103,10 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     out.setdefault("RAGMESH_PREPROCESS_RETRIEVAL_ADDR", f"127.0.0.1:{p['retrieval_grpc']}")
     out.setdefault("RAGMESH_PREPROCESS_POSTPROCESS_ADDR", f"127.0.0.1:{p['postprocess_grpc']}")
     out.setdefault("RAGMESH_DATA_DIR", str(plan.run_dir / "data"))
+    # Dev mode: a gateway only this machine can reach needs no API keys. Anything
+    # else (RAGMESH_GATEWAY_HOST=0.0.0.0, a LAN address) keeps auth on.
+    if plan.gateway_host in LOOPBACK:
+        out.setdefault("RAGMESH_PREPROCESS_AUTH", "off")
     out.setdefault("OMP_NUM_THREADS", "1")
     out.setdefault("HF_HUB_OFFLINE", "1")
     out.setdefault("PYTHONUNBUFFERED", "1")

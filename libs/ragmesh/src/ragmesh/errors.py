@@ -99,6 +99,7 @@ class RagmeshError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -106,6 +107,8 @@ class RagmeshError(Exception):
         self.param = param
         self.code = code if code is not None else ERROR_TABLE[kind].default_code
         self.retry_after = retry_after
+        # Extra HTTP headers the error's response carries (x-ratelimit-*, say).
+        self.headers = headers or {}
 
     @property
     def row(self) -> ErrorRow:

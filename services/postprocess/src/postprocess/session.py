@@ -276,14 +276,24 @@ class ProcessSession:
 
     def _final(self) -> list[postprocess_pb2.ProcessResponse]:
         self.done = True
+        usage = self.usage()
+        final = postprocess_pb2.ProcessResponse(
+            generation_done=True,
+            usage=common_pb2.Usage(
+                prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+                total_tokens=usage["total_tokens"],
+                cached_prompt_tokens=self._cached_tokens,
+            ),
+        )
         if not self._start.stream:
-            return [postprocess_pb2.ProcessResponse(response_json=self._response_json(), generation_done=True)]
-        if self._start.include_usage:
+            final.response_json = self._response_json()
+        elif self._start.include_usage:
             body = self._envelope()
             body["choices"] = []
-            body["usage"] = self.usage()
-            return [postprocess_pb2.ProcessResponse(chunk_json=_dumps(body), generation_done=True)]
-        return [postprocess_pb2.ProcessResponse(generation_done=True)]
+            body["usage"] = usage
+            final.chunk_json = _dumps(body)
+        return [final]
 
     def _envelope(self) -> dict[str, Any]:
         if self._chat:

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from preprocess.auth import AuthMiddleware, api_key_of, check_model_allowed
 from preprocess.batches import Batches
 from preprocess.chat import ChatCompletions
 from preprocess.clients import MeshClients
@@ -23,10 +24,12 @@ from preprocess.files import FileStore
 from preprocess.http_errors import install_error_handlers
 from preprocess.http_io import read_json, read_upload
 from preprocess.ingest import IngestPublisher
+from preprocess.keys import KeyStore
 from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
 from preprocess.retrieval_api import RetrievalApi, runner
 from preprocess.settings import PreprocessSettings
 from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.errors import invalid_request
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
@@ -78,7 +81,8 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer_path or None)
         chunker = Chunker(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
-        chat = ChatCompletions(clients, settings)
+        keys = KeyStore(redis, settings.namespace)
+        chat = ChatCompletions(clients, settings, keys)
         retrieval = RetrievalApi(clients, settings, publisher, jobs)
         batches = Batches(
             settings,
@@ -91,6 +95,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         app.state.chat = chat
         app.state.retrieval = retrieval
         app.state.batches = batches
+        app.state.keys = keys
 
         async def ready() -> dict[str, str]:
             deps = await clients.ready()
@@ -125,6 +130,31 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         chat: ChatCompletions = request.app.state.chat
         return await chat.create_completion(request)
 
+    @app.post("/v1/admin/keys")
+    async def create_key(request: Request) -> Response:
+        check_admin(request, settings.admin_key)
+        payload = await body(request)
+        if not isinstance(payload, dict):
+            raise invalid_request("The request body must be a JSON object.")
+        secret, key = await request.app.state.keys.create(
+            str(payload.get("name", "")),
+            expires_in=_int_or_none(payload.get("expires_in"), "expires_in"),
+            models=[str(m) for m in payload.get("models") or []],
+            rpm=_int_or_none(payload.get("rpm"), "rpm") or 0,
+            tpm=_int_or_none(payload.get("tpm"), "tpm") or 0,
+        )
+        return _json({**key.public(), "key": secret}, 201)
+
+    @app.get("/v1/admin/keys")
+    async def list_keys(request: Request) -> Response:
+        check_admin(request, settings.admin_key)
+        return _json({"object": "list", "data": [k.public() for k in await request.app.state.keys.list()]})
+
+    @app.delete("/v1/admin/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request) -> Response:
+        check_admin(request, settings.admin_key)
+        return _json((await request.app.state.keys.revoke(key_id)).public())
+
     @app.post("/v1/admin/reload-backends")
     async def reload_backends(request: Request) -> Response:
         check_admin(request, settings.admin_key)
@@ -146,7 +176,10 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        return _json(await api(request).embeddings(await body(request)))
+        payload = await body(request)
+        if isinstance(payload, dict):
+            check_model_allowed(api_key_of(request), str(payload.get("model", "")))
+        return _json(await api(request).embeddings(payload))
 
     @app.post("/v1/collections")
     async def create_collection(request: Request) -> Response:
@@ -208,8 +241,23 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     async def search(request: Request) -> Response:
         return _json(await api(request).search(await body(request)))
 
+    # Outermost last: the request id is set before authentication logs anything.
+    app.add_middleware(
+        AuthMiddleware,
+        keys=lambda: getattr(app.state, "keys", None),
+        enabled=settings.auth == "on",
+        models_public=settings.models_public,
+    )
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _int_or_none(value: Any, param: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_request(f"'{param}' must be an integer.", param=param)
+    return value
 
 
 def serve(settings: PreprocessSettings) -> None:

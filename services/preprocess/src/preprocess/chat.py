@@ -20,8 +20,10 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from preprocess.auth import api_key_of, check_model_allowed
 from preprocess.clients import MeshClients
 from preprocess.http_io import SSE_DONE, read_json, sse_error, sse_event, until_disconnect
+from preprocess.keys import ApiKey, KeyStore
 from preprocess.normalize import normalize_text
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import (
@@ -174,9 +176,10 @@ def cache_key(
 class ChatCompletions:
     """The chat and legacy completion endpoints, bound to the mesh clients."""
 
-    def __init__(self, clients: MeshClients, settings: PreprocessSettings) -> None:
+    def __init__(self, clients: MeshClients, settings: PreprocessSettings, keys: KeyStore | None = None) -> None:
         self._clients = clients
         self._settings = settings
+        self._keys = keys
         self._rag = RagPlanner(clients, settings.rag_search_timeout, settings.rag_completion_reserve)
 
     def _cacheable(self, req: SamplingRequest, no_cache: bool = False) -> bool:
@@ -195,13 +198,15 @@ class ChatCompletions:
     async def _serve(self, request: Request, endpoint: str, req: SamplingRequest) -> Response:
         arrived = time.perf_counter()
         stream = "true" if req.stream else "false"
+        key = api_key_of(request)
+        check_model_allowed(key, req.model)
         try:
             no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
             answer, cache_state = await until_disconnect(request, self.answer(req, self._cacheable(req, no_cache)))
             headers = {CACHE_HEADER: cache_state}
             if req.stream:
                 return StreamingResponse(
-                    self._events(answer, arrived, endpoint),
+                    self._events(answer, arrived, endpoint, key),
                     media_type="text/event-stream",
                     headers={**SSE_HEADERS, **headers},
                 )
@@ -210,7 +215,13 @@ class ChatCompletions:
             COMPLETIONS.labels(endpoint, stream, err.kind.value).inc()
             raise
         COMPLETIONS.labels(endpoint, stream, "ok").inc()
+        await self._charge(key, answer)
         return Response(body, media_type="application/json", headers=headers)
+
+    async def _charge(self, key: ApiKey | None, answer: Answer) -> None:
+        """Tokens count against the key's per-minute budget once the answer is done."""
+        if self._keys is not None and key is not None and answer.usage is not None:
+            await self._keys.spend_tokens(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
 
     async def complete(self, req: SamplingRequest) -> str:
         """The whole (non-streamed) response body of a batch line: batch priority, no stream."""
@@ -274,7 +285,9 @@ class ChatCompletions:
         await pipeline.open()
         return pipeline, cache_state
 
-    async def _events(self, answer: Answer, arrived: float, endpoint: str) -> AsyncIterator[bytes]:
+    async def _events(
+        self, answer: Answer, arrived: float, endpoint: str, key: ApiKey | None = None
+    ) -> AsyncIterator[bytes]:
         # Starlette cancels this generator when the client disconnects; the
         # answer's cleanup then cancels the gRPC calls and frees the slot.
         first = True
@@ -287,6 +300,7 @@ class ChatCompletions:
                     yield sse_event(response.chunk_json)
             yield SSE_DONE
             COMPLETIONS.labels(endpoint, "true", "ok").inc()
+            await self._charge(key, answer)
         except RagmeshError as err:
             # Headers are sent: the error travels as an event the openai client raises.
             log.warning("stream failed", extra={"kind": err.kind.value, "error": err.message})

@@ -29,7 +29,9 @@ _KIND_BY_HTTP_STATUS = {
 
 def error_response(err: RagmeshError) -> Response:
     """Render a domain error as the HTTP response a client sees."""
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    headers = dict(err.headers)
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
     return Response(
         orjson.dumps(err.to_openai()),
         status_code=err.http_status,

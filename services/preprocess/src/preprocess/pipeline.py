@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 class Answer(Protocol):
     """Client-ready output of one request, from a generation or from the cache."""
 
+    # Set once the answer is complete: what it cost, for per-key token limits.
+    usage: common_pb2.Usage | None
+
     def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]: ...
 
     async def collect(self) -> str: ...
@@ -51,6 +54,7 @@ class GenerationPipeline:
         ) = None
         self._first: common_pb2.GenerationChunk | None = None
         self._gen_error: RagmeshError | None = None
+        self.usage: common_pb2.Usage | None = None
 
     async def open(self) -> None:
         """Start generation and wait until the engine accepted the prompt.
@@ -122,6 +126,8 @@ class GenerationPipeline:
                         raise self._gen_error
                     raise RagmeshError(ErrorKind.INTERNAL, "postprocess ended without finishing the answer")
                 assert isinstance(response, postprocess_pb2.ProcessResponse)
+                if response.generation_done:
+                    self.usage = response.usage
                 yield response
                 if response.generation_done:
                     return
@@ -148,6 +154,7 @@ class CachedAnswer:
             None
         )
         self._first: postprocess_pb2.ProcessResponse | None = None
+        self.usage: common_pb2.Usage | None = None
 
     async def open(self) -> bool:
         """Whether the cache has the answer. Any trouble with the cache counts as a miss."""
@@ -168,6 +175,8 @@ class CachedAnswer:
         try:
             response: object = self._first
             while isinstance(response, postprocess_pb2.ProcessResponse):
+                if response.generation_done:
+                    self.usage = response.usage
                 yield response
                 response = await self._call.read()
         except grpc.aio.AioRpcError as exc:

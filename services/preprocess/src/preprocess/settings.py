@@ -78,5 +78,10 @@ class PreprocessSettings(ServiceSettings):
     batch_backoff_base: float = 1.0
     batch_backoff_max: float = 30.0
 
+    # API keys on /v1 ("on"; "off" is the loopback dev mode `make up` picks when
+    # the gateway listens on 127.0.0.1 only). GET /v1/models without a key when public.
+    auth: Literal["on", "off"] = "on"
+    models_public: bool = False
+
     # Bearer key of the admin endpoints (POST /v1/admin/reload-backends); empty: they are off.
     admin_key: str = ""

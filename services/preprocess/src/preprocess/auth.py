@@ -1,0 +1,87 @@
+"""Authentication and per-key rate limits for the public API (an ASGI middleware).
+
+Public without a key: health endpoints, metrics (nginx keeps /metrics off the
+gateway), and GET /v1/models when RAGMESH_PREPROCESS_MODELS_PUBLIC is on. The
+admin endpoints take the admin key instead. Everything else under /v1 needs a
+valid, unexpired, unrevoked key within its limits; the key goes on to the
+handlers (allowed models, token accounting) in the request state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from preprocess.keys import ApiKey, KeyStore, rate_limit_headers
+from ragmesh.errors import ErrorKind, RagmeshError
+
+PUBLIC = ("/v1/health/live", "/v1/health/ready", "/metrics")
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: Callable[[], KeyStore | None], enabled: bool, models_public: bool) -> None:
+        self.app = app
+        self._keys = keys
+        self._enabled = enabled
+        self._models_public = models_public
+
+    def _needs_key(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        if not self._enabled or not path.startswith("/v1/") or path in PUBLIC or path.startswith("/v1/admin/"):
+            return False
+        return not (self._models_public and scope["method"] == "GET" and path.startswith("/v1/models"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._needs_key(scope):
+            await self.app(scope, receive, send)
+            return
+        keys = self._keys()
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            if keys is None:
+                raise RagmeshError(ErrorKind.UNAVAILABLE, "The key store is starting; retry shortly.", retry_after=1)
+            key = await keys.authenticate(authorization)
+            requests, tokens = await keys.admit(key)
+        except RagmeshError as err:
+            await _send_error(send, err)
+            return
+        scope.setdefault("state", {})["api_key"] = key
+        extra = [(k.encode(), v.encode()) for k, v in rate_limit_headers(requests, tokens).items()]
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)
+
+
+async def _send_error(send: Send, err: RagmeshError) -> None:
+    headers = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in err.headers.items())]
+    if err.retry_after is not None:
+        headers.append((b"retry-after", str(err.retry_after).encode()))
+    if err.kind is ErrorKind.AUTHENTICATION:
+        headers.append((b"www-authenticate", b'Bearer realm="ragmesh"'))
+    await send({"type": "http.response.start", "status": err.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": orjson.dumps(err.to_openai())})
+
+
+def api_key_of(scope_or_request: Any) -> ApiKey | None:
+    """The key that authenticated this request (None when auth is off)."""
+    state = scope_or_request.scope.get("state", {}) if hasattr(scope_or_request, "scope") else {}
+    key = state.get("api_key")
+    return key if isinstance(key, ApiKey) else None
+
+
+def check_model_allowed(key: ApiKey | None, model: str) -> None:
+    """A key limited to some models sees the others as absent (404, as OpenAI does)."""
+    if key is not None and key.models and model not in key.models:
+        raise RagmeshError(
+            ErrorKind.NOT_FOUND,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )

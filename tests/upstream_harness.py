@@ -94,6 +94,7 @@ class Faults:
 
     fail: list[tuple[int, float | None]] = field(default_factory=list)  # (status, retry_after) per request
     drop_after_events: int | None = None  # close the stream after this many SSE events
+    stall_after_events: int | None = None  # go silent (connection open) after this many SSE events
     garbage: bool = False  # answer 200 with a non-JSON event stream
     seen: list[dict[str, Any]] = field(default_factory=list)  # method, path, headers of every request
 
@@ -137,6 +138,7 @@ class FaultProxy:
             stream=True,
         )
         drop_after = self.faults.drop_after_events
+        stall_after = self.faults.stall_after_events
 
         async def relay() -> AsyncIterator[bytes]:
             sent = 0
@@ -147,6 +149,8 @@ class FaultProxy:
                         sent += 1
                         if drop_after is not None and sent >= drop_after:
                             raise ConnectionResetError("injected: upstream died mid-stream")
+                        if stall_after is not None and sent >= stall_after:
+                            await asyncio.sleep(3600)  # until the mesh gives up and disconnects
             finally:
                 await upstream.aclose()
                 await client.aclose()

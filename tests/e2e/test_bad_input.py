@@ -72,7 +72,8 @@ def test_bad_request_gets_openai_error_and_mesh_keeps_serving(
     assert reply.headers["content-type"].startswith("application/json")
     error = reply.json()
     assert set(error) == {"error"}
-    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert set(error["error"]) == {"message", "type", "param", "code", "request_id"}
+    assert error["error"]["request_id"] == reply.headers["x-request-id"]
     assert error["error"]["message"]
     if param is not None:
         assert error["error"]["param"] == param

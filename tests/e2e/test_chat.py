@@ -153,4 +153,4 @@ def test_health_endpoints(http: httpx.Client) -> None:
         "rabbitmq": "ok",
     }
     assert http.get("/v1/health/live").status_code == 200
-    assert "ragmesh_preprocess_completions_total" in http.get("/metrics").text
+    assert "ragmesh:requests_total" in http.get("/metrics").text

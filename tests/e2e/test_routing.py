@@ -34,6 +34,7 @@ def routed_mesh(tmp_path_factory: pytest.TempPathFactory, proxy: FaultProxy) -> 
         RAGMESH_INFERENCE_BACKENDS_FILE=str(backends),
         TEST_UPSTREAM_KEY=UPSTREAM_KEY,
         RAGMESH_PREPROCESS_ADMIN_KEY=ADMIN_KEY,
+        RAGMESH_PREPROCESS_STREAM_IDLE_TIMEOUT="3",
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",
     )
@@ -58,6 +59,7 @@ def mesh(routed_mesh: tuple[Mesh, Path], proxy: FaultProxy) -> Mesh:
     proxy.faults.fail.clear()
     proxy.faults.garbage = False
     proxy.faults.drop_after_events = None
+    proxy.faults.stall_after_events = None
     return routed_mesh[0]
 
 
@@ -130,3 +132,27 @@ def test_reload_through_the_admin_endpoint(mesh: Mesh, routed_mesh: tuple[Mesh, 
         assert UPSTREAM_MODEL in [m.id for m in mesh.openai().models.list()]  # still the running configuration
     finally:
         backends.write_text(good)
+
+
+def test_silent_upstream_is_cut_with_an_error_event(mesh: Mesh, proxy: FaultProxy) -> None:
+    proxy.faults.stall_after_events = 2  # the role chunk and one token, then nothing
+    body = {
+        "model": UPSTREAM_MODEL,
+        "messages": [{"role": "user", "content": "Count to fifty."}],
+        "max_tokens": 40,
+        "stream": True,
+    }
+    events = []
+    with httpx.stream("POST", f"{mesh.v1}/chat/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        events = [line[len("data: ") :] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "stream_idle_timeout" and "sent nothing for 3 seconds" in error["message"]
+    assert any("choices" in json.loads(e) for e in events[:-2]), "chunks before the stall reached the client"
+    # The mesh serves the next request normally.
+    proxy.faults.stall_after_events = None
+    reply2 = mesh.openai().chat.completions.create(
+        model=UPSTREAM_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+    )
+    assert reply2.usage is not None and reply2.usage.completion_tokens == 3

@@ -6,17 +6,25 @@ runs and several meshes can share one broker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
     DeliveryMode,
 )
+from opentelemetry.trace import SpanKind
+
+from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, current_request_id, request_id_var
+from ragmesh.tracing import inject, span
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +119,13 @@ async def declare_index_events(channel: AbstractChannel, topology: Topology) -> 
     return await channel.declare_exchange(topology.index_events_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 
 
+def message_headers() -> dict[str, Any]:
+    """Headers every published message carries: the request id and, when tracing is on, the trace context."""
+    headers: dict[str, Any] = {REQUEST_ID_HEADER: current_request_id()}
+    inject(headers)
+    return headers
+
+
 def persistent_message(body: bytes, *, message_id: str, type_: str) -> aio_pika.Message:
     """A message that survives a broker restart (once confirmed)."""
     return aio_pika.Message(
@@ -119,4 +134,17 @@ def persistent_message(body: bytes, *, message_id: str, type_: str) -> aio_pika.
         content_type="application/x-protobuf",
         message_id=message_id,
         type=type_,
+        headers=message_headers(),
     )
+
+
+@contextlib.contextmanager
+def consuming(message: AbstractIncomingMessage, name: str) -> Iterator[None]:
+    """Handle a delivery under its publisher's request id and inside its trace."""
+    headers = message.headers or {}
+    token = request_id_var.set(accept_request_id(headers.get(REQUEST_ID_HEADER)))
+    try:
+        with span(name, SpanKind.CONSUMER, parent=headers, attributes={"messaging.system": "rabbitmq"}):
+            yield
+    finally:
+        request_id_var.reset(token)

@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from ragmesh.context import current_request_id
+
 
 class ErrorKind(enum.Enum):
     """Domain error kinds. The value is what travels in gRPC trailing metadata."""
@@ -119,7 +121,7 @@ class RagmeshError(Exception):
         return self.row.http_status
 
     def to_openai(self) -> dict[str, Any]:
-        """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+        """The OpenAI error body: {"error": {"message", "type", "param", "code", "request_id"}}."""
         return openai_error_body(self.message, self.row.openai_type, self.param, self.code)
 
     def grpc_trailing_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -137,8 +139,12 @@ class RagmeshError(Exception):
 
 
 def openai_error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """Build the OpenAI error envelope."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """Build the OpenAI error envelope, with the request id when there is one (a client can quote it)."""
+    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    request_id = current_request_id()
+    if request_id != "-":
+        error["request_id"] = request_id
+    return {"error": error}
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> RagmeshError:

@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragmesh.context import REQUEST_ID_HEADER, current_request_id
 from ragmesh.grpc_server import MAX_MESSAGE_BYTES
+from ragmesh.tracing import traced_metadata
 
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -26,8 +27,8 @@ def create_channel(address: str) -> grpc.aio.Channel:
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata every outgoing call carries: the current request id."""
-    return ((REQUEST_ID_HEADER, current_request_id()),)
+    """Metadata every outgoing call carries: the current request id (and trace context, when on)."""
+    return traced_metadata(((REQUEST_ID_HEADER, current_request_id()),))
 
 
 async def check_health(channel: grpc.aio.Channel, service: str = "", deadline: float = 2.0) -> str:

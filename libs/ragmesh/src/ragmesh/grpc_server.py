@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
 
-from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.tracing import span
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,8 @@ async def abort_with(context: ServicerContext, err: RagmeshError) -> None:
     await context.abort(err.row.grpc_status, err.message)
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and value:
-            return value
-    return new_request_id()
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    return {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
 
 
 class _CallScope:
@@ -78,12 +77,15 @@ class _CallScope:
         GRPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
 
 
-def _wrap_unary(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(method: str, md: dict[str, str], behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    rid = accept_request_id(md.get(REQUEST_ID_HEADER))
+
     async def handler(request_or_iterator: Any, context: ServicerContext) -> Any:
         scope = _CallScope(method, rid)
         token = request_id_var.set(rid)
         try:
-            return await behavior(request_or_iterator, context)
+            with span(method, SpanKind.SERVER, parent=md, attributes={"rpc.system": "grpc", "rpc.method": method}):
+                return await behavior(request_or_iterator, context)
         except grpc.aio.AbortError:
             scope.code = context.code().name if context.code() else "ABORTED"
             raise
@@ -96,13 +98,16 @@ def _wrap_unary(method: str, rid: str, behavior: Callable[..., Any]) -> Callable
     return handler
 
 
-def _wrap_streaming(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_streaming(method: str, md: dict[str, str], behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    rid = accept_request_id(md.get(REQUEST_ID_HEADER))
+
     async def handler(request_or_iterator: Any, context: ServicerContext) -> AsyncIterator[Any]:
         scope = _CallScope(method, rid)
         token = request_id_var.set(rid)
         try:
-            async for item in behavior(request_or_iterator, context):
-                yield item
+            with span(method, SpanKind.SERVER, parent=md, attributes={"rpc.system": "grpc", "rpc.method": method}):
+                async for item in behavior(request_or_iterator, context):
+                    yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error leaves as a status
@@ -129,16 +134,16 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc.health."):
             return handler
-        rid = _request_id(handler_call_details)
+        md = _metadata(handler_call_details)
         deser, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, rid, handler.unary_unary), deser, ser)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, md, handler.unary_unary), deser, ser)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, rid, handler.stream_unary), deser, ser)
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, md, handler.stream_unary), deser, ser)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(method, rid, handler.unary_stream), deser, ser)
+            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(method, md, handler.unary_stream), deser, ser)
         assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(method, rid, handler.stream_stream), deser, ser)
+        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(method, md, handler.stream_stream), deser, ser)
 
 
 def create_server() -> grpc.aio.Server:

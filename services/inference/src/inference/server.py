@@ -18,6 +18,7 @@ from inference.settings import InferenceSettings
 from ragmesh.errors import invalid_request
 from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
+from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,4 +76,5 @@ async def inference_service(settings: InferenceSettings) -> AsyncIterator[GrpcSe
 def serve(settings: InferenceSettings) -> None:
     """Run the inference service until SIGTERM."""
     setup_logging("inference", settings.log_level)
+    setup_tracing("inference")
     run_grpc_service(settings, lambda: inference_service(settings))

@@ -15,6 +15,7 @@ from postprocess.session import GuardConfig
 from postprocess.settings import PostprocessSettings
 from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
+from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import postprocess_pb2, postprocess_pb2_grpc
 
 SERVICE_NAME = postprocess_pb2.DESCRIPTOR.services_by_name["Postprocess"].full_name
@@ -55,4 +56,5 @@ async def postprocess_service(settings: PostprocessSettings) -> AsyncIterator[Gr
 def serve(settings: PostprocessSettings) -> None:
     """Run the postprocess service until SIGTERM."""
     setup_logging("postprocess", settings.log_level)
+    setup_tracing("postprocess")
     run_grpc_service(settings, lambda: postprocess_service(settings))

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,12 +29,13 @@ from preprocess.keys import KeyStore
 from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
 from preprocess.retrieval_api import RetrievalApi, runner
 from preprocess.settings import PreprocessSettings
-from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from ragmesh.errors import invalid_request
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
 from ragmesh.service import run_http
+from ragmesh.tracing import set_error, setup_tracing, span
 
 
 class RequestIdMiddleware:
@@ -46,24 +48,28 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                rid = value.decode("latin-1")[:128]
-                break
-        rid = rid or new_request_id()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = accept_request_id(headers.get(REQUEST_ID_HEADER))
         token = request_id_var.set(rid)
+        name = f"{scope['method']} {scope['path']}"
+        with span(
+            name, SpanKind.SERVER, parent=headers, attributes={"http.request.method": scope["method"]}
+        ) as current:
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), rid.encode())]
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), rid.encode())]
+                    if current is not None:
+                        current.set_attribute("http.response.status_code", message["status"])
+                        if message["status"] >= 400:
+                            set_error(current, f"HTTP {message['status']}")
+                await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                request_id_var.reset(token)
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -81,7 +87,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer_path or None)
         chunker = Chunker(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
-        keys = KeyStore(redis, settings.namespace)
+        keys = KeyStore(redis, settings.namespace, settings.rate_limit_window)
         chat = ChatCompletions(clients, settings, keys)
         retrieval = RetrievalApi(clients, settings, publisher, jobs)
         batches = Batches(
@@ -162,10 +168,15 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
-        return _json(await models_page(request.app.state.clients, settings.model_aliases))
+        page = await models_page(request.app.state.clients, settings.model_aliases)
+        key = api_key_of(request)
+        if key is not None and key.models:
+            page["data"] = [card for card in page["data"] if card["id"] in key.models]
+        return _json(page)
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> Response:
+        check_model_allowed(api_key_of(request), model)
         return _json(await model_detail(request.app.state.clients, settings.model_aliases, model))
 
     def api(request: Request) -> RetrievalApi:
@@ -263,4 +274,5 @@ def _int_or_none(value: Any, param: str) -> int | None:
 def serve(settings: PreprocessSettings) -> None:
     """Run the preprocess service until SIGTERM."""
     setup_logging("preprocess", settings.log_level)
+    setup_tracing("preprocess")
     run_http(create_app(settings), settings)

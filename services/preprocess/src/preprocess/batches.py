@@ -42,8 +42,8 @@ from prometheus_client import Counter, Gauge
 
 from preprocess.files import BATCH_URLS, BatchLine, FileStore, parse_batch_lines
 from preprocess.settings import PreprocessSettings
-from ragmesh.amqp import REQUEST_ROUTING_KEY, Topology, connect, declare_requests
-from ragmesh.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ragmesh.amqp import REQUEST_ROUTING_KEY, Topology, connect, consuming, declare_requests, message_headers
+from ragmesh.context import request_id_var
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,6 @@ class Batches:
 
     async def _publish_lines(self, batch_id: str, lines: list[BatchLine]) -> None:
         _, exchange = await self._channel()
-        rid = request_id_var.get()
         for begin in range(0, len(lines), 500):  # confirms pipelined, 500 in flight at most
             await asyncio.gather(
                 *(
@@ -266,7 +265,7 @@ class Batches:
                             content_type="application/json",
                             message_id=f"{batch_id}/{line.custom_id}",
                             type="ragmesh.batch-line.v1",
-                            headers={REQUEST_ID_HEADER: rid},
+                            headers=message_headers(),
                         ),
                         routing_key=REQUEST_ROUTING_KEY,
                         timeout=self._settings.publish_timeout,
@@ -313,15 +312,12 @@ class Batches:
     # --- workers --------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
-        rid = headers.get(REQUEST_ID_HEADER)
-        token = request_id_var.set(rid if isinstance(rid, str) and rid else new_request_id())
         RUNNING.inc()
         try:
-            await self._handle(message)
+            with consuming(message, "batch line"):
+                await self._handle(message)
         finally:
             RUNNING.dec()
-            request_id_var.reset(token)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -512,6 +508,7 @@ class Batches:
                     message_id=message.message_id,
                     type="ragmesh.response.v1",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers=message_headers(),
                 ),
                 routing_key=message.reply_to,
             )

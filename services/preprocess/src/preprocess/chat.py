@@ -7,6 +7,7 @@ postprocess, streamed or collected.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -16,7 +17,6 @@ from typing import Any
 
 import orjson
 from google.protobuf.json_format import MessageToDict
-from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -24,6 +24,7 @@ from preprocess.auth import api_key_of, check_model_allowed
 from preprocess.clients import MeshClients
 from preprocess.http_io import SSE_DONE, read_json, sse_error, sse_event, until_disconnect
 from preprocess.keys import ApiKey, KeyStore
+from preprocess.metrics import RequestClock
 from preprocess.normalize import normalize_text
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import (
@@ -35,19 +36,10 @@ from preprocess.protocol import (
 )
 from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
 from preprocess.settings import ModelAlias, PreprocessSettings
-from ragmesh.errors import RagmeshError
+from ragmesh.errors import ErrorKind, RagmeshError
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2
 
 log = logging.getLogger(__name__)
-
-TTFT = Histogram(
-    "ragmesh_preprocess_time_to_first_token_seconds",
-    "Time from request arrival to the first content chunk sent (streaming)",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-COMPLETIONS = Counter(
-    "ragmesh_preprocess_completions_total", "Chat and legacy completions by outcome", ["endpoint", "stream", "outcome"]
-)
 
 # Says whether the answer came from the response cache: hit, miss or off (not cacheable).
 CACHE_HEADER = "X-Ragmesh-Cache"
@@ -196,25 +188,24 @@ class ChatCompletions:
         return await self._serve(request, "completions", parse_completion_request(body, self._settings.max_n))
 
     async def _serve(self, request: Request, endpoint: str, req: SamplingRequest) -> Response:
-        arrived = time.perf_counter()
-        stream = "true" if req.stream else "false"
+        clock = RequestClock(req.model, endpoint, bool(req.stream))
         key = api_key_of(request)
-        check_model_allowed(key, req.model)
         try:
+            check_model_allowed(key, req.model)
             no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
             answer, cache_state = await until_disconnect(request, self.answer(req, self._cacheable(req, no_cache)))
             headers = {CACHE_HEADER: cache_state}
             if req.stream:
                 return StreamingResponse(
-                    self._events(answer, arrived, endpoint, key),
+                    self._events(answer, clock, key),
                     media_type="text/event-stream",
                     headers={**SSE_HEADERS, **headers},
                 )
             body = await until_disconnect(request, answer.collect())
         except RagmeshError as err:
-            COMPLETIONS.labels(endpoint, stream, err.kind.value).inc()
+            clock.finished(err.kind.value)
             raise
-        COMPLETIONS.labels(endpoint, stream, "ok").inc()
+        clock.finished("ok", answer.usage)
         await self._charge(key, answer)
         return Response(body, media_type="application/json", headers=headers)
 
@@ -285,24 +276,36 @@ class ChatCompletions:
         await pipeline.open()
         return pipeline, cache_state
 
-    async def _events(
-        self, answer: Answer, arrived: float, endpoint: str, key: ApiKey | None = None
-    ) -> AsyncIterator[bytes]:
+    async def _events(self, answer: Answer, clock: RequestClock, key: ApiKey | None = None) -> AsyncIterator[bytes]:
         # Starlette cancels this generator when the client disconnects; the
         # answer's cleanup then cancels the gRPC calls and frees the slot.
         first = True
+        responses = answer.responses()
         try:
-            async for response in answer.responses():
+            while True:
+                try:
+                    response = await asyncio.wait_for(anext(responses), self._settings.stream_idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RagmeshError(
+                        ErrorKind.DEADLINE,
+                        f"The model sent nothing for {self._settings.stream_idle_timeout:g} seconds; "
+                        "the stream was closed.",
+                        code="stream_idle_timeout",
+                    ) from None
                 if response.chunk_json:
                     if first:
-                        TTFT.observe(time.perf_counter() - arrived)
+                        clock.first_token()
                         first = False
                     yield sse_event(response.chunk_json)
             yield SSE_DONE
-            COMPLETIONS.labels(endpoint, "true", "ok").inc()
+            clock.finished("ok", answer.usage)
             await self._charge(key, answer)
         except RagmeshError as err:
             # Headers are sent: the error travels as an event the openai client raises.
             log.warning("stream failed", extra={"kind": err.kind.value, "error": err.message})
-            COMPLETIONS.labels(endpoint, "true", err.kind.value).inc()
+            clock.finished(err.kind.value)
             yield sse_error(err)
+        finally:
+            await responses.aclose()

@@ -14,7 +14,6 @@ has room again.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 import uuid
@@ -27,7 +26,6 @@ from prometheus_client import Counter
 
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
-WINDOW_MS = 60_000
 KEY_PREFIX = "rm-"
 
 AUTH_FAILURES = Counter("ragmesh_auth_failures_total", "Requests refused by authentication", ["reason"])
@@ -35,23 +33,25 @@ RATE_LIMITED = Counter("ragmesh_rate_limited_total", "Requests refused by a per-
 KEY_REQUESTS = Counter("ragmesh_key_requests_total", "Requests admitted, per API key", ["key"])
 KEY_TOKENS = Counter("ragmesh_key_tokens_total", "Tokens used, per API key", ["key"])
 
-# Sliding window: the entries of the last minute, each a request (weight 1) or
-# a number of tokens. KEYS[1] the window (sorted set), ARGV: now_ms, limit,
-# weight to add (0: only check), member. Returns {allowed, used, reset_ms}.
+# Sliding window: the entries of the last window (a minute), each a request
+# (weight 1) or a number of tokens. KEYS[1] the window (sorted set), ARGV:
+# now_ms, limit, weight to add (0: only check), member, window_ms.
+# Returns {allowed, used, reset_ms}.
 _WINDOW = """
 local key, now, limit, weight, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000)
+local window = tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 local used = 0
 for _, entry in ipairs(redis.call('ZRANGE', key, 0, -1)) do
   used = used + tonumber(string.match(entry, '^(%d+):'))
 end
 local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
 local reset = 0
-if oldest[2] then reset = tonumber(oldest[2]) + 60000 - now end
+if oldest[2] then reset = tonumber(oldest[2]) + window - now end
 if weight > 0 then
   if used + weight > limit and limit > 0 then return {0, used, reset} end
   redis.call('ZADD', key, now, weight .. ':' .. member)
-  redis.call('PEXPIRE', key, 61000)
+  redis.call('PEXPIRE', key, window + 1000)
   used = used + weight
 elseif used >= limit and limit > 0 then
   return {0, used, reset}
@@ -100,8 +100,10 @@ def _hash(secret: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, redis: aioredis.Redis, namespace: str, window_seconds: float = 60.0) -> None:
+        """`window_seconds`: the limits' window; rpm and tpm are per window (a minute unless changed)."""
         self._redis = redis
+        self._window_ms = int(window_seconds * 1000)
         ns = namespace or "ragmesh"
         self._by_hash = f"{ns}:apikey:"
         self._index = f"{ns}:apikeys"  # id -> hash of the secret
@@ -180,7 +182,9 @@ class KeyStore:
         now = int(time.time() * 1000)
         requests_usage = tokens_usage = None
         if key.tpm:
-            allowed, used, reset = await self._script(keys=[self._window + key.id + ":tpm"], args=[now, key.tpm, 0, ""])
+            allowed, used, reset = await self._script(
+                keys=[self._window + key.id + ":tpm"], args=[now, key.tpm, 0, "", self._window_ms]
+            )
             tokens_usage = Usage(key.tpm, max(0, key.tpm - int(used)), int(reset))
             if not allowed:
                 RATE_LIMITED.labels(key.name, "tokens").inc()
@@ -188,7 +192,7 @@ class KeyStore:
         if key.rpm:
             member = uuid.uuid4().hex
             allowed, used, reset = await self._script(
-                keys=[self._window + key.id + ":rpm"], args=[now, key.rpm, 1, member]
+                keys=[self._window + key.id + ":rpm"], args=[now, key.rpm, 1, member, self._window_ms]
             )
             requests_usage = Usage(key.rpm, max(0, key.rpm - int(used)), int(reset))
             if not allowed:
@@ -204,7 +208,9 @@ class KeyStore:
         KEY_TOKENS.labels(key.name).inc(tokens)
         if key.tpm and tokens > 0:
             now = int(time.time() * 1000)
-            await self._script(keys=[self._window + key.id + ":tpm"], args=[now, 0, tokens, uuid.uuid4().hex])
+            await self._script(
+                keys=[self._window + key.id + ":tpm"], args=[now, 0, tokens, uuid.uuid4().hex, self._window_ms]
+            )
 
 
 def _key(raw: bytes | str) -> ApiKey:
@@ -236,7 +242,3 @@ def rate_limit_headers(requests: Usage | None, tokens: Usage | None) -> dict[str
             headers[f"x-ratelimit-remaining-{kind}"] = str(usage.remaining)
             headers[f"x-ratelimit-reset-{kind}"] = f"{max(0, usage.reset_ms) / 1000:.3f}s"
     return headers
-
-
-def same_secret(given: str, expected: str) -> bool:
-    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())

@@ -33,6 +33,11 @@ class PreprocessSettings(ServiceSettings):
     postprocess_addr: str = "127.0.0.1:50053"
     # Whole-request deadline, carried to every gRPC call the request makes.
     request_timeout: float = 600.0
+    # A stream that sends nothing for this long (the model stalled, an upstream
+    # went silent) is closed with an error event. Shorter than the gateway's
+    # read timeout (RAGMESH_GATEWAY_TIMEOUT) so the client gets the event
+    # instead of a cut connection.
+    stream_idle_timeout: float = 120.0
     # Bodies over this get 413 (nginx enforces the same limit in front).
     max_body_bytes: int = 32 * 1024 * 1024
     # Largest n (choices per request) accepted.
@@ -82,6 +87,8 @@ class PreprocessSettings(ServiceSettings):
     # the gateway listens on 127.0.0.1 only). GET /v1/models without a key when public.
     auth: Literal["on", "off"] = "on"
     models_public: bool = False
+    # Length of the per-key rate-limit window: a key's rpm and tpm are per window.
+    rate_limit_window: float = Field(default=60.0, gt=0)
 
     # Bearer key of the admin endpoints (POST /v1/admin/reload-backends); empty: they are off.
     admin_key: str = ""

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from ragmesh.amqp import Topology, connect, declare_index_events, declare_ingest, persistent_message
+from ragmesh.amqp import Topology, connect, consuming, declare_index_events, declare_ingest, persistent_message
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
 from retrieval.embedder import Embedder
@@ -140,6 +140,10 @@ class Ingestion:
     # --- jobs ---------------------------------------------------------------------------
 
     async def _on_job(self, message: AbstractIncomingMessage) -> None:
+        with consuming(message, "ingest job"):
+            await self._handle_job(message)
+
+    async def _handle_job(self, message: AbstractIncomingMessage) -> None:
         try:
             job = ingest_pb2.IngestJob.FromString(message.body)
         except DecodeError:
@@ -219,6 +223,10 @@ class Ingestion:
     # --- events --------------------------------------------------------------------------
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        with consuming(message, "index event"):
+            await self._handle_event(message)
+
+    async def _handle_event(self, message: AbstractIncomingMessage) -> None:
         try:
             event = ingest_pb2.IndexEvent.FromString(message.body)
         except DecodeError:

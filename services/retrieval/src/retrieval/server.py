@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
+from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval.embedder import Embedder
 from retrieval.ingestion import Ingestion
@@ -63,4 +64,5 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
 def serve(settings: RetrievalSettings) -> None:
     """Run the retrieval service until SIGTERM."""
     setup_logging("retrieval", settings.log_level)
+    setup_tracing("retrieval")
     run_grpc_service(settings, lambda: retrieval_service(settings))

@@ -1,0 +1,64 @@
+"""Request metrics as the client sees them, named after vLLM's (`vllm:*`) and NIM's.
+
+Labelled by the model the client asked for (an alias stays an alias) and by
+status: "ok" or the error kind (rate_limited, not_found, ...). The engine's own
+slot metrics (running, waiting) live in the inference service; per-key usage in
+preprocess.keys.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Histogram
+
+from ragmesh.v1 import common_pb2
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+
+TTFT = Histogram(
+    "ragmesh:time_to_first_token_seconds",
+    "Time from request arrival to the first content chunk sent (streaming)",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "ragmesh:e2e_request_latency_seconds",
+    "Time from request arrival to the last byte of the answer",
+    ["model", "endpoint", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+REQUESTS = Counter(
+    "ragmesh:requests_total", "Chat and legacy completions by outcome", ["model", "endpoint", "stream", "status"]
+)
+PROMPT_TOKENS = Counter("ragmesh:prompt_tokens_total", "Prompt tokens of finished requests (from usage)", ["model"])
+GENERATION_TOKENS = Counter(
+    "ragmesh:generation_tokens_total", "Completion tokens of finished requests (from usage)", ["model"]
+)
+
+
+# A request refused for what the client sent may name any model: counting it
+# under that name would let clients grow the label set without bound.
+_CLIENT_ERRORS = frozenset({"invalid_request", "unsupported_media_type", "not_found", "payload_too_large"})
+
+
+class RequestClock:
+    """One completion request's measurements, from arrival to its last byte."""
+
+    def __init__(self, model: str, endpoint: str, stream: bool) -> None:
+        self.model = model
+        self.endpoint = endpoint
+        self.stream = "true" if stream else "false"
+        self.arrived = time.perf_counter()
+
+    def first_token(self) -> None:
+        TTFT.labels(self.model).observe(time.perf_counter() - self.arrived)
+
+    def finished(self, status: str, usage: common_pb2.Usage | None = None) -> None:
+        """Count the request once, with its status ("ok" or an error kind)."""
+        model = "(refused)" if status in _CLIENT_ERRORS else self.model
+        E2E_LATENCY.labels(model, self.endpoint, status).observe(time.perf_counter() - self.arrived)
+        REQUESTS.labels(model, self.endpoint, self.stream, status).inc()
+        if usage is not None:
+            PROMPT_TOKENS.labels(self.model).inc(usage.prompt_tokens)
+            GENERATION_TOKENS.labels(self.model).inc(usage.completion_tokens)

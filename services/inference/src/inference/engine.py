@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 TOKENS_GENERATED = Counter("ragmesh_inference_tokens_generated_total", "Completion tokens generated")
 PROMPT_TOKENS = Counter("ragmesh_inference_prompt_tokens_total", "Prompt tokens processed")
 ACTIVE_REQUESTS = Gauge("ragmesh_inference_active_requests", "Engine requests running or waiting for a slot")
+# Named after vLLM's vllm:num_requests_running / vllm:num_requests_waiting.
+RUNNING = Gauge("ragmesh:num_requests_running", "Choices generating in an engine slot", ["model"])
+WAITING = Gauge("ragmesh:num_requests_waiting", "Choices admitted and waiting for an engine slot", ["model"])
 TTFT = Histogram(
     "ragmesh_inference_time_to_first_token_seconds",
     "Engine time from request to first token",
@@ -110,6 +113,10 @@ class LlamaCppEngine:
         with self._admitted_lock:
             return self._admitted
 
+    def _in_slots(self) -> int:
+        # Choices past the slot count queue inside llama.cpp: they are waiting, not running.
+        return min(self._settings.n_parallel, sum(self._running.values()))
+
     @property
     def max_context(self) -> int:
         """Tokens one request may use (prompt + completion): the context of one slot."""
@@ -132,6 +139,8 @@ class LlamaCppEngine:
         # llama.cpp's own HTTP server listens on a random loopback port; we use it
         # only for what xllamacpp has no direct call for (chat template, tokenizer).
         self._http = httpx.AsyncClient(base_url=self._server.listening_address, timeout=30.0)
+        RUNNING.labels(self.model_id).set_function(self._in_slots)
+        WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self._in_slots()))
         log.info(
             "model loaded",
             extra={

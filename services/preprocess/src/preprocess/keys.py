@@ -14,6 +14,7 @@ has room again.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -123,7 +124,7 @@ class KeyStore:
             id=f"key_{uuid.uuid4().hex[:16]}",
             name=name,
             created=int(time.time()),
-            expires_at=int(time.time()) + expires_in if expires_in else None,
+            expires_at=math.ceil(time.time() + expires_in) if expires_in else None,  # never less than asked
             models=tuple(models),
             rpm=rpm,
             tpm=tpm,

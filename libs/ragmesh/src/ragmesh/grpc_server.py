@@ -73,8 +73,11 @@ class _CallScope:
         await abort_with(context, err)
 
     def done(self) -> None:
+        seconds = time.perf_counter() - self.start
         GRPC_REQUESTS.labels(self.method, self.code).inc()
-        GRPC_LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+        GRPC_LATENCY.labels(self.method).observe(seconds)
+        # One line per call, under the caller's request id (set while this runs).
+        log.info("call finished", extra={"method": self.method, "code": self.code, "seconds": round(seconds, 4)})
 
 
 def _wrap_unary(method: str, md: dict[str, str], behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -92,8 +95,8 @@ def _wrap_unary(method: str, md: dict[str, str], behavior: Callable[..., Any]) -
         except Exception as exc:  # noqa: BLE001 - every error leaves as a status
             await scope.fail(context, exc)
         finally:
-            request_id_var.reset(token)
             scope.done()
+            request_id_var.reset(token)
 
     return handler
 
@@ -116,8 +119,8 @@ def _wrap_streaming(method: str, md: dict[str, str], behavior: Callable[..., Any
             scope.code = "CANCELLED"
             raise
         finally:
-            request_id_var.reset(token)
             scope.done()
+            request_id_var.reset(token)
 
     return handler
 

@@ -8,11 +8,14 @@ preprocess.keys.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import Counter, Histogram
 
 from ragmesh.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 
@@ -56,9 +59,16 @@ class RequestClock:
 
     def finished(self, status: str, usage: common_pb2.Usage | None = None) -> None:
         """Count the request once, with its status ("ok" or an error kind)."""
+        seconds = time.perf_counter() - self.arrived
         model = "(refused)" if status in _CLIENT_ERRORS else self.model
-        E2E_LATENCY.labels(model, self.endpoint, status).observe(time.perf_counter() - self.arrived)
+        E2E_LATENCY.labels(model, self.endpoint, status).observe(seconds)
         REQUESTS.labels(model, self.endpoint, self.stream, status).inc()
+        tokens = {}
         if usage is not None:
             PROMPT_TOKENS.labels(self.model).inc(usage.prompt_tokens)
             GENERATION_TOKENS.labels(self.model).inc(usage.completion_tokens)
+            tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+        log.info(
+            "request finished",
+            extra={"model": model, "endpoint": self.endpoint, "status": status, "seconds": round(seconds, 4), **tokens},
+        )

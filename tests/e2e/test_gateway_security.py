@@ -1,0 +1,403 @@
+"""A mesh with auth on, a tight per-address nginx limit and tracing to a test OTLP receiver.
+
+Everything here goes through nginx, as a client on the network would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from ..conftest import free_port
+from .conftest import MODEL, Mesh, mesh_env, start_mesh, stop_mesh
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_KEY = "admin-" + "s3cret" * 4
+CLIENT_TIMEOUT = 2  # seconds nginx waits for a slow client's headers or body
+
+
+class OtlpReceiver:
+    """The OTLP/HTTP traces endpoint of a collector: keeps (service, span name, trace id, parent id) rows."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, str]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    service = next(
+                        a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"
+                    )
+                    for scope in resource_spans.scope_spans:
+                        for span in scope.spans:
+                            receiver.spans.append(
+                                {
+                                    "service": service,
+                                    "name": span.name,
+                                    "trace": span.trace_id.hex(),
+                                    "id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex(),
+                                }
+                            )
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate: Any, timeout: float = 20.0) -> list[dict[str, str]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [s for s in list(self.spans) if predicate(s)]
+            if found:
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"no such span among {len(self.spans)} received")
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Mesh]:
+    run_dir = tmp_path_factory.mktemp("secure")
+    env = mesh_env(
+        run_dir,
+        RAGMESH_PREPROCESS_AUTH="on",
+        RAGMESH_PREPROCESS_ADMIN_KEY=ADMIN_KEY,
+        RAGMESH_PREPROCESS_RATE_LIMIT_WINDOW="4",
+        RAGMESH_GATEWAY_RATE="20r/s",
+        RAGMESH_GATEWAY_BURST="40",
+        RAGMESH_GATEWAY_CLIENT_TIMEOUT=f"{CLIENT_TIMEOUT}s",
+        RAGMESH_GATEWAY_MAX_BODY="1m",
+        RAGMESH_INFERENCE_N_THREADS="1",
+        RAGMESH_INFERENCE_N_THREADS_BATCH="1",
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+        OTEL_BSP_SCHEDULE_DELAY="200",
+    )
+    start_mesh(env)
+    try:
+        yield Mesh(
+            run_dir=run_dir,
+            env=env,
+            gateway=f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}",
+            inference_metrics=f"http://127.0.0.1:{env['RAGMESH_INFERENCE_HTTP_PORT']}/metrics",
+        )
+    finally:
+        stop_mesh(env)
+
+
+ISSUED: list[str] = []  # every secret the tests saw, for the log check at the end
+
+
+def admin(mesh: Mesh, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(
+        method, f"{mesh.v1}/admin/keys{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30, **kw
+    )
+
+
+def new_key(mesh: Mesh, **fields: Any) -> str:
+    reply = admin(mesh, "POST", "", json={"name": f"test-{len(ISSUED)}", **fields})
+    assert reply.status_code == 201, reply.text
+    ISSUED.append(reply.json()["key"])
+    return str(reply.json()["key"])
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(mesh: Mesh, key: str, **extra: Any) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, **extra}
+    return httpx.post(f"{mesh.v1}/chat/completions", json=body, headers=bearer(key), timeout=120)
+
+
+def assert_error(reply: httpx.Response, status: int, type_: str) -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    error: dict[str, Any] = reply.json()["error"]
+    assert error["type"] == type_ and error["message"]
+    assert error["request_id"] == reply.headers["x-request-id"]
+    return error
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"}, bearer("rm-" + "x" * 43)],
+    ids=["missing", "basic scheme", "empty bearer", "unknown key"],
+)
+def test_bad_keys_are_401(mesh: Mesh, headers: dict[str, str]) -> None:
+    reply = httpx.post(f"{mesh.v1}/chat/completions", json={"model": MODEL, "messages": []}, headers=headers)
+    assert_error(reply, 401, "authentication_error")
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_the_openai_client_works_with_a_key_and_fails_cleanly_without(mesh: Mesh) -> None:
+    key = new_key(mesh)
+    client = openai.OpenAI(base_url=mesh.v1, api_key=key, max_retries=0)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=mesh.v1, api_key="rm-wrong", max_retries=0).models.list()
+
+
+def test_public_health_and_authenticated_models(mesh: Mesh) -> None:
+    assert httpx.get(f"{mesh.gateway}/health").status_code == 200
+    assert httpx.get(f"{mesh.v1}/health/ready").status_code == 200
+    assert httpx.get(f"{mesh.v1}/health/live").status_code == 200
+    assert_error(httpx.get(f"{mesh.v1}/models"), 401, "authentication_error")
+    listed = httpx.get(f"{mesh.v1}/models", headers=bearer(new_key(mesh)))
+    assert MODEL in [m["id"] for m in listed.json()["data"]]
+
+
+def test_revoked_and_expired_keys_are_401(mesh: Mesh) -> None:
+    revoked = new_key(mesh)
+    expiring = new_key(mesh, expires_in=1)
+    assert httpx.get(f"{mesh.v1}/models", headers=bearer(revoked)).status_code == 200
+    key_id = next(k["id"] for k in admin(mesh, "GET", "").json()["data"] if k["name"] == f"test-{len(ISSUED) - 2}")
+    assert admin(mesh, "DELETE", f"/{key_id}").json()["revoked"] is True
+    assert (
+        "revoked"
+        in assert_error(httpx.get(f"{mesh.v1}/models", headers=bearer(revoked)), 401, "authentication_error")["message"]
+    )
+    time.sleep(2.1)
+    assert (
+        "expired"
+        in assert_error(httpx.get(f"{mesh.v1}/models", headers=bearer(expiring)), 401, "authentication_error")[
+            "message"
+        ]
+    )
+
+
+def test_admin_api_needs_the_admin_key_and_never_shows_secrets(mesh: Mesh) -> None:
+    secret = new_key(mesh, rpm=10, tpm=1000, models=[MODEL])
+    assert_error(httpx.get(f"{mesh.v1}/admin/keys"), 401, "authentication_error")
+    assert_error(httpx.get(f"{mesh.v1}/admin/keys", headers=bearer(secret)), 401, "authentication_error")
+    listed = admin(mesh, "GET", "")
+    assert listed.status_code == 200
+    assert not any(s in listed.text for s in ISSUED)
+    card = next(k for k in listed.json()["data"] if k["name"] == f"test-{len(ISSUED) - 1}")
+    assert (card["rpm"], card["tpm"], card["models"]) == (10, 1000, [MODEL])
+    assert admin(mesh, "POST", "", json={"name": "x", "rpm": "ten"}).status_code == 400
+    assert admin(mesh, "DELETE", "/key_nope").status_code == 404
+
+
+def test_a_key_limited_to_other_models_sees_this_one_as_absent(mesh: Mesh) -> None:
+    key = new_key(mesh, models=["some-other-model"])
+    error = assert_error(chat(mesh, key), 404, "invalid_request_error")
+    assert error["code"] == "model_not_found"
+    assert httpx.get(f"{mesh.v1}/models", headers=bearer(key)).json()["data"] == []
+    assert httpx.get(f"{mesh.v1}/models/{MODEL}", headers=bearer(key)).status_code == 404
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+def wait_until_admitted(request: Any, timeout: float = 15.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply: httpx.Response = request()
+        if reply.status_code != 429:
+            return reply
+        assert time.monotonic() < deadline, "the limit never reset"
+        time.sleep(float(reply.headers["retry-after"]) / 4)
+
+
+def test_requests_over_rpm_get_429_with_headers_then_pass_after_reset(mesh: Mesh) -> None:
+    key = new_key(mesh, rpm=3)
+    replies = [httpx.get(f"{mesh.v1}/models", headers=bearer(key)) for _ in range(4)]
+    assert [r.status_code for r in replies] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in replies] == ["2", "1", "0", "0"]
+    over = replies[-1]
+    assert_error(over, 429, "rate_limit_error")
+    assert over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert over.headers["x-ratelimit-limit-requests"] == "3"
+    assert re.fullmatch(r"\d+\.\d{3}s", over.headers["x-ratelimit-reset-requests"])
+    assert 1 <= int(over.headers["retry-after"]) <= 4
+    again = wait_until_admitted(lambda: httpx.get(f"{mesh.v1}/models", headers=bearer(key)))
+    assert again.status_code == 200
+
+
+def test_tokens_over_tpm_get_429_then_pass_after_reset(mesh: Mesh) -> None:
+    key = new_key(mesh, tpm=40)
+    first = chat(mesh, key, max_tokens=16)
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "40"
+    used = first.json()["usage"]["total_tokens"]
+    assert used > 40, "the prompt plus 16 tokens is over this key's budget"
+    over = chat(mesh, key)
+    assert_error(over, 429, "rate_limit_error")
+    assert over.headers["x-ratelimit-remaining-tokens"] == "0" and over.headers["x-ratelimit-limit-tokens"] == "40"
+    assert wait_until_admitted(lambda: chat(mesh, key, max_tokens=2)).status_code == 200
+
+
+def test_per_key_usage_is_in_the_metrics_but_not_on_the_gateway(mesh: Mesh) -> None:
+    key = new_key(mesh)
+    name = f"test-{len(ISSUED) - 1}"
+    with httpx.stream(
+        "POST",
+        f"{mesh.v1}/chat/completions",
+        headers=bearer(key),
+        timeout=120,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True},
+    ) as reply:
+        assert reply.status_code == 200 and list(reply.iter_lines())
+    assert httpx.get(f"{mesh.gateway}/metrics").status_code == 404
+    text = httpx.get(f"http://127.0.0.1:{mesh.env['RAGMESH_PREPROCESS_HTTP_PORT']}/metrics").text
+    assert re.search(rf'^ragmesh_key_requests_total\{{key="{name}"\}} 1\.0$', text, re.M)
+    tokens = re.search(rf'^ragmesh_key_tokens_total\{{key="{name}"\}} (\S+)$', text, re.M)
+    assert tokens and float(tokens.group(1)) > 5
+    assert re.search(rf'^ragmesh:time_to_first_token_seconds_count\{{model="{MODEL}"\}} [1-9]', text, re.M)
+    assert re.search(rf'^ragmesh:generation_tokens_total\{{model="{MODEL}"\}} [1-9]', text, re.M)
+    engine = httpx.get(mesh.inference_metrics).text
+    assert re.search(rf'^ragmesh:num_requests_running\{{model="{MODEL}"\}} 0\.0$', engine, re.M)
+    assert re.search(rf'^ragmesh:num_requests_waiting\{{model="{MODEL}"\}} 0\.0$', engine, re.M)
+
+
+# --- abuse at the gateway ------------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_is_413(mesh: Mesh) -> None:
+    reply = httpx.post(f"{mesh.v1}/chat/completions", content=b"x" * (1024 * 1024 + 100), headers=bearer(new_key(mesh)))
+    assert_error(reply, 413, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+    ],
+    ids=["slow body", "slow headers"],
+)
+def test_slow_clients_are_cut(mesh: Mesh, sent: bytes) -> None:
+    port = int(mesh.env["RAGMESH_GATEWAY_PORT"])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(sent)
+        sock.settimeout(CLIENT_TIMEOUT * 10)  # the test fails instead of hanging if nginx never cuts
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert received == b"" or received.startswith(b"HTTP/1.1 408"), received[:200]
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("trace-me_1.2:3", True), ("has space", False), ('q"uote', False), ("x" * 200, False), ("<script>", False)],
+)
+def test_client_request_ids_are_kept_only_when_safe(mesh: Mesh, given: str, kept: bool) -> None:
+    reply = httpx.get(f"{mesh.v1}/models", headers={"X-Request-ID": given})  # a 401: no key
+    rid = reply.headers["x-request-id"]
+    assert (rid == given) is kept
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", rid)
+    assert reply.json()["error"]["request_id"] == rid
+
+
+def test_request_id_reaches_every_service_log_and_the_trace(mesh: Mesh, otlp: OtlpReceiver) -> None:
+    rid = f"trace-{int(time.time() * 1000)}"
+    key = new_key(mesh)
+    reply = httpx.post(
+        f"{mesh.v1}/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        headers={**bearer(key), "X-Request-ID": rid},
+        timeout=120,
+    )
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == rid
+    # One trace: the HTTP span in preprocess, its gRPC calls served by inference and postprocess.
+    root = otlp.wait_for(lambda s: s["service"] == "ragmesh-preprocess" and s["name"] == "POST /v1/chat/completions")
+    traces = {s["trace"] for s in root}
+    served = otlp.wait_for(lambda s: s["trace"] in traces and s["service"] == "ragmesh-inference")
+    assert any("Generate" in s["name"] for s in served)
+    assert otlp.wait_for(lambda s: s["trace"] in traces and s["service"] == "ragmesh-postprocess")
+    logs = mesh.run_dir / "logs"
+    time.sleep(0.5)  # log lines are flushed per line; give the last one a moment
+    for service in ("preprocess", "inference", "postprocess"):
+        lines = [json.loads(line) for line in _log_lines(logs, service) if line.startswith("{")]
+        assert any(line.get("request_id") == rid for line in lines), f"{service} logged nothing under {rid}"
+    assert any(f"rid={rid} " in line for line in _log_lines(logs, "nginx-access"))
+
+
+def test_ingestion_trace_crosses_rabbitmq(mesh: Mesh, otlp: OtlpReceiver) -> None:
+    key = new_key(mesh)
+    assert httpx.post(f"{mesh.v1}/collections", json={"name": "traced"}, headers=bearer(key)).status_code in (200, 201)
+    reply = httpx.post(
+        f"{mesh.v1}/collections/traced/documents",
+        json={"documents": [{"id": "d1", "text": "Tracing crosses the message queue."}]},
+        headers=bearer(key),
+        timeout=60,
+    )
+    assert reply.status_code == 202, reply.text
+    publishers = otlp.wait_for(
+        lambda s: s["service"] == "ragmesh-preprocess" and s["name"] == "POST /v1/collections/traced/documents"
+    )
+    traces = {s["trace"] for s in publishers}
+    consumers = otlp.wait_for(lambda s: s["trace"] in traces and s["name"] == "ingest job", timeout=60)
+    assert consumers[0]["service"] == "ragmesh-retrieval"
+
+
+def test_a_flood_from_one_address_is_cut_by_nginx_then_served_again(mesh: Mesh) -> None:
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+            replies = await asyncio.gather(*(client.get(f"{mesh.v1}/health/live") for _ in range(300)))
+        return [r.status_code for r in replies]
+
+    statuses = asyncio.run(flood())
+    assert statuses.count(429) > 0 and statuses.count(200) > 0 and set(statuses) == {200, 429}
+    refused = httpx.get(f"{mesh.v1}/health/live")
+    while refused.status_code == 429:
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+        time.sleep(0.5)
+        refused = httpx.get(f"{mesh.v1}/health/live")
+    assert refused.status_code == 200
+
+
+def test_no_key_ever_reaches_a_log(mesh: Mesh) -> None:
+    # Runs last in this module: every key the tests created or sent has been used by now.
+    assert len(ISSUED) > 5
+    secrets_ = [*ISSUED, ADMIN_KEY, "rm-" + "x" * 43]
+    for path in (mesh.run_dir / "logs").iterdir():
+        text = path.read_text(errors="replace")
+        leaked = [s[:8] for s in secrets_ if s in text]
+        assert not leaked, f"{path.name} contains keys starting {leaked}"
+
+
+def _log_lines(logs: Path, service: str) -> list[str]:
+    return [
+        line
+        for path in logs.iterdir()
+        if path.name.startswith(service)
+        for line in path.read_text(errors="replace").splitlines()
+    ]

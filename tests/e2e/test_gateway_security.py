@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from .conftest import MODEL, Mesh, mesh_env, start_mesh, stop_mesh
 pytestmark = pytest.mark.e2e
 
 ADMIN_KEY = "admin-" + "s3cret" * 4
+CLI = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "ragmesh"
 CLIENT_TIMEOUT = 2  # seconds nginx waits for a slow client's headers or body
 
 
@@ -222,6 +225,29 @@ def test_a_key_limited_to_other_models_sees_this_one_as_absent(mesh: Mesh) -> No
     assert error["code"] == "model_not_found"
     assert httpx.get(f"{mesh.v1}/models", headers=bearer(key)).json()["data"] == []
     assert httpx.get(f"{mesh.v1}/models/{MODEL}", headers=bearer(key)).status_code == 404
+
+
+def test_the_cli_creates_lists_and_revokes_keys(mesh: Mesh) -> None:
+    env = {**os.environ, "RAGMESH_URL": mesh.gateway, "RAGMESH_ADMIN_KEY": ADMIN_KEY}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(CLI), *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    created = cli("keys", "create", "from-cli", "--rpm", "7", "--expires-in", "2h", "--models", MODEL)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    ISSUED.append(secret)
+    assert secret.startswith("rm-") and '"rpm": 7' in created.stderr
+    assert httpx.get(f"{mesh.v1}/models", headers=bearer(secret)).status_code == 200
+    listed = cli("keys", "list")
+    row = next(line for line in listed.stdout.splitlines() if "from-cli" in line)
+    assert "active" in row and MODEL in row and secret not in listed.stdout
+    assert cli("keys", "revoke", row.split()[0]).returncode == 0
+    assert httpx.get(f"{mesh.v1}/models", headers=bearer(secret)).status_code == 401
+    refused = subprocess.run(
+        [str(CLI), "keys", "list"], env={**env, "RAGMESH_ADMIN_KEY": "wrong"}, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "admin key" in refused.stderr
 
 
 # --- rate limits ---------------------------------------------------------------------------------

@@ -4,6 +4,12 @@
     ragmesh ingest ./notes --collection notes --create      # *.txt, *.md and *.jsonl under a folder
     ragmesh search "what causes tides" --collection notes
     ragmesh batch submit lines.jsonl --wait            # OpenAI batch: results saved beside the file
+    ragmesh keys create alice --rpm 60 --tpm 100000 --models SmolLM2-135M-Instruct --expires-in 30d
+    ragmesh keys list
+    ragmesh keys revoke key_0123456789abcdef
+
+With auth on, requests carry $RAGMESH_API_KEY (or --api-key); `keys` commands
+carry the admin key, $RAGMESH_ADMIN_KEY (or --admin-key).
 
 JSONL lines are {"id" or "_id", "text", "title"?, "metadata"?}. A text file
 becomes one document: its path (relative to the folder) is the id, its name
@@ -25,6 +31,12 @@ import httpx
 from tqdm import tqdm
 
 DEFAULT_URL = os.environ.get("RAGMESH_URL", "http://127.0.0.1:8080")
+
+
+def _client(args: argparse.Namespace, key: str | None = None) -> httpx.Client:
+    key = key if key is not None else args.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers)
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -82,7 +94,7 @@ def ingest(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
         raise SystemExit(f"{path} does not exist")
-    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+    with _client(args) as client:
         if args.create:
             reply = client.post("/v1/collections", json={"name": args.collection})
             if reply.status_code != 409:
@@ -131,7 +143,7 @@ def _wait(client: httpx.Client, jobs: list[dict[str, Any]], total: int) -> int:
 def batch_submit(args: argparse.Namespace) -> int:
     """Upload a batch file, create the batch, and (with --wait) follow it to the end and save the results."""
     path = Path(args.path)
-    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+    with _client(args) as client:
         with open(path, "rb") as handle:
             uploaded = _check(client.post("/v1/files", files={"file": (path.name, handle)}, data={"purpose": "batch"}))
         endpoint = args.endpoint or _first_url(path)
@@ -170,10 +182,60 @@ def _first_url(path: Path) -> str:
 
 
 def search(args: argparse.Namespace) -> int:
-    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+    with _client(args) as client:
         body = {"collection": args.collection, "query": args.query, "top_k": args.top_k, "mode": args.mode}
         for hit in _check(client.post("/v1/search", json=body))["results"]:
             print(f"{hit['score']:.4f}  {hit['document_id']}  {hit['title'][:60]}")
+    return 0
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds of "90", "90s", "15m", "12h" or "30d"."""
+    unit = text[-1:] if text[-1:] in _DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (like 3600, 15m, 12h, 30d)")
+    return int(number) * _DURATION_UNITS[unit]
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    """Create a key; the secret is printed once (stdout), the key's card on stderr."""
+    body = {
+        "name": args.name,
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "models": args.models or [],
+        "expires_in": args.expires_in,
+    }
+    with _client(args, args.admin_key) as client:
+        created = _check(client.post("/v1/admin/keys", json=body))
+    print(created.pop("key"))
+    print(json.dumps(created, indent=2), file=sys.stderr)
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    with _client(args, args.admin_key) as client:
+        listed = _check(client.get("/v1/admin/keys"))["data"]
+    print(f"{'id':22} {'name':20} {'rpm':>6} {'tpm':>9} {'expires':>20}  {'state':8} models")
+    for key in listed:
+        expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(key["expires_at"])) if key["expires_at"] else "-"
+        expired = key["expires_at"] is not None and key["expires_at"] <= time.time()
+        state = "revoked" if key["revoked"] else "expired" if expired else "active"
+        print(
+            f"{key['id']:22} {key['name'][:20]:20} {key['rpm'] or '-':>6} {key['tpm'] or '-':>9} {expires:>20}  "
+            f"{state:8} {','.join(key['models'] or ['*'])}"
+        )
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    with _client(args, args.admin_key) as client:
+        revoked = _check(client.delete(f"/v1/admin/keys/{args.key_id}"))
+    print(f"revoked {revoked['id']} ({revoked['name']})")
     return 0
 
 
@@ -183,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--url", default=DEFAULT_URL, help="the gateway (default: %(default)s, or $RAGMESH_URL)")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--api-key", default=os.environ.get("RAGMESH_API_KEY", ""), help="default: $RAGMESH_API_KEY")
+    parser.add_argument(
+        "--admin-key", default=os.environ.get("RAGMESH_ADMIN_KEY", ""), help="for `keys`; default: $RAGMESH_ADMIN_KEY"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     p_ingest = commands.add_parser("ingest", help="ingest a JSONL file or a folder of text files")
@@ -207,6 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     p_search.add_argument("--top-k", type=int, default=5)
     p_search.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid")
     p_search.set_defaults(run=search)
+
+    p_keys = commands.add_parser("keys", help="API keys (needs the admin key)")
+    key_commands = p_keys.add_subparsers(dest="keys_command", required=True)
+    p_create = key_commands.add_parser("create", help="create a key; prints the secret once")
+    p_create.add_argument("name")
+    p_create.add_argument("--rpm", type=int, default=0, help="requests per minute (default: no limit)")
+    p_create.add_argument("--tpm", type=int, default=0, help="tokens per minute (default: no limit)")
+    p_create.add_argument("--models", nargs="*", help="models the key may use (default: all)")
+    p_create.add_argument("--expires-in", type=parse_duration, default=None, help="like 3600, 15m, 12h, 30d")
+    p_create.set_defaults(run=keys_create)
+    key_commands.add_parser("list", help="list keys (never their secrets)").set_defaults(run=keys_list)
+    p_revoke = key_commands.add_parser("revoke", help="revoke a key by id")
+    p_revoke.add_argument("key_id")
+    p_revoke.set_defaults(run=keys_revoke)
 
     args = parser.parse_args(argv)
     return int(args.run(args))

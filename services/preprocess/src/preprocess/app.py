@@ -27,8 +27,10 @@ from preprocess.http_io import read_json, read_upload
 from preprocess.ingest import IngestPublisher
 from preprocess.keys import KeyStore
 from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
+from preprocess.queue_depth import QueueDepthMonitor
 from preprocess.retrieval_api import RetrievalApi, runner
 from preprocess.settings import PreprocessSettings
+from ragmesh.amqp import Topology
 from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from ragmesh.errors import invalid_request
 from ragmesh.jobs import JobStore
@@ -97,6 +99,10 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
             runner(settings, chat, retrieval),
         )
         batches.start_workers()
+        queue_depth = QueueDepthMonitor(
+            settings.amqp_url, Topology(settings.namespace), settings.queue_metrics_interval
+        )
+        queue_depth.start()
         app.state.clients = clients
         app.state.chat = chat
         app.state.retrieval = retrieval
@@ -117,6 +123,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         try:
             yield
         finally:
+            await queue_depth.close()
             await batches.close()
             await publisher.close()
             await clients.close()

@@ -87,6 +87,8 @@ class PreprocessSettings(ServiceSettings):
     # the gateway listens on 127.0.0.1 only). GET /v1/models without a key when public.
     auth: Literal["on", "off"] = "on"
     models_public: bool = False
+    # Seconds between polls of the queues' depth (metric ragmesh:queue_depth); 0: off.
+    queue_metrics_interval: float = Field(default=15.0, ge=0)
     # Length of the per-key rate-limit window: a key's rpm and tpm are per window.
     rate_limit_window: float = Field(default=60.0, gt=0)
 

@@ -108,7 +108,7 @@ async def test_token_limit_counts_spent_tokens_then_resets(store: KeyStore) -> N
     assert tokens is not None and (tokens.limit, tokens.remaining) == (100, 100)
     await store.spend_tokens(key, 60)
     _, tokens = await store.admit(key)
-    assert tokens is not None and tokens.remaining == 40
+    assert tokens is not None and 40 <= tokens.remaining <= 45  # it refills at 100 per 2 s meanwhile
     await store.spend_tokens(key, 60)  # an answer may overshoot; the next request waits
     err = await refused(store.admit(key))
     assert err.kind is ErrorKind.RATE_LIMITED

@@ -9,14 +9,18 @@ handlers (allowed models, token accounting) in the request state.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from preprocess.keys import ApiKey, KeyStore, rate_limit_headers
 from ragmesh.errors import ErrorKind, RagmeshError
+
+log = logging.getLogger(__name__)
 
 PUBLIC = ("/v1/health/live", "/v1/health/ready", "/metrics")
 
@@ -47,6 +51,14 @@ class AuthMiddleware:
             requests, tokens = await keys.admit(key)
         except RagmeshError as err:
             await _send_error(send, err)
+            return
+        except (RedisError, OSError) as exc:
+            # Closed, not open: without the key store nobody is let in.
+            log.warning("key store unavailable", extra={"error": str(exc)})
+            await _send_error(
+                send,
+                RagmeshError(ErrorKind.UNAVAILABLE, "The key store is unavailable; retry shortly.", retry_after=1),
+            )
             return
         scope.setdefault("state", {})["api_key"] = key
         extra = [(k.encode(), v.encode()) for k, v in rate_limit_headers(requests, tokens).items()]

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 from google.protobuf.json_format import MessageToDict
+from redis.exceptions import RedisError
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -206,13 +208,19 @@ class ChatCompletions:
             clock.finished(err.kind.value)
             raise
         clock.finished("ok", answer.usage)
-        await self._charge(key, answer)
-        return Response(body, media_type="application/json", headers=headers)
+        # Charged once the response is out: the client does not wait for the bookkeeping.
+        return Response(
+            body, media_type="application/json", headers=headers, background=BackgroundTask(self._charge, key, answer)
+        )
 
     async def _charge(self, key: ApiKey | None, answer: Answer) -> None:
         """Tokens count against the key's per-minute budget once the answer is done."""
-        if self._keys is not None and key is not None and answer.usage is not None:
+        if self._keys is None or key is None or answer.usage is None:
+            return
+        try:
             await self._keys.spend_tokens(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
+        except (RedisError, OSError) as exc:
+            log.warning("tokens not charged: key store unavailable", extra={"error": str(exc)})
 
     async def complete(self, req: SamplingRequest) -> str:
         """The whole (non-streamed) response body of a batch line: batch priority, no stream."""

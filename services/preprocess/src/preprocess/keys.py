@@ -4,11 +4,13 @@ A key is shown once, when it is created; Redis keeps only its SHA-256. A key
 has a name, an optional expiry, the models it may use (none listed: all), and
 limits in requests per minute and tokens per minute.
 
-Limits are sliding one-minute windows kept by one Lua script per check, so
-concurrent replicas can never both take the last unit. Requests are counted
-when they are admitted; tokens (prompt + completion, from the answer's usage)
-after the answer, and a key over its token budget is refused until the window
-has room again.
+Limits are token buckets in Redis, one per key and limit, holding at most a
+minute's allowance and refilling continuously at limit/minute. One Lua script
+admits a request (checks the token bucket, takes one from the request bucket)
+atomically on Redis's clock, so concurrent replicas can never both take the
+last unit, and its cost does not grow with traffic. Tokens (prompt +
+completion, from the answer's usage) are charged after the answer and may
+take the bucket below zero: the key is then refused until it refills.
 """
 
 from __future__ import annotations
@@ -34,30 +36,50 @@ RATE_LIMITED = Counter("ragmesh_rate_limited_total", "Requests refused by a per-
 KEY_REQUESTS = Counter("ragmesh_key_requests_total", "Requests admitted, per API key", ["key"])
 KEY_TOKENS = Counter("ragmesh_key_tokens_total", "Tokens used, per API key", ["key"])
 
-# Sliding window: the entries of the last window (a minute), each a request
-# (weight 1) or a number of tokens. KEYS[1] the window (sorted set), ARGV:
-# now_ms, limit, weight to add (0: only check), member, window_ms.
-# Returns {allowed, used, reset_ms}.
-_WINDOW = """
-local key, now, limit, weight, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local window = tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local used = 0
-for _, entry in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-  used = used + tonumber(string.match(entry, '^(%d+):'))
+# Buckets: hashes {level, ts}. KEYS[1] requests, KEYS[2] tokens. ARGV[1] mode
+# ("admit": check tokens > 0, then take one request; "charge": take ARGV[4]
+# tokens, even below zero), ARGV[2] rpm, ARGV[3] tpm (0: no limit), ARGV[4]
+# tokens, ARGV[5] window in ms. Returns {allowed (1/0), refused limit ("" or
+# "requests"/"tokens"), requests level, requests ms to full, requests ms to one,
+# tokens level, tokens ms to full, tokens ms to one}; levels as strings (floats).
+_BUCKETS = """
+local mode, window = ARGV[1], tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function load(key, cap)
+  local state = redis.call('HMGET', key, 'level', 'ts')
+  local level, ts = tonumber(state[1]), tonumber(state[2])
+  if level == nil then return cap end
+  return math.min(cap, level + math.max(0, now - ts) * cap / window)
 end
-local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-local reset = 0
-if oldest[2] then reset = tonumber(oldest[2]) + window - now end
-if weight > 0 then
-  if used + weight > limit and limit > 0 then return {0, used, reset} end
-  redis.call('ZADD', key, now, weight .. ':' .. member)
-  redis.call('PEXPIRE', key, window + 1000)
-  used = used + weight
-elseif used >= limit and limit > 0 then
-  return {0, used, reset}
+local function save(key, level)
+  redis.call('HSET', key, 'level', tostring(level), 'ts', now)
+  redis.call('PEXPIRE', key, window * 2)
 end
-return {1, used, reset}
+local function timing(level, cap)
+  if cap <= 0 then return 0, 0 end
+  return math.ceil((cap - level) * window / cap), math.max(0, math.ceil((1 - level) * window / cap))
+end
+local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+local requests = rpm > 0 and load(KEYS[1], rpm) or 0
+local tokens = tpm > 0 and load(KEYS[2], tpm) or 0
+local allowed, refused = 1, ''
+if mode == 'admit' then
+  if tpm > 0 and tokens < 1 then
+    allowed, refused = 0, 'tokens'
+  elseif rpm > 0 and requests < 1 then
+    allowed, refused = 0, 'requests'
+  elseif rpm > 0 then
+    requests = requests - 1
+    save(KEYS[1], requests)
+  end
+elseif tpm > 0 then
+  tokens = tokens - tonumber(ARGV[4])
+  save(KEYS[2], tokens)
+end
+local r_full, r_one = timing(requests, rpm)
+local t_full, t_one = timing(tokens, tpm)
+return {allowed, refused, tostring(requests), r_full, r_one, tostring(tokens), t_full, t_one}
 """
 
 
@@ -93,7 +115,8 @@ class Usage:
 
     limit: int
     remaining: int
-    reset_ms: int
+    reset_ms: int  # until the bucket is full again (OpenAI's x-ratelimit-reset-*)
+    retry_ms: int = 0  # until one more unit is available (Retry-After when refused)
 
 
 def _hash(secret: str) -> str:
@@ -108,8 +131,8 @@ class KeyStore:
         ns = namespace or "ragmesh"
         self._by_hash = f"{ns}:apikey:"
         self._index = f"{ns}:apikeys"  # id -> hash of the secret
-        self._window = f"{ns}:ratelimit:"
-        self._script = redis.register_script(_WINDOW)
+        self._buckets = f"{ns}:ratelimit:"
+        self._script = redis.register_script(_BUCKETS)
 
     async def create(
         self, name: str, *, expires_in: int | None, models: list[str], rpm: int, tpm: int
@@ -178,40 +201,37 @@ class KeyStore:
             raise _unauthorized("This API key has expired.")
         return key
 
+    async def _run(self, key: ApiKey, mode: str, tokens: int = 0) -> tuple[bool, str, Usage | None, Usage | None]:
+        reply = await self._script(
+            keys=[self._buckets + key.id + ":rpm", self._buckets + key.id + ":tpm"],
+            args=[mode, key.rpm, key.tpm, tokens, self._window_ms],
+        )
+        allowed, refused, r_level, r_full, r_one, t_level, t_full, t_one = reply
+        refused = refused.decode() if isinstance(refused, bytes) else str(refused)
+        requests = Usage(key.rpm, max(0, int(float(r_level))), int(r_full), int(r_one)) if key.rpm else None
+        tokens_left = Usage(key.tpm, max(0, int(float(t_level))), int(t_full), int(t_one)) if key.tpm else None
+        return bool(allowed), refused, requests, tokens_left
+
     async def admit(self, key: ApiKey) -> tuple[Usage | None, Usage | None]:
         """Count one request against the key's limits (a 429 with Retry-After when over)."""
-        now = int(time.time() * 1000)
-        requests_usage = tokens_usage = None
-        if key.tpm:
-            allowed, used, reset = await self._script(
-                keys=[self._window + key.id + ":tpm"], args=[now, key.tpm, 0, "", self._window_ms]
-            )
-            tokens_usage = Usage(key.tpm, max(0, key.tpm - int(used)), int(reset))
-            if not allowed:
-                RATE_LIMITED.labels(key.name, "tokens").inc()
-                raise _limited(f"Rate limit reached for tokens per minute (limit {key.tpm}).", tokens_usage, "tokens")
-        if key.rpm:
-            member = uuid.uuid4().hex
-            allowed, used, reset = await self._script(
-                keys=[self._window + key.id + ":rpm"], args=[now, key.rpm, 1, member, self._window_ms]
-            )
-            requests_usage = Usage(key.rpm, max(0, key.rpm - int(used)), int(reset))
-            if not allowed:
-                RATE_LIMITED.labels(key.name, "requests").inc()
-                raise _limited(
-                    f"Rate limit reached for requests per minute (limit {key.rpm}).", requests_usage, "requests"
-                )
+        if not key.rpm and not key.tpm:
+            KEY_REQUESTS.labels(key.name).inc()
+            return None, None
+        allowed, refused, requests, tokens = await self._run(key, "admit")
+        if not allowed:
+            RATE_LIMITED.labels(key.name, refused).inc()
+            usage = tokens if refused == "tokens" else requests
+            assert usage is not None
+            per = "tokens" if refused == "tokens" else "requests"
+            raise _limited(f"Rate limit reached for {per} per minute (limit {usage.limit}).", usage, refused)
         KEY_REQUESTS.labels(key.name).inc()
-        return requests_usage, tokens_usage
+        return requests, tokens
 
     async def spend_tokens(self, key: ApiKey, tokens: int) -> None:
-        """Charge an answer's tokens to the key's window (may go over: the next request waits)."""
+        """Charge an answer's tokens to the key's bucket (it may go below zero: the next request waits)."""
         KEY_TOKENS.labels(key.name).inc(tokens)
         if key.tpm and tokens > 0:
-            now = int(time.time() * 1000)
-            await self._script(
-                keys=[self._window + key.id + ":tpm"], args=[now, 0, tokens, uuid.uuid4().hex, self._window_ms]
-            )
+            await self._run(key, "charge", tokens)
 
 
 def _key(raw: bytes | str) -> ApiKey:
@@ -229,7 +249,7 @@ def _limited(message: str, usage: Usage, kind: str) -> RagmeshError:
         ErrorKind.RATE_LIMITED,
         message,
         code="rate_limit_exceeded",
-        retry_after=max(1, -(-usage.reset_ms // 1000)),
+        retry_after=max(1, -(-usage.retry_ms // 1000)),
         headers=rate_limit_headers(usage if kind == "requests" else None, usage if kind == "tokens" else None),
     )
 

@@ -79,7 +79,8 @@ def responder() -> Iterator[str]:
 
 
 @contextmanager
-def ragmesh(upstream: str, work: Path) -> Iterator[str]:
+def ragmesh(upstream: str, work: Path, **settings: str) -> Iterator[str]:
+    """A mesh whose only backend is `upstream`; `settings` are extra environment variables."""
     backends = work / "backends.yaml"
     backends.write_text(
         f"backends:\n  - name: bench\n    type: openai\n    base_url: {upstream}\n    models: [{MODEL}]\n"
@@ -87,9 +88,13 @@ def ragmesh(upstream: str, work: Path) -> Iterator[str]:
     )
     env = dict(
         os.environ,
-        RAGMESH_RUN_DIR=str(work / "mesh"),
+        RAGMESH_RUN_DIR=str(work / f"mesh-{free_port()}"),
         RAGMESH_INFERENCE_BACKENDS_FILE=str(backends),
-        RAGMESH_NAMESPACE=f"bench-{os.getpid()}",
+        RAGMESH_NAMESPACE=f"bench-{os.getpid()}-{free_port()}",
+        # The per-address flood guard would refuse a benchmark's load from one address.
+        RAGMESH_GATEWAY_RATE="100000r/s",
+        RAGMESH_GATEWAY_BURST="100000",
+        **settings,
     )
     for name in (
         "GATEWAY",
@@ -136,10 +141,10 @@ def litellm(upstream: str, work: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
 
 
-async def load(url: str, concurrency: int, requests: int) -> tuple[list[float], float]:
+async def load(url: str, concurrency: int, requests: int, key: str = BENCH_KEY) -> tuple[list[float], float]:
     """(latencies, wall seconds) for `requests` chat completions, `concurrency` at a time."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
-    auth = {"Authorization": f"Bearer {BENCH_KEY}"}
+    auth = {"Authorization": f"Bearer {key}"}
     latencies: list[float] = []
     remaining = requests
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:

@@ -130,3 +130,13 @@ def test_each_dockerfile_builds_its_own_service_only(service: str) -> None:
     assert "USER ragmesh" in text and "HEALTHCHECK" in text and f'CMD ["python", "-m", "{service}"]' in text
     assert "scripts/gen-proto" in text  # the same stub generation as make proto
     assert ("torch" in text) == (service == "retrieval")
+
+
+def test_env_example_lists_every_setting_and_gateway_variable() -> None:
+    text = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^#? ?(RAGMESH_[A-Z0-9_]+)=", text, re.M))
+    wanted = set().union(*(env_names(s) for s in SERVICES.values()))
+    launcher = (ROOT / "scripts" / "mesh.py").read_text()
+    wanted |= set(re.findall(r'env\.get\("(RAGMESH_GATEWAY_[A-Z_]+)"', launcher))
+    missing = wanted - listed
+    assert not missing, f"missing from .env.example: {sorted(missing)}"

@@ -250,6 +250,32 @@ def test_the_cli_creates_lists_and_revokes_keys(mesh: Mesh) -> None:
     assert refused.returncode != 0 and "admin key" in refused.stderr
 
 
+def test_files_and_batches_are_seen_only_by_the_key_that_made_them(mesh: Mesh) -> None:
+    alice = openai.OpenAI(base_url=mesh.v1, api_key=new_key(mesh), max_retries=0)
+    bob = openai.OpenAI(base_url=mesh.v1, api_key=new_key(mesh), max_retries=0)
+    line = {
+        "custom_id": "only",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    }
+    uploaded = alice.files.create(file=("mine.jsonl", json.dumps(line).encode()), purpose="batch")
+    batch = alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert "owner" not in batch.model_dump()
+    assert alice.batches.retrieve(batch.id).id == batch.id
+    assert batch.id in [b.id for b in alice.batches.list()]
+    for attempt in (
+        lambda: bob.batches.retrieve(batch.id),
+        lambda: bob.files.retrieve(uploaded.id),
+        lambda: bob.files.content(uploaded.id),
+        lambda: bob.batches.cancel(batch.id),
+        lambda: bob.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    assert batch.id not in [b.id for b in bob.batches.list()]
+
+
 # --- rate limits ---------------------------------------------------------------------------------
 
 

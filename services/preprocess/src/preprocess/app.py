@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from preprocess.auth import AuthMiddleware, api_key_of, check_model_allowed
+from preprocess.auth import AuthMiddleware, api_key_of, check_model_allowed, owner_of
 from preprocess.batches import Batches
 from preprocess.chat import ChatCompletions
 from preprocess.clients import MeshClients
@@ -229,31 +229,32 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     @app.post("/v1/files")
     async def upload_file(request: Request) -> Response:
         data, filename, purpose = await read_upload(request, settings.max_file_bytes)
-        return _json(await batch_api(request).upload(data, filename, purpose))
+        return _json(await batch_api(request).upload(data, filename, purpose, owner_of(request)))
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str, request: Request) -> Response:
-        return _json(await batch_api(request).files.info(file_id))
+        return _json(await batch_api(request).files.info(file_id, owner_of(request)))
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request) -> Response:
-        return Response(await batch_api(request).files.content(file_id), media_type="application/jsonl")
+        content = await batch_api(request).files.content(file_id, owner_of(request))
+        return Response(content, media_type="application/jsonl")
 
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> Response:
-        return _json(await batch_api(request).create(await body(request)))
+        return _json(await batch_api(request).create(await body(request), owner_of(request)))
 
     @app.get("/v1/batches")
     async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> Response:
-        return _json(await batch_api(request).list(max(1, min(limit, 100)), after))
+        return _json(await batch_api(request).list(max(1, min(limit, 100)), after, owner_of(request)))
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str, request: Request) -> Response:
-        return _json(await batch_api(request).get(batch_id))
+        return _json(await batch_api(request).get(batch_id, owner_of(request)))
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str, request: Request) -> Response:
-        return _json(await batch_api(request).cancel(batch_id))
+        return _json(await batch_api(request).cancel(batch_id, owner_of(request)))
 
     @app.post("/v1/search")
     async def search(request: Request) -> Response:

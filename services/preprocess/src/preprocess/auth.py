@@ -97,3 +97,9 @@ def check_model_allowed(key: ApiKey | None, model: str) -> None:
             param="model",
             code="model_not_found",
         )
+
+
+def owner_of(request: Any) -> str | None:
+    """Whose files and batches a request may see: its key's id (None when auth is off: everyone's)."""
+    key = api_key_of(request)
+    return key.id if key is not None else None

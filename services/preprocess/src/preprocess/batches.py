@@ -177,7 +177,7 @@ class Batches:
 
     # --- the API ------------------------------------------------------------------------
 
-    async def upload(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+    async def upload(self, data: bytes, filename: str, purpose: str, owner: str | None) -> dict[str, Any]:
         if purpose != "batch":
             raise invalid_request("Only purpose 'batch' is accepted.", param="purpose")
         if len(data) > self._settings.max_file_bytes:
@@ -187,9 +187,10 @@ class Batches:
                 param="file",
             )
         lines = await asyncio.to_thread(parse_batch_lines, data, self._settings.max_file_lines)
-        return await self.files.put(data, filename, purpose, len(lines))
+        return await self.files.put(data, filename, purpose, len(lines), owner)
 
-    async def create(self, body: Any) -> dict[str, Any]:
+    async def create(self, body: Any, owner: str | None) -> dict[str, Any]:
+        """Create a batch from an uploaded file; `owner` (the API key id, None with auth off) alone sees it."""
         if not isinstance(body, dict):
             raise invalid_request("The request body must be a JSON object.")
         endpoint = body.get("endpoint")
@@ -200,7 +201,7 @@ class Batches:
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str):
             raise invalid_request("input_file_id is required.", param="input_file_id")
-        lines = parse_batch_lines(await self.files.content(file_id), self._settings.max_file_lines)
+        lines = parse_batch_lines(await self.files.content(file_id, owner), self._settings.max_file_lines)
         wrong = next((line for line in lines if line.url != endpoint), None)
         if wrong is not None:
             raise invalid_request(
@@ -229,6 +230,7 @@ class Batches:
             "cancelled_at": None,
             "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
             "metadata": body.get("metadata"),
+            "owner": owner,
         }
         await self.store.save(batch)
         try:
@@ -243,7 +245,7 @@ class Batches:
             ) from exc
         batch.update(status="in_progress", in_progress_at=int(time.time()))
         await self.store.save(batch)
-        return await self.store.load(batch["id"])
+        return _public(await self.store.load(batch["id"]))
 
     async def _publish_lines(self, batch_id: str, lines: list[BatchLine]) -> None:
         _, exchange = await self._channel()
@@ -274,18 +276,27 @@ class Batches:
                 )
             )
 
-    async def get(self, batch_id: str) -> dict[str, Any]:
+    async def _owned(self, batch_id: str, owner: str | None) -> dict[str, Any]:
         batch = await self.store.load(batch_id)
+        if owner is not None and batch.get("owner") != owner:
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND, f"No such batch: {batch_id}.", param="batch_id", code="batch_not_found"
+            )
+        return batch
+
+    async def get(self, batch_id: str, owner: str | None) -> dict[str, Any]:
+        batch = await self._owned(batch_id, owner)
         counts = batch["request_counts"]
         if batch["status"] not in FINAL_STATES and counts["completed"] + counts["failed"] >= counts["total"]:
             await self._finalize(batch_id)  # its worker died before finishing the batch
             batch = await self.store.load(batch_id)
-        return batch
+        return _public(batch)
 
-    async def list(self, limit: int, after: str | None) -> dict[str, Any]:
+    async def list(self, limit: int, after: str | None, owner: str | None) -> dict[str, Any]:
         keys = [k.decode() async for k in self._redis.scan_iter(f"{self.store.key('*')}", count=1000)]
         ids = sorted({k.split(":")[-1] for k in keys if k.count(":") == self.store.key("x").count(":")})
         batches = [await self.store.load(i) for i in ids]
+        batches = [_public(b) for b in batches if owner is None or b.get("owner") == owner]
         batches.sort(key=lambda b: (b["created_at"], b["id"]), reverse=True)
         if after:
             position = next((i for i, b in enumerate(batches) if b["id"] == after), -1)
@@ -299,15 +310,15 @@ class Batches:
             "has_more": len(batches) > limit,
         }
 
-    async def cancel(self, batch_id: str) -> dict[str, Any]:
-        batch = await self.store.load(batch_id)
+    async def cancel(self, batch_id: str, owner: str | None) -> dict[str, Any]:
+        batch = await self._owned(batch_id, owner)
         if batch["status"] in FINAL_STATES:
             raise RagmeshError(
                 ErrorKind.CONFLICT, f"Batch {batch_id} is {batch['status']}; it cannot be cancelled.", param="batch_id"
             )
         batch.update(status="cancelling", cancelling_at=int(time.time()))
         await self.store.save(batch)
-        return await self.get(batch_id)
+        return await self.get(batch_id, owner)
 
     # --- workers --------------------------------------------------------------------------
 
@@ -448,18 +459,23 @@ class Batches:
             )
             await self.store.save(batch)
             order = [
-                line.custom_id for line in parse_batch_lines(await self.files.content(batch["input_file_id"]), 10**9)
+                line.custom_id
+                for line in parse_batch_lines(await self.files.content(batch["input_file_id"], None), 10**9)
             ]
             results = await self.store.results(batch_id)
             good = [results[c] for c in order if c in results and results[c]["error"] is None]
             bad = [results[c] for c in order if c in results and results[c]["error"] is not None]
             if good:
                 batch["output_file_id"] = (
-                    await self.files.put(_jsonl(good), f"{batch_id}_output.jsonl", "batch_output", len(good))
+                    await self.files.put(
+                        _jsonl(good), f"{batch_id}_output.jsonl", "batch_output", len(good), batch.get("owner")
+                    )
                 )["id"]
             if bad:
                 batch["error_file_id"] = (
-                    await self.files.put(_jsonl(bad), f"{batch_id}_error.jsonl", "batch_output", len(bad))
+                    await self.files.put(
+                        _jsonl(bad), f"{batch_id}_error.jsonl", "batch_output", len(bad), batch.get("owner")
+                    )
                 )["id"]
             now = int(time.time())
             if batch["status"] == "cancelling":
@@ -513,6 +529,11 @@ class Batches:
                 routing_key=message.reply_to,
             )
         await message.ack()
+
+
+def _public(batch: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's batch object: without the owning key's id."""
+    return {k: v for k, v in batch.items() if k != "owner"}
 
 
 def _retries(message: AbstractIncomingMessage) -> int:

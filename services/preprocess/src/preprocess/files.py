@@ -81,8 +81,10 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self._dir / f"{file_id}.jsonl"
 
-    async def put(self, data: bytes, filename: str, purpose: str, lines: int) -> dict[str, Any]:
-        """Keep a file (contents first, then its description) and return OpenAI's file object."""
+    async def put(self, data: bytes, filename: str, purpose: str, lines: int, owner: str | None) -> dict[str, Any]:
+        """Keep a file (contents first, then its description) and return OpenAI's file object.
+
+        `owner`: the API key id that uploaded it (None with auth off); only that key sees it."""
         file_id = f"file-{uuid.uuid4().hex}"
         await asyncio.to_thread(_write_atomic, self.path(file_id), data)
         info = {
@@ -94,18 +96,21 @@ class FileStore:
             "purpose": purpose,
             "status": "processed",
             "lines": lines,
+            "owner": owner,
         }
         await self._redis.set(self._prefix + file_id, orjson.dumps(info))
         return _public(info)
 
-    async def info(self, file_id: str) -> dict[str, Any]:
+    async def info(self, file_id: str, owner: str | None) -> dict[str, Any]:
+        """The file object; a file another key owns is absent (`owner` None: no check, auth is off)."""
         raw = await self._redis.get(self._prefix + file_id)
-        if raw is None:
+        info = orjson.loads(raw) if raw is not None else None
+        if info is None or (owner is not None and info.get("owner") != owner):
             raise RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {file_id}.", param="file_id", code="file_not_found")
-        return _public(orjson.loads(raw))
+        return _public(info)
 
-    async def content(self, file_id: str) -> bytes:
-        await self.info(file_id)
+    async def content(self, file_id: str, owner: str | None) -> bytes:
+        await self.info(file_id, owner)
         try:
             return await asyncio.to_thread(self.path(file_id).read_bytes)
         except FileNotFoundError:
@@ -115,7 +120,7 @@ class FileStore:
 
 
 def _public(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if k != "lines"}
+    return {k: v for k, v in info.items() if k not in ("lines", "owner")}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

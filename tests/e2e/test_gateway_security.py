@@ -305,15 +305,15 @@ def test_requests_over_rpm_get_429_with_headers_then_pass_after_reset(mesh: Mesh
 
 
 def test_tokens_over_tpm_get_429_then_pass_after_reset(mesh: Mesh) -> None:
-    key = new_key(mesh, tpm=40)
+    key = new_key(mesh, tpm=30)
     first = chat(mesh, key, max_tokens=16)
-    assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "40"
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "30"
     used = first.json()["usage"]["total_tokens"]
-    assert used > 40, "the prompt plus 16 tokens is over this key's budget"
+    assert used > 30, "the chat template alone is over this key's budget"
     time.sleep(0.3)  # tokens are charged just after the response is sent
     over = chat(mesh, key)
     assert_error(over, 429, "rate_limit_error")
-    assert over.headers["x-ratelimit-remaining-tokens"] == "0" and over.headers["x-ratelimit-limit-tokens"] == "40"
+    assert over.headers["x-ratelimit-remaining-tokens"] == "0" and over.headers["x-ratelimit-limit-tokens"] == "30"
     assert wait_until_admitted(lambda: chat(mesh, key, max_tokens=2)).status_code == 200
 
 

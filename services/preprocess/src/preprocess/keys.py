@@ -43,6 +43,7 @@ KEY_TOKENS = Counter("ragmesh_key_tokens_total", "Tokens used, per API key", ["k
 # "requests"/"tokens"), requests level, requests ms to full, requests ms to one,
 # tokens level, tokens ms to full, tokens ms to one}; levels as strings (floats).
 _BUCKETS = """
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME then writes (Redis < 5)
 local mode, window = ARGV[1], tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

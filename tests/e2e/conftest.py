@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,21 @@ def stop_mesh(env: dict[str, str]) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "mesh.py"), "down"], env=env, check=True)
 
 
+@contextmanager
+def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
+    """Start a mesh with this environment (from mesh_env), stop it afterwards."""
+    start_mesh(env)
+    try:
+        yield Mesh(
+            run_dir=run_dir,
+            env=env,
+            gateway=f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}",
+            inference_metrics=f"http://127.0.0.1:{env['RAGMESH_INFERENCE_HTTP_PORT']}/metrics",
+        )
+    finally:
+        stop_mesh(env)
+
+
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     run_dir = tmp_path_factory.mktemp("mesh")
@@ -112,16 +128,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",
     )
-    start_mesh(env)
-    try:
-        yield Mesh(
-            run_dir=run_dir,
-            env=env,
-            gateway=f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}",
-            inference_metrics=f"http://127.0.0.1:{env['RAGMESH_INFERENCE_HTTP_PORT']}/metrics",
-        )
-    finally:
-        stop_mesh(env)
+    with running_mesh(run_dir, env) as started:
+        yield started
 
 
 @pytest.fixture

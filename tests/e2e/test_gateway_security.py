@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from ..conftest import free_port
-from .conftest import MODEL, Mesh, mesh_env, start_mesh, stop_mesh
+from .conftest import MODEL, Mesh, mesh_env, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -110,16 +110,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterat
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
         OTEL_BSP_SCHEDULE_DELAY="200",
     )
-    start_mesh(env)
-    try:
-        yield Mesh(
-            run_dir=run_dir,
-            env=env,
-            gateway=f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}",
-            inference_metrics=f"http://127.0.0.1:{env['RAGMESH_INFERENCE_HTTP_PORT']}/metrics",
-        )
-    finally:
-        stop_mesh(env)
+    with running_mesh(run_dir, env) as started:
+        yield started
 
 
 ISSUED: list[str] = []  # every secret the tests saw, for the log check at the end

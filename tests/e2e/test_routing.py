@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from ..upstream_harness import UPSTREAM_KEY, UPSTREAM_MODEL, FaultProxy, backends_yaml, llama_upstream
-from .conftest import MODEL, Mesh, mesh_env, start_mesh, stop_mesh
+from .conftest import MODEL, Mesh, mesh_env, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -38,20 +38,8 @@ def routed_mesh(tmp_path_factory: pytest.TempPathFactory, proxy: FaultProxy) -> 
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",
     )
-    start_mesh(env)
-    try:
-        port = env["RAGMESH_GATEWAY_PORT"]
-        yield (
-            Mesh(
-                run_dir,
-                env,
-                f"http://127.0.0.1:{port}",
-                f"http://127.0.0.1:{env['RAGMESH_INFERENCE_HTTP_PORT']}/metrics",
-            ),
-            backends,
-        )
-    finally:
-        stop_mesh(env)
+    with running_mesh(run_dir, env) as started:
+        yield started, backends
 
 
 @pytest.fixture

@@ -127,6 +127,7 @@ def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
         "NGINX_LOG_DIR": str(plan.log_dir),
         "NGINX_MAX_BODY": env.get("RAGMESH_GATEWAY_MAX_BODY", "32m"),
         "NGINX_TIMEOUT": env.get("RAGMESH_GATEWAY_TIMEOUT", "600s"),
+        "NGINX_API_TIMEOUT": env.get("RAGMESH_GATEWAY_API_TIMEOUT", "120s"),
         "NGINX_CLIENT_TIMEOUT": env.get("RAGMESH_GATEWAY_CLIENT_TIMEOUT", "30s"),
         "NGINX_RATE": env.get("RAGMESH_GATEWAY_RATE", "200r/s"),
         "NGINX_BURST": env.get("RAGMESH_GATEWAY_BURST", "400"),

@@ -140,3 +140,14 @@ def test_env_example_lists_every_setting_and_gateway_variable() -> None:
     wanted |= set(re.findall(r'env\.get\("(RAGMESH_GATEWAY_[A-Z_]+)"', launcher))
     missing = wanted - listed
     assert not missing, f"missing from .env.example: {sorted(missing)}"
+
+
+def test_every_nginx_placeholder_is_filled_by_the_launcher_compose_and_kubernetes() -> None:
+    placeholders = set(re.findall(r"\$\{(NGINX_[A-Z_]+)\}", (ROOT / "nginx" / "nginx.conf.template").read_text()))
+    assert len(placeholders) > 8
+    launcher = set(re.findall(r'"(NGINX_[A-Z_]+)":', (ROOT / "scripts" / "mesh.py").read_text()))
+    compose = set(yaml.safe_load((ROOT / "compose.yml").read_text())["services"]["nginx"]["environment"])
+    gateway = (ROOT / "deploy" / "k8s" / "base" / "gateway.yaml").read_text()
+    kubernetes = set(re.findall(r"name: (NGINX_[A-Z_]+)", gateway))
+    for where, names in (("scripts/mesh.py", launcher), ("compose.yml", compose), ("gateway.yaml", kubernetes)):
+        assert not placeholders - names, f"{where} leaves {sorted(placeholders - names)} unset"

@@ -141,7 +141,7 @@ def test_request_id_is_passed_through(http: httpx.Client) -> None:
     assert len(http.get("/v1/models").headers["x-request-id"]) >= 16
 
 
-def test_health_endpoints(http: httpx.Client) -> None:
+def test_health_endpoints(http: httpx.Client, mesh: Mesh) -> None:
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/v1/health/ready")
     assert ready.status_code == 200
@@ -153,4 +153,9 @@ def test_health_endpoints(http: httpx.Client) -> None:
         "rabbitmq": "ok",
     }
     assert http.get("/v1/health/live").status_code == 200
-    assert "ragmesh:requests_total" in http.get("/metrics").text
+    # Metrics are for the scraper inside, on each service's own port, not through the gateway.
+    assert http.get("/metrics").status_code == 404
+    assert (
+        "ragmesh:requests_total"
+        in httpx.get(f"http://127.0.0.1:{mesh.env['RAGMESH_PREPROCESS_HTTP_PORT']}/metrics").text
+    )

@@ -159,8 +159,8 @@ def test_bad_input_is_refused_and_nothing_is_half_ingested(
     reply = http.post(path, json=body)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
+    assert set(error) == {"message", "type", "param", "code", "request_id"} and error["message"]
+    assert error["param"] == param and error["request_id"] == reply.headers["x-request-id"]
     info = http.get("/v1/collections/e2e-dup").json()
     assert info["chunks"] == 0 and info["documents"] == 0
 

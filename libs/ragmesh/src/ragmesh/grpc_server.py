@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -108,7 +109,8 @@ def _wrap_streaming(method: str, md: dict[str, str], behavior: Callable[..., Any
         scope = _CallScope(method, rid)
         token = request_id_var.set(rid)
         try:
-            with span(method, SpanKind.SERVER, parent=md, attributes={"rpc.system": "grpc", "rpc.method": method}):
+            attributes = {"rpc.system": "grpc", "rpc.method": method}
+            with span(method, SpanKind.SERVER, parent=md, attributes=attributes, current=False):
                 async for item in behavior(request_or_iterator, context):
                     yield item
         except grpc.aio.AbortError:
@@ -120,7 +122,10 @@ def _wrap_streaming(method: str, md: dict[str, str], behavior: Callable[..., Any
             raise
         finally:
             scope.done()
-            request_id_var.reset(token)
+            # The generator may be closed from another task (the call was cancelled):
+            # this context is then not the one the id was set in, and there is nothing to undo.
+            with contextlib.suppress(ValueError):
+                request_id_var.reset(token)
 
     return handler
 

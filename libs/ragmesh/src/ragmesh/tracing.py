@@ -82,27 +82,30 @@ def span(
     kind: SpanKind = SpanKind.INTERNAL,
     parent: Mapping[str, Any] | None = None,
     attributes: Mapping[str, str | int | float | bool] | None = None,
+    current: bool = True,
 ) -> Iterator[Any]:
     """A span around a block (nothing when tracing is off). `parent`: incoming headers or
-    metadata to continue a trace from; without it the span is a child of the current one."""
+    metadata to continue a trace from; without it the span is a child of the current one.
+
+    `current=False` for a block that yields (an async generator): such a block may be
+    closed from another task, where a context attached here cannot be detached, so the
+    span is recorded without becoming the current one."""
     if not _enabled:
         yield None
         return
     ctx = propagate.extract({k: v for k, v in parent.items() if isinstance(v, str)}) if parent else None
-    token = otel_context.attach(ctx) if ctx is not None else None
+    tracer = trace.get_tracer("ragmesh")
+    opened = tracer.start_span(name, context=ctx, kind=kind, attributes=dict(attributes or {}))
+    token = otel_context.attach(trace.set_span_in_context(opened, ctx)) if current else None
     try:
-        tracer = trace.get_tracer("ragmesh")
-        with tracer.start_as_current_span(
-            name, kind=kind, attributes=dict(attributes or {}), record_exception=False, set_status_on_exception=False
-        ) as current:
-            try:
-                yield current
-            except BaseException as exc:
-                current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
-                raise
+        yield opened
+    except BaseException as exc:
+        opened.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
+        raise
     finally:
         if token is not None:
             otel_context.detach(token)
+        opened.end()
 
 
 def set_error(current: Any, description: str) -> None:

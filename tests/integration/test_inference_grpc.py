@@ -126,3 +126,38 @@ async def test_more_choices_than_admitted_is_overloaded(stub: inference_pb2_grpc
 async def test_list_models(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
     reply = await stub.ListModels(common_pb2.ListModelsRequest())
     assert [(m.id, m.max_context, m.backend) for m in reply.models] == [(MODEL, 2048, "embedded")]
+
+
+async def _spans(
+    stub: inference_pb2_grpc.InferenceAsyncStub, requests: list[inference_pb2.GenerateRequest]
+) -> list[tuple[float, float]]:
+    """(first token, last chunk) times of requests sent at once."""
+
+    async def one(request: inference_pb2.GenerateRequest) -> tuple[float, float]:
+        first = None
+        async for chunk in stub.Generate(request, timeout=120):
+            if first is None and chunk.text:
+                first = time.monotonic()
+        assert first is not None
+        return first, time.monotonic()
+
+    return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+def batch_line(text: str) -> inference_pb2.GenerateRequest:
+    request = chat(text, max_tokens=24, temperature=0)
+    request.priority = inference_pb2.PRIORITY_BATCH
+    return request
+
+
+async def test_batch_leaves_a_slot_to_recent_interactive_traffic_and_takes_all_otherwise(
+    stub: inference_pb2_grpc.InferenceAsyncStub, engine: LlamaCppEngine
+) -> None:
+    # The test engine has 2 slots. Interactive traffic just now: one stays free, batch lines run one at a time.
+    await collect(stub, chat("Hi", max_tokens=1))
+    (a_first, a_end), (b_first, b_end) = await _spans(stub, [batch_line("Tell a story."), batch_line("Tell a tale.")])
+    assert b_first > a_end or a_first > b_end, "two batch lines shared the slots while interactive traffic was about"
+    # No interactive request within the window: batch takes both slots at once.
+    engine._last_interactive = time.monotonic() - engine._settings.interactive_reserve_seconds - 1
+    (a_first, a_end), (b_first, b_end) = await _spans(stub, [batch_line("Tell a story."), batch_line("Tell a tale.")])
+    assert b_first < a_end and a_first < b_end, "batch lines should run side by side on an idle engine"

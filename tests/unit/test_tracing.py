@@ -115,4 +115,3 @@ def test_request_ids_from_outside_are_plain_tokens(given: str | None, kept: bool
     assert (rid == given) is kept
     if not kept:
         assert len(rid) == 32 and all(c in "0123456789abcdef" for c in rid)
-

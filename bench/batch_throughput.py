@@ -119,9 +119,7 @@ def throughput(url: str, client: openai.OpenAI, n_chat: int, n_embeddings: int) 
     chat_c, chat_interactive = best_interactive(url, "/chat/completions", chat_body, n_chat, [2, 4, 8], 48)
     chat_batch, chat_result = run_batch(client, "/v1/chat/completions", [chat_body(i, "batch") for i in range(n_chat)])
     emb_c, emb_interactive = best_interactive(url, "/embeddings", embed_body, n_embeddings, [4, 8, 16], 200)
-    emb_batch, emb_result = run_batch(
-        client, "/v1/embeddings", [embed_body(i, "batch") for i in range(n_embeddings)]
-    )
+    emb_batch, emb_result = run_batch(client, "/v1/embeddings", [embed_body(i, "batch") for i in range(n_embeddings)])
 
     print()
     print(f"{'requests':<34} | {'interactive lines/s':>20} | {'batch lines/s':>13} | {'batch/interactive':>17}")

@@ -156,7 +156,7 @@ def _nullable_to_json_schema(node: Any) -> Any:
 @pytest.fixture(scope="session")
 def openapi_schema() -> dict[str, Any]:
     if not OPENAPI.is_file():
-        pytest.skip(f"{OPENAPI} is absent: the OpenAI schema checks need ../shared/data")
+        pytest.skip(f"{OPENAPI} is absent: the OpenAI schema checks need ../shared/data (or RAGMESH_SHARED_DATA)")
     return dict(_nullable_to_json_schema(json.loads(OPENAPI.read_text())))
 
 

@@ -56,6 +56,9 @@ RETRY_HEADER = "x-ragmesh-retries"
 # Errors that may pass: the line is tried again later.
 TRANSIENT = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE, ErrorKind.RATE_LIMITED, ErrorKind.BAD_GATEWAY})
 FINAL_STATES = ("completed", "failed", "cancelled", "expired")
+# How often a running line looks whether its batch was cancelled (on any replica).
+CANCEL_CHECK_SECONDS = 1.0
+_CANCELLED = object()
 
 # Runs one request (url, body) through the mesh; returns the response body.
 Runner = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -357,19 +360,43 @@ class Batches:
         if batch["status"] == "failed" or await self.store.has_result(batch_id, custom_id):
             await message.ack()  # a redelivery: the line already has its one result
             return
-        if batch["status"] in ("cancelling", "cancelled"):
+        outcome: Any = _CANCELLED
+        if batch["status"] not in ("cancelling", "cancelled"):
+            outcome = await self._unless_cancelled(batch_id, self._attempt(message, url, body))
+        if outcome is _CANCELLED:
             cancelled = RagmeshError(
-                ErrorKind.CANCELLED, "The batch was cancelled before this line ran.", code="batch_cancelled"
+                ErrorKind.CANCELLED, "The batch was cancelled before this line finished.", code="batch_cancelled"
             )
             await self._finish_line(batch_id, custom_id, None, cancelled)
             await message.ack()
             return
-        outcome = await self._attempt(message, url, body)
         if outcome is None:
             return  # retried later
         response, err = outcome
         await self._finish_line(batch_id, custom_id, response, err)
         await message.ack()
+
+    async def _unless_cancelled(self, batch_id: str, attempt: Awaitable[Any]) -> Any:
+        """The attempt's outcome, or _CANCELLED when its batch is cancelled first. Lines wait for
+        an engine slot behind other batch work, so a cancel must reach lines already in flight:
+        cancelling the call frees the slot or takes the line out of the engine's queue."""
+        task = asyncio.ensure_future(attempt)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=CANCEL_CHECK_SECONDS)
+                if done:
+                    return task.result()
+                try:
+                    status = (await self.store.load(batch_id))["status"]
+                except Exception:  # noqa: BLE001 - Redis away or the batch gone: the line decides for itself
+                    continue
+                if status in ("cancelling", "cancelled"):
+                    task.cancel()
+                    await asyncio.wait({task})
+                    return _CANCELLED if task.cancelled() else task.result()
+        finally:
+            if not task.done():  # this worker is being stopped: the message goes back unacked
+                task.cancel()
 
     async def _attempt(
         self, message: AbstractIncomingMessage, url: str, body: dict[str, Any]

@@ -76,8 +76,9 @@ class PreprocessSettings(ServiceSettings):
     max_file_lines: int = 50_000
     # Batch lines this replica works on at once. Chat lines beyond the engine's free
     # slots wait in the engine (it admits batch work only into slots interactive
-    # traffic leaves free); embedding lines in flight together share one encode.
-    batch_workers: int = 16
+    # traffic leaves free); embedding lines in flight together share one encode, and
+    # bigger encodes are cheaper per text (3000 lines: 79/s with 16, 106-113/s with 64).
+    batch_workers: int = 64
     # Attempts of a line that fails for a reason that may pass, with exponential backoff.
     batch_max_retries: int = 3
     batch_backoff_base: float = 1.0

@@ -128,6 +128,7 @@ class Batches:
         self._lock = asyncio.Lock()
         self._consumer: asyncio.Task[None] | None = None
         self._direct_prefix = f"{settings.namespace or 'ragmesh'}:direct:"
+        self._generating = asyncio.Semaphore(max(1, settings.batch_generation_workers))
 
     # --- connection -------------------------------------------------------------------
 
@@ -403,7 +404,11 @@ class Batches:
     ) -> tuple[dict[str, Any] | None, RagmeshError | None] | None:
         """(response, None) or (None, final error); None when the message went back for a retry."""
         try:
-            response = await self._run(url, body)
+            if url == "/v1/embeddings":
+                response = await self._run(url, body)
+            else:
+                async with self._generating:
+                    response = await self._run(url, body)
         except RagmeshError as err:
             retries = _retries(message)
             if err.kind in TRANSIENT and retries < self._settings.batch_max_retries:

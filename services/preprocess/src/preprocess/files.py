@@ -9,7 +9,6 @@ sees half of one. An upload is validated whole before anything is kept.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from ragmesh.durable import write_atomic
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
@@ -86,7 +86,7 @@ class FileStore:
 
         `owner`: the API key id that uploaded it (None with auth off); only that key sees it."""
         file_id = f"file-{uuid.uuid4().hex}"
-        await asyncio.to_thread(_write_atomic, self.path(file_id), data)
+        await asyncio.to_thread(write_atomic, self.path(file_id), data)
         info = {
             "id": file_id,
             "object": "file",
@@ -121,13 +121,3 @@ class FileStore:
 
 def _public(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k not in ("lines", "owner")}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)

@@ -23,6 +23,8 @@ import faiss
 import numpy as np
 import Stemmer
 
+from ragmesh.durable import fsync_dir, write_atomic
+
 _STEMMER = Stemmer.Stemmer("english")
 
 
@@ -174,10 +176,10 @@ class Snapshot:
         if self.bm25 is not None:
             self.bm25.save(str(tmp / "bm25"), show_progress=False)
         (tmp / "meta.json").write_text(json.dumps(self.meta.to_json()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(collection_dir / "CURRENT", final.name)
+        write_atomic(collection_dir / "CURRENT", final.name.encode())
         for old in collection_dir.iterdir():
             if old.name not in (final.name, "CURRENT") and (old.name.startswith("v") or old.name.startswith(".tmp")):
                 shutil.rmtree(old, ignore_errors=True)
@@ -241,21 +243,3 @@ def _build_bm25(chunks: Iterable[ChunkRecord]) -> Any:
     bm25 = bm25s.BM25()
     bm25.index(tokens, show_progress=False)
     return bm25
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -64,10 +64,6 @@ _CANCELLED = object()
 Runner = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-def error_body(err: RagmeshError) -> dict[str, Any]:
-    return err.to_openai()
-
-
 class BatchStore:
     """Batch state in Redis: the batch object, counters, and one result per custom_id."""
 
@@ -467,7 +463,7 @@ class Batches:
             result.update(response={"status_code": 200, "request_id": rid, "body": response}, error=None)
         else:
             result.update(
-                response={"status_code": err.http_status, "request_id": rid, "body": error_body(err)},
+                response={"status_code": err.http_status, "request_id": rid, "body": err.to_openai()},
                 error={"code": err.code or err.kind.value, "message": err.message},
             )
         LINES.labels("ok" if err is None else "failed").inc()
@@ -538,7 +534,7 @@ class Batches:
             reply = (
                 {"v": SCHEMA_VERSION, "status_code": 200, "body": response}
                 if err is None
-                else {"v": SCHEMA_VERSION, "status_code": err.http_status, "body": error_body(err)}
+                else {"v": SCHEMA_VERSION, "status_code": err.http_status, "body": err.to_openai()}
             )
             stored = orjson.dumps(reply)
             # Kept before it is sent: a redelivered request is answered from here, not run again.

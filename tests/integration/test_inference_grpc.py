@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from inference.engine import LlamaCppEngine
 from ragmesh.errors import from_rpc_error
@@ -128,26 +130,30 @@ async def test_list_models(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
     assert [(m.id, m.max_context, m.backend) for m in reply.models] == [(MODEL, 2048, "embedded")]
 
 
-async def _spans(
-    stub: inference_pb2_grpc.InferenceAsyncStub, requests: list[inference_pb2.GenerateRequest]
-) -> list[tuple[float, float]]:
-    """(first token, last chunk) times of requests sent at once."""
-
-    async def one(request: inference_pb2.GenerateRequest) -> tuple[float, float]:
-        first = None
-        async for chunk in stub.Generate(request, timeout=120):
-            if first is None and chunk.text:
-                first = time.monotonic()
-        assert first is not None
-        return first, time.monotonic()
-
-    return list(await asyncio.gather(*(one(r) for r in requests)))
+def preemptions() -> float:
+    return REGISTRY.get_sample_value("ragmesh_inference_batch_preemptions_total") or 0.0
 
 
-def batch_line(text: str) -> inference_pb2.GenerateRequest:
-    request = chat(text, max_tokens=24, temperature=0)
+def batch_line(text: str, max_tokens: int = 24) -> inference_pb2.GenerateRequest:
+    request = chat(text, max_tokens=max_tokens, temperature=0)
     request.priority = inference_pb2.PRIORITY_BATCH
     return request
+
+
+async def _most_batch_choices_running(engine: LlamaCppEngine, work: Awaitable[object]) -> int:
+    """The most batch choices the engine ran at once while `work` ran."""
+    task = asyncio.ensure_future(work)
+    most = 0
+    while not task.done():
+        most = max(most, engine._running[inference_pb2.PRIORITY_BATCH])
+        await asyncio.sleep(0.005)
+    await task
+    return most
+
+
+def _quiet(engine: LlamaCppEngine) -> None:
+    """As if no interactive request came within the reservation window."""
+    engine._last_interactive = time.monotonic() - engine._settings.interactive_reserve_seconds - 1
 
 
 async def test_batch_leaves_a_slot_to_recent_interactive_traffic_and_takes_all_otherwise(
@@ -155,9 +161,44 @@ async def test_batch_leaves_a_slot_to_recent_interactive_traffic_and_takes_all_o
 ) -> None:
     # The test engine has 2 slots. Interactive traffic just now: one stays free, batch lines run one at a time.
     await collect(stub, chat("Hi", max_tokens=1))
-    (a_first, a_end), (b_first, b_end) = await _spans(stub, [batch_line("Tell a story."), batch_line("Tell a tale.")])
-    assert b_first > a_end or a_first > b_end, "two batch lines shared the slots while interactive traffic was about"
-    # No interactive request within the window: batch takes both slots at once.
-    engine._last_interactive = time.monotonic() - engine._settings.interactive_reserve_seconds - 1
-    (a_first, a_end), (b_first, b_end) = await _spans(stub, [batch_line("Tell a story."), batch_line("Tell a tale.")])
-    assert b_first < a_end and a_first < b_end, "batch lines should run side by side on an idle engine"
+    lines = [batch_line("Tell a story."), batch_line("Tell a tale.")]
+    assert await _most_batch_choices_running(engine, asyncio.gather(*(collect(stub, r) for r in lines))) == 1
+    _quiet(engine)
+    assert await _most_batch_choices_running(engine, asyncio.gather(*(collect(stub, r) for r in lines))) == 2
+
+
+async def test_batch_output_comes_whole_once_the_choice_is_complete(
+    stub: inference_pb2_grpc.InferenceAsyncStub, engine: LlamaCppEngine
+) -> None:
+    _quiet(engine)
+    streamed = await collect(stub, chat("Name three colours.", max_tokens=12, temperature=0))
+    whole = await collect(stub, batch_line("Name three colours.", max_tokens=12))
+    assert len(streamed) > 3
+    assert [c.finish_reason for c in whole] == [common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_LENGTH]
+    assert whole[0].text == "".join(c.text for c in streamed)
+    assert whole[-1].completion_tokens == 12
+
+
+async def test_interactive_request_preempts_a_batch_choice_which_then_starts_over(
+    stub: inference_pb2_grpc.InferenceAsyncStub, engine: LlamaCppEngine
+) -> None:
+    _quiet(engine)  # batch may take both slots
+    preempted_before = preemptions()
+    lines = [batch_line("Write a long story about a ship.", 120), batch_line("Write a long story about a cat.", 120)]
+    batch = asyncio.gather(*(collect(stub, r) for r in lines))
+    while engine._running[inference_pb2.PRIORITY_BATCH] < 2:
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    interactive = await collect(stub, chat("Hi", max_tokens=4))
+    interactive_done = time.monotonic()
+    outputs = await batch
+    batch_done = time.monotonic()
+    assert interactive[-1].completion_tokens == 4
+    # It did not wait for a 120-token batch line to finish: one of them gave way.
+    assert preemptions() == preempted_before + 1
+    assert interactive_done - started < batch_done - started
+    # Both batch lines still complete in full, none of the stopped attempt's output in them.
+    for output in outputs:
+        assert output[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert output[-1].completion_tokens == 120
+        assert len(output) == 2

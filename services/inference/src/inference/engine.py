@@ -35,6 +35,9 @@ ACTIVE_REQUESTS = Gauge("ragmesh_inference_active_requests", "Engine requests ru
 # Named after vLLM's vllm:num_requests_running / vllm:num_requests_waiting.
 RUNNING = Gauge("ragmesh:num_requests_running", "Choices generating in an engine slot", ["model"])
 WAITING = Gauge("ragmesh:num_requests_waiting", "Choices admitted and waiting for an engine slot", ["model"])
+PREEMPTIONS = Counter(
+    "ragmesh_inference_batch_preemptions_total", "Batch choices stopped to give their slot to an interactive request"
+)
 TTFT = Histogram(
     "ragmesh_inference_time_to_first_token_seconds",
     "Engine time from request to first token",
@@ -49,6 +52,15 @@ FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
 
 # Sentinel a worker thread puts on the queue when its choice is finished.
 _DONE = object()
+
+
+@dataclass
+class _BatchRun:
+    """A batch choice in an engine slot, which an interactive request may take over."""
+
+    cancelled: threading.Event
+    preempted: bool = False
+
 
 # A byte-level BPE token covers at least one byte of text, so a prompt's UTF-8
 # size (plus the chat template's markers and default system prompt) bounds its
@@ -104,6 +116,9 @@ class LlamaCppEngine:
         # batch requests waiting for a slot interactive traffic leaves free.
         self._running = {inference_pb2.PRIORITY_INTERACTIVE: 0, inference_pb2.PRIORITY_BATCH: 0}
         self._batch_waiters: list[asyncio.Future[None]] = []
+        # Batch choices in slots, oldest first, and preempted ones not yet out of their slot.
+        self._batch_runs: list[_BatchRun] = []
+        self._leaving = 0
         self._last_interactive = -float("inf")
         self.model_id = settings.served_model_name
         self.created = int(time.time())
@@ -241,8 +256,9 @@ class LlamaCppEngine:
     def _batch_room(self) -> int:
         """Slots batch work may take now. While interactive traffic is about (a request in the last
         `interactive_reserve_seconds`), `interactive_reserved_slots` stay free for it (batch always
-        keeps one), so a new interactive request never waits behind a batch line; on a mesh with no
-        interactive traffic batch takes them all."""
+        keeps one); on a mesh with no interactive traffic batch takes them all. An interactive
+        request finding no free slot takes one from a batch choice (`_preempt_for`), so the
+        reservation only spares a steady interactive stream from preempting at every request."""
         recent = time.monotonic() - self._last_interactive < self._settings.interactive_reserve_seconds
         reserved = self._reserved_slots() if recent else 0
         busy = sum(self._running.values())
@@ -251,11 +267,9 @@ class LlamaCppEngine:
     def _reserved_slots(self) -> int:
         return max(0, min(self._settings.interactive_reserved_slots, self._settings.n_parallel - 1))
 
-    async def _wait_for_batch_room(self, n: int) -> None:
-        # n > 1 must still fit beside the reserved slots
-        wanted = max(1, min(n, self._settings.n_parallel - self._reserved_slots()))
+    async def _wait_for_batch_room(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._batch_room() < wanted:
+        while self._batch_room() < 1:
             waiter: asyncio.Future[None] = loop.create_future()
             self._batch_waiters.append(waiter)
             try:
@@ -263,6 +277,21 @@ class LlamaCppEngine:
             finally:
                 if waiter in self._batch_waiters:
                     self._batch_waiters.remove(waiter)
+
+    def _preempt_for(self, n: int) -> None:
+        """Stop the newest batch choices (least work lost) until `n` interactive choices have slots.
+
+        A stopped batch choice has sent nothing to its caller (batch output is held back until it
+        is complete); it waits for a slot again and starts over.
+        """
+        free = self._settings.n_parallel - sum(self._running.values()) + self._leaving
+        while free < n and self._batch_runs:
+            victim = self._batch_runs.pop()
+            victim.preempted = True
+            victim.cancelled.set()
+            self._leaving += 1
+            free += 1
+            PREEMPTIONS.inc()
 
     def _slots_changed(self, priority: inference_pb2.Priority.ValueType, delta: int) -> None:
         self._running[priority] += delta
@@ -382,39 +411,33 @@ class LlamaCppEngine:
     async def generate(
         self, request: inference_pb2.GenerateRequest
     ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
-        """Stream GenerationChunks for every choice; closing the iterator stops the engine."""
+        """Stream GenerationChunks for every choice; closing the iterator stops the engine.
+
+        Batch requests (PRIORITY_BATCH) are not streamed: each choice's output comes once it is
+        complete, so an interactive request may preempt it (see `_preempt_for`) at no cost to the
+        caller but the restart.
+        """
         self.check_model(request.model)
         if request.WhichOneof("input") is None:
             raise invalid_request("either messages or prompt is required", param="messages")
         await self._check_context(request)
         n = max(1, request.sampling.n)
-        priority = request.priority
-        if priority == inference_pb2.PRIORITY_BATCH:
-            await self._wait_for_batch_room(n)
-        else:
-            self._last_interactive = time.monotonic()
+        if request.priority == inference_pb2.PRIORITY_BATCH:
+            async for chunk in self._generate_batch(request, n):
+                yield chunk
+            return
+        self._last_interactive = time.monotonic()
         self._admit(n)
-        self._slots_changed(priority, n)
-        loop = asyncio.get_running_loop()
+        self._preempt_for(n)
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
-
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-            if item is _DONE:  # the choice's thread is done with its slot
-                loop.call_soon_threadsafe(self._slots_changed, priority, -1)
-
-        chat = request.WhichOneof("input") == "chat"
         for index in range(n):
-            state = _ChoiceState(index=index, model=self.model_id)
             try:
-                self._executor.submit(self._run_choice, chat, self._body(request, index), state, emit, cancelled)
-            except RuntimeError:  # executor shut down: the service is stopping
-                for _ in range(n - index):
+                self._start_choice(request, index, inference_pb2.PRIORITY_INTERACTIVE, queue, cancelled)
+            except RagmeshError:
+                for _ in range(n - index - 1):  # admitted, never started
                     self._release()
-                    self._slots_changed(priority, -1)
-                cancelled.set()
-                raise RagmeshError(ErrorKind.UNAVAILABLE, "inference is shutting down") from None
+                raise
         running = n
         try:
             while running:
@@ -429,6 +452,98 @@ class LlamaCppEngine:
         finally:
             # Stops every choice at its next token; the threads then exit by themselves.
             cancelled.set()
+
+    def _start_choice(
+        self,
+        request: inference_pb2.GenerateRequest,
+        index: int,
+        priority: inference_pb2.Priority.ValueType,
+        queue: asyncio.Queue[object],
+        cancelled: threading.Event,
+    ) -> None:
+        """Run one admitted choice in a worker thread; its chunks, errors and end go to `queue`."""
+        loop = asyncio.get_running_loop()
+        self._slots_changed(priority, 1)
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+            if item is _DONE:  # the choice's thread is done with its slot
+                loop.call_soon_threadsafe(self._slots_changed, priority, -1)
+
+        chat = request.WhichOneof("input") == "chat"
+        state = _ChoiceState(index=index, model=self.model_id)
+        try:
+            self._executor.submit(self._run_choice, chat, self._body(request, index), state, emit, cancelled)
+        except RuntimeError:  # executor shut down: the service is stopping
+            self._release()
+            self._slots_changed(priority, -1)
+            cancelled.set()
+            raise RagmeshError(ErrorKind.UNAVAILABLE, "inference is shutting down") from None
+
+    async def _generate_batch(
+        self, request: inference_pb2.GenerateRequest, n: int
+    ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
+        choices = [asyncio.ensure_future(self._batch_choice(request, index)) for index in range(n)]
+        try:
+            outputs = await asyncio.gather(*choices)
+        finally:
+            for choice in choices:
+                choice.cancel()
+        for chunks in outputs:
+            for chunk in _merged(chunks):
+                yield chunk
+
+    async def _batch_choice(
+        self, request: inference_pb2.GenerateRequest, index: int
+    ) -> list[common_pb2.GenerationChunk]:
+        """One batch choice's whole output, generated in a slot interactive traffic leaves free
+        and started over as often as it is preempted."""
+        while True:
+            await self._wait_for_batch_room()
+            self._admit(1)
+            run = _BatchRun(threading.Event())
+            queue: asyncio.Queue[object] = asyncio.Queue()
+            self._start_choice(request, index, inference_pb2.PRIORITY_BATCH, queue, run.cancelled)
+            self._batch_runs.append(run)
+            chunks: list[common_pb2.GenerationChunk] = []
+            error: RagmeshError | None = None
+            try:
+                # Up to the thread's end, so that a preempted choice has left its slot when retried.
+                while (item := await queue.get()) is not _DONE:
+                    if isinstance(item, RagmeshError):
+                        error = item
+                    else:
+                        assert isinstance(item, common_pb2.GenerationChunk)
+                        chunks.append(item)
+            finally:
+                run.cancelled.set()
+                if run in self._batch_runs:
+                    self._batch_runs.remove(run)
+                if run.preempted:
+                    self._leaving -= 1
+            if not run.preempted:
+                if error is not None:
+                    raise error
+                return chunks
+
+
+def _merged(chunks: list[common_pb2.GenerationChunk]) -> list[common_pb2.GenerationChunk]:
+    """A complete choice's text chunks as one (fewer messages downstream); chunks carrying
+    extras (logprobs) are kept apart, and the finishing chunk comes last as it was."""
+    out: list[common_pb2.GenerationChunk] = []
+    for chunk in chunks:
+        last = out[-1] if out else None
+        mergeable = not chunk.extra_json and chunk.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+        if last is not None and mergeable and not last.extra_json and last.finish_reason == chunk.finish_reason:
+            last.text += chunk.text
+            last.completion_tokens = chunk.completion_tokens
+            last.prompt_tokens = chunk.prompt_tokens
+            last.cached_prompt_tokens = chunk.cached_prompt_tokens
+        else:
+            copy = common_pb2.GenerationChunk()
+            copy.CopyFrom(chunk)
+            out.append(copy)
+    return out
 
 
 # What the engine sets itself, whatever the client's request said: the mesh

@@ -50,8 +50,11 @@ class InferenceSettings(ServiceSettings):
     # Requests admitted at once (running + waiting for a slot); past it: 503.
     max_concurrent_requests: int = 64
     # Batch work leaves `interactive_reserved_slots` slots free while an interactive request came
-    # in the last `interactive_reserve_seconds`; with none, batch may use every slot.
-    interactive_reserve_seconds: float = 30.0
+    # in the last `interactive_reserve_seconds`; with none, batch may use every slot. An interactive
+    # request finding every slot busy preempts a batch choice anyway, so the window is only there
+    # to spare a steady interactive stream a preemption per request; kept short because every
+    # second of it after the stream stops costs batch a slot.
+    interactive_reserve_seconds: float = 5.0
     interactive_reserved_slots: int = 1
 
     # Backends (upstream OpenAI-compatible endpoints, routes, fallbacks): a YAML

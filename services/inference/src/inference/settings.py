@@ -55,7 +55,10 @@ class InferenceSettings(ServiceSettings):
     # to spare a steady interactive stream a preemption per request; kept short because every
     # second of it after the stream stops costs batch a slot.
     interactive_reserve_seconds: float = 5.0
-    interactive_reserved_slots: int = 1
+    # 3 of 4: batch decoding beside an interactive prompt is what slows its first token (on 2
+    # cores, TTFT under a batch went from 2.1-2.3x idle with 1 or 2 reserved to 1.3-1.6x with 3).
+    # Batch always keeps one slot, whatever this says.
+    interactive_reserved_slots: int = 3
 
     # Backends (upstream OpenAI-compatible endpoints, routes, fallbacks): a YAML
     # file; empty means the embedded engine alone. SIGHUP reloads it.

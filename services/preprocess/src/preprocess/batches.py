@@ -125,6 +125,8 @@ class Batches:
         self._consumer: asyncio.Task[None] | None = None
         self._direct_prefix = f"{settings.namespace or 'ragmesh'}:direct:"
         self._generating = asyncio.Semaphore(max(1, settings.batch_generation_workers))
+        # Per batch: when its status was last read and the read (shared by all its lines in flight).
+        self._cancel_reads: dict[str, tuple[float, asyncio.Future[bool]]] = {}
 
     # --- connection -------------------------------------------------------------------
 
@@ -383,17 +385,33 @@ class Batches:
                 done, _ = await asyncio.wait({task}, timeout=CANCEL_CHECK_SECONDS)
                 if done:
                     return task.result()
-                try:
-                    status = (await self.store.load(batch_id))["status"]
-                except Exception:  # noqa: BLE001 - Redis away or the batch gone: the line decides for itself
-                    continue
-                if status in ("cancelling", "cancelled"):
+                if await self._batch_cancelled(batch_id):
                     task.cancel()
                     await asyncio.wait({task})
                     return _CANCELLED if task.cancelled() else task.result()
         finally:
             if not task.done():  # this worker is being stopped: the message goes back unacked
                 task.cancel()
+
+    async def _batch_cancelled(self, batch_id: str) -> bool:
+        """Whether the batch is being cancelled. Every line in flight asks each second; one Redis
+        read per batch and second answers them all (64 lines polling on their own cost more of
+        this process's time than running them)."""
+        now = time.monotonic()
+        last = self._cancel_reads.get(batch_id)
+        if last is None or now - last[0] >= CANCEL_CHECK_SECONDS:
+            for stale in [b for b, (at, _) in self._cancel_reads.items() if now - at > 60]:
+                del self._cancel_reads[stale]
+            last = (now, asyncio.ensure_future(self._read_cancelled(batch_id)))
+            self._cancel_reads[batch_id] = last
+        return await asyncio.shield(last[1])
+
+    async def _read_cancelled(self, batch_id: str) -> bool:
+        try:
+            status = (await self.store.load(batch_id))["status"]
+        except Exception:  # noqa: BLE001 - Redis away or the batch gone: the line decides for itself
+            return False
+        return status in ("cancelling", "cancelled")
 
     async def _attempt(
         self, message: AbstractIncomingMessage, url: str, body: dict[str, Any]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from inference.config import UpstreamBackend
 from inference.router import Breaker, _backoff
@@ -44,10 +47,33 @@ def sse(*events: Any) -> bytes:
     return b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
 
 
-def engine_with(handler: Any) -> UpstreamEngine:
-    engine = UpstreamEngine(UpstreamBackend(name="u", type="openai", base_url="http://upstream/v1", models=["m"]))
-    engine._client = httpx.AsyncClient(base_url="http://upstream/v1", transport=httpx.MockTransport(handler))
-    return engine
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def engine_at(base_url: str) -> UpstreamEngine:
+    return UpstreamEngine(UpstreamBackend(name="u", type="openai", base_url=base_url, models=["m"]))
+
+
+@pytest.fixture
+async def engine_with() -> AsyncIterator[Callable[[Handler], Awaitable[UpstreamEngine]]]:
+    """An engine whose upstream is a loopback HTTP server answering with `handler`."""
+    servers: list[TestServer] = []
+    engines: list[UpstreamEngine] = []
+
+    async def start(handler: Handler) -> UpstreamEngine:
+        app = web.Application()
+        app.router.add_route("*", "/v1/{path:.*}", handler)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        engines.append(engine_at(str(server.make_url("/v1"))))
+        return engines[-1]
+
+    yield start
+    for engine in engines:
+        await engine.aclose()
+    for server in servers:
+        await server.close()
 
 
 def request() -> inference_pb2.GenerateRequest:
@@ -64,11 +90,12 @@ async def collect(engine: UpstreamEngine) -> list[common_pb2.GenerationChunk]:
     return [c async for c in engine.generate(request(), "m")]
 
 
-async def test_stream_is_parsed_and_the_request_passes_through() -> None:
+async def test_stream_is_parsed_and_the_request_passes_through(engine_with: Any) -> None:
     seen: dict[str, Any] = {}
 
-    def handler(req: httpx.Request) -> httpx.Response:
-        seen.update(json.loads(req.content))
+    async def handler(req: web.Request) -> web.Response:
+        seen.update(await req.json())
+        seen["path"] = req.path
         body = sse(
             {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]},
             {"choices": [{"index": 0, "delta": {"content": "lo", "tool_calls": [{"index": 0, "id": "c1"}]}}]},
@@ -76,9 +103,10 @@ async def test_stream_is_parsed_and_the_request_passes_through() -> None:
             {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
             b"[DONE]",
         )
-        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        return web.Response(body=body, content_type="text/event-stream")
 
-    chunks = await collect(engine_with(handler))
+    chunks = await collect(await engine_with(handler))
+    assert seen["path"] == "/v1/chat/completions"
     assert seen["tools"] == [{"t": 1}] and seen["model"] == "m" and seen["stream"] is True
     assert seen["stream_options"] == {"include_usage": True}
     assert [c.text for c in chunks] == ["Hel", "lo", ""]
@@ -98,31 +126,48 @@ async def test_stream_is_parsed_and_the_request_passes_through() -> None:
         (404, ErrorKind.NOT_FOUND, False),
     ],
 )
-async def test_error_statuses_are_classified(status: int, kind: ErrorKind, retryable: bool) -> None:
-    def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json={"error": {"message": "nope"}}, headers={"retry-after": "2"})
+async def test_error_statuses_are_classified(status: int, kind: ErrorKind, retryable: bool, engine_with: Any) -> None:
+    async def handler(req: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "nope"}}, status=status, headers={"Retry-After": "2"})
 
     with pytest.raises(UpstreamError) as info:
-        await collect(engine_with(handler))
+        await collect(await engine_with(handler))
     assert info.value.kind is kind and info.value.retryable is retryable
     if status == 429:
         assert info.value.retry_after_seconds == 2.0
 
 
 @pytest.mark.parametrize("body", [b"data: not json\n\n", b"data: [1, 2]\n\n", b'data: {"choices": 3}\n\n'])
-async def test_non_json_or_wrong_shape_is_a_bad_gateway(body: bytes) -> None:
-    def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body)
+async def test_non_json_or_wrong_shape_is_a_bad_gateway(body: bytes, engine_with: Any) -> None:
+    async def handler(req: web.Request) -> web.Response:
+        return web.Response(body=body)
 
     with pytest.raises(UpstreamError) as info:
-        await collect(engine_with(handler))
+        await collect(await engine_with(handler))
     assert info.value.kind is ErrorKind.BAD_GATEWAY and info.value.http_status == 502
 
 
 async def test_connection_refused_is_retryable_unavailable() -> None:
-    def handler(req: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
-
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = engine_at(f"http://127.0.0.1:{port}/v1")
     with pytest.raises(UpstreamError) as info:
-        await collect(engine_with(handler))
+        await collect(engine)
+    await engine.aclose()
     assert info.value.kind is ErrorKind.UNAVAILABLE and info.value.retryable
+
+
+async def test_an_event_longer_than_the_read_buffer_is_read_whole(engine_with: Any) -> None:
+    text = "x" * 300_000  # one SSE line past aiohttp's default 64 KiB buffer
+
+    async def handler(req: web.Request) -> web.Response:
+        body = sse(
+            {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+            b"[DONE]",
+        )
+        return web.Response(body=body, content_type="text/event-stream")
+
+    chunks = await collect(await engine_with(handler))
+    assert chunks[0].text == text and chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import orjson
@@ -167,6 +167,12 @@ def cache_key(
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+async def _collected(opened: Awaitable[tuple[Answer, str]]) -> tuple[Answer, str, str]:
+    """An opened answer, its cache state and its whole (non-streamed) body."""
+    answer, cache_state = await opened
+    return answer, cache_state, await answer.collect()
+
+
 class ChatCompletions:
     """The chat and legacy completion endpoints, bound to the mesh clients."""
 
@@ -195,22 +201,26 @@ class ChatCompletions:
         try:
             check_model_allowed(key, req.model)
             no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
-            answer, cache_state = await until_disconnect(request, self.answer(req, self._cacheable(req, no_cache)))
-            headers = {CACHE_HEADER: cache_state}
+            opened = self.answer(req, self._cacheable(req, no_cache))
             if req.stream:
+                answer, cache_state = await until_disconnect(request, opened)
                 return StreamingResponse(
                     self._events(answer, clock, key),
                     media_type="text/event-stream",
-                    headers={**SSE_HEADERS, **headers},
+                    headers={**SSE_HEADERS, CACHE_HEADER: cache_state},
                 )
-            body = await until_disconnect(request, answer.collect())
+            # One disconnect watch over opening and collecting: each costs two tasks.
+            answer, cache_state, body = await until_disconnect(request, _collected(opened))
         except RagmeshError as err:
             clock.finished(err.kind.value)
             raise
         clock.finished("ok", answer.usage)
         # Charged once the response is out: the client does not wait for the bookkeeping.
         return Response(
-            body, media_type="application/json", headers=headers, background=BackgroundTask(self._charge, key, answer)
+            body,
+            media_type="application/json",
+            headers={CACHE_HEADER: cache_state},
+            background=BackgroundTask(self._charge, key, answer),
         )
 
     async def _charge(self, key: ApiKey | None, answer: Answer) -> None:

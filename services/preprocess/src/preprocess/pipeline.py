@@ -53,6 +53,7 @@ class GenerationPipeline:
             grpc.aio.StreamStreamCall[postprocess_pb2.ProcessRequest, postprocess_pb2.ProcessResponse] | None
         ) = None
         self._first: common_pb2.GenerationChunk | None = None
+        self._start_sent = False
         self._gen_error: RagmeshError | None = None
         self.usage: common_pb2.Usage | None = None
 
@@ -69,6 +70,9 @@ class GenerationPipeline:
             return
         self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
         try:
+            # Postprocess gets the start while the engine works on the prompt, not after.
+            await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
+            self._start_sent = True
             first = await self._gen.read()
         except grpc.aio.AioRpcError as exc:
             self.close()
@@ -91,7 +95,8 @@ class GenerationPipeline:
         """Forward generation chunks to postprocess until generation ends."""
         assert self._proc is not None and self._first is not None
         try:
-            await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
+            if not self._start_sent:
+                await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
             chunk: object = self._first
             while chunk is not grpc.aio.EOF:
                 assert isinstance(chunk, common_pb2.GenerationChunk)

@@ -10,3 +10,4 @@ def test_servers_accept_the_clients_keepalive_pings() -> None:
     assert client["grpc.keepalive_permit_without_calls"] == 1
     assert server["grpc.keepalive_permit_without_calls"] == 1
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert server["grpc.http2.max_ping_strikes"] == 0  # BDP probes under load count as strikes too

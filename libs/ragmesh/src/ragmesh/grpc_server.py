@@ -42,12 +42,14 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
-    # Accept the clients' keepalive pings (every 30 s, with or without calls: see
-    # grpc_client.CHANNEL_OPTIONS). By default a server takes pings closer than 5 min
-    # apart as abuse and drops the connection (GOAWAY too_many_pings), so the next
-    # call paid a reconnect.
+    # Accept the clients' pings: keepalives every 30 s with or without calls (see
+    # grpc_client.CHANNEL_OPTIONS), and the BDP probes a client sends while it
+    # receives a lot. By default a server takes pings closer than 5 min apart as
+    # abuse and drops the connection after 2 (GOAWAY too_many_pings), so the next
+    # call paid a reconnect. Peers are the mesh's own services: no strike limit.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+    ("grpc.http2.max_ping_strikes", 0),
 )
 
 

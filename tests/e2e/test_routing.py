@@ -73,12 +73,17 @@ def test_streaming_pass_through_with_usage(mesh: Mesh) -> None:
     chunks = list(
         mesh.openai().chat.completions.create(
             model=UPSTREAM_MODEL,
-            messages=[{"role": "user", "content": "Count to three."}],
+            # Greedy and a long answer: it runs to max_tokens (a sampled "Count to three."
+            # sometimes ended on its own after 5 tokens).
+            messages=[{"role": "user", "content": "Write a long story about a ship."}],
             max_tokens=6,
+            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )
     )
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 

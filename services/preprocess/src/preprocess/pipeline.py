@@ -53,7 +53,6 @@ class GenerationPipeline:
             grpc.aio.StreamStreamCall[postprocess_pb2.ProcessRequest, postprocess_pb2.ProcessResponse] | None
         ) = None
         self._first: common_pb2.GenerationChunk | None = None
-        self._start_sent = False
         self._gen_error: RagmeshError | None = None
         self.usage: common_pb2.Usage | None = None
 
@@ -65,15 +64,12 @@ class GenerationPipeline:
         """
         metadata = call_metadata()
         self._proc = self._clients.postprocess.Process(timeout=self._timeout, metadata=metadata)
-        if self._fixed is not None:
-            self._first = self._fixed
-            return
-        self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
+        if self._fixed is None:
+            self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
         try:
             # Postprocess gets the start while the engine works on the prompt, not after.
             await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
-            self._start_sent = True
-            first = await self._gen.read()
+            first = self._fixed if self._gen is None else await self._gen.read()
         except grpc.aio.AioRpcError as exc:
             self.close()
             raise from_rpc_error(exc) from None
@@ -95,8 +91,6 @@ class GenerationPipeline:
         """Forward generation chunks to postprocess until generation ends."""
         assert self._proc is not None and self._first is not None
         try:
-            if not self._start_sent:
-                await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
             chunk: object = self._first
             while chunk is not grpc.aio.EOF:
                 assert isinstance(chunk, common_pb2.GenerationChunk)

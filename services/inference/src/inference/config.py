@@ -41,6 +41,8 @@ class UpstreamBackend(_Strict):
     # The key is read from the environment or a file, never written in this file.
     api_key_env: str | None = None
     api_key_file: str | None = None
+    # Longest silence between two reads of an answer (a stream may run longer in all);
+    # the caller's deadline bounds the whole answer.
     timeout: float = Field(default=120.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)

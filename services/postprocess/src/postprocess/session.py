@@ -260,6 +260,7 @@ class ProcessSession:
                 "score": s.score,
                 "snippet": s.snippet,
                 "cited": s.index in cited,
+                **({"rerank_score": s.rerank_score} if s.HasField("rerank_score") else {}),
             }
             for s in self._start.sources
         ]

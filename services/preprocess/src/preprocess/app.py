@@ -28,6 +28,8 @@ from preprocess.ingest import IngestPublisher
 from preprocess.keys import KeyStore
 from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
 from preprocess.queue_depth import QueueDepthMonitor
+from preprocess.rerank_api import RerankApi
+from preprocess.reranking import Reranking
 from preprocess.retrieval_api import RetrievalApi, runner
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import Topology
@@ -90,8 +92,9 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         chunker = Chunker(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
         keys = KeyStore(redis, settings.namespace, settings.rate_limit_window)
-        chat = ChatCompletions(clients, settings, keys)
-        retrieval = RetrievalApi(clients, settings, publisher, jobs)
+        reranking = Reranking(clients, settings)
+        chat = ChatCompletions(clients, settings, keys, reranking)
+        retrieval = RetrievalApi(clients, settings, publisher, jobs, reranking)
         batches = Batches(
             settings,
             redis,
@@ -106,6 +109,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         app.state.clients = clients
         app.state.chat = chat
         app.state.retrieval = retrieval
+        app.state.rerank = RerankApi(reranking, settings, keys)
         app.state.batches = batches
         app.state.keys = keys
 
@@ -211,6 +215,10 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     async def get_collection(name: str, request: Request) -> Response:
         return _json(await api(request).get_collection(name))
 
+    @app.patch("/v1/collections/{name}")
+    async def update_collection(name: str, request: Request) -> Response:
+        return _json(await api(request).update_collection(name, await body(request)))
+
     @app.delete("/v1/collections/{name}")
     async def delete_collection(name: str, request: Request) -> Response:
         return _json(await api(request).delete_collection(name))
@@ -259,6 +267,16 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     @app.post("/v1/search")
     async def search(request: Request) -> Response:
         return _json(await api(request).search(await body(request)))
+
+    @app.post("/v1/rerank")
+    async def rerank(request: Request) -> Response:
+        rerank_api: RerankApi = request.app.state.rerank
+        return await rerank_api.rerank(request)
+
+    @app.post("/v1/ranking")
+    async def ranking(request: Request) -> Response:
+        rerank_api: RerankApi = request.app.state.rerank
+        return await rerank_api.ranking(request)
 
     # Outermost last: the request id is set before authentication logs anything.
     app.add_middleware(

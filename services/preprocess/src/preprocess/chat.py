@@ -37,6 +37,7 @@ from preprocess.protocol import (
     parse_completion_request,
 )
 from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
+from preprocess.reranking import Reranking, RerankOption
 from preprocess.settings import ModelAlias, PreprocessSettings
 from ragmesh.errors import ErrorKind, RagmeshError
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2
@@ -138,9 +139,12 @@ def openai_body(req: SamplingRequest, rag_system: common_pb2.ChatMessage | None)
 def rag_spec(req: SamplingRequest, alias: ModelAlias | None) -> RagSpec | None:
     """The request's own `rag` field wins over the alias's binding."""
     if req.rag is not None:
-        return RagSpec(req.rag.collection, req.rag.top_k, req.rag.mode, req.rag.on_error)
+        rag = req.rag
+        option = RerankOption(rag.rerank, rag.rerank_candidates, rag.rerank_required)
+        return RagSpec(rag.collection, rag.top_k, rag.mode, rag.on_error, option)
     if alias is not None:
-        return RagSpec(alias.collection, alias.top_k, alias.mode, alias.on_retrieval_error)
+        option = RerankOption(alias.rerank, alias.rerank_candidates, alias.rerank_required)
+        return RagSpec(alias.collection, alias.top_k, alias.mode, alias.on_retrieval_error, option)
     return None
 
 
@@ -164,6 +168,9 @@ def cache_key(
             retrieved.collection_id,
             retrieved.report.index_version,
         ]
+        if retrieved.report.rerank not in ("", "off"):
+            # Another reranker, or a skipped rerank, is other passages: never the same answer.
+            material["rerank"] = [retrieved.report.rerank, retrieved.report.rerank_model]
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -176,11 +183,22 @@ async def _collected(opened: Awaitable[tuple[Answer, str]]) -> tuple[Answer, str
 class ChatCompletions:
     """The chat and legacy completion endpoints, bound to the mesh clients."""
 
-    def __init__(self, clients: MeshClients, settings: PreprocessSettings, keys: KeyStore | None = None) -> None:
+    def __init__(
+        self,
+        clients: MeshClients,
+        settings: PreprocessSettings,
+        keys: KeyStore | None = None,
+        reranking: Reranking | None = None,
+    ) -> None:
         self._clients = clients
         self._settings = settings
         self._keys = keys
-        self._rag = RagPlanner(clients, settings.rag_search_timeout, settings.rag_completion_reserve)
+        self._rag = RagPlanner(
+            clients,
+            settings.rag_search_timeout,
+            settings.rag_completion_reserve,
+            reranking or Reranking(clients, settings),
+        )
 
     def _cacheable(self, req: SamplingRequest, no_cache: bool = False) -> bool:
         return self._settings.response_cache and req.cache is not False and not no_cache and req.deterministic()

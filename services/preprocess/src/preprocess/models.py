@@ -17,18 +17,22 @@ from ragmesh.v1 import common_pb2, inference_pb2
 
 
 def model_object(card: common_pb2.ModelCard) -> dict[str, Any]:
-    """OpenAI's model object plus vLLM's max_model_len."""
-    return {
+    """OpenAI's model object plus vLLM's max_model_len and, where known, what the model does."""
+    body: dict[str, Any] = {
         "id": card.id,
         "object": "model",
         "created": card.created,
         "owned_by": card.owned_by,
         "max_model_len": card.max_context,
     }
+    if card.capabilities:
+        body["capabilities"] = list(card.capabilities)
+    return body
 
 
 async def list_models(clients: MeshClients, deadline: float = 10.0) -> list[common_pb2.ModelCard]:
-    """Chat models from inference, then embedding models from retrieval (left out if it is down)."""
+    """Chat and upstream reranking models from inference, then embedding and local reranking models
+    from retrieval (left out if it is down)."""
     request = common_pb2.ListModelsRequest()
     chat, embedding = await asyncio.gather(
         clients.inference.ListModels(request, timeout=deadline, metadata=call_metadata()),

@@ -58,6 +58,10 @@ class RagOptions(BaseModel):
     top_k: int = Field(default=4, ge=1, le=20)
     mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
     on_error: Literal["fail", "no_context"] = "fail"
+    # The rerank step: a model, true (the collection's default), false; unset: the collection's default.
+    rerank: StrictBool | StrictStr | None = None
+    rerank_candidates: int | None = Field(default=None, ge=1)
+    rerank_required: StrictBool = False
 
 
 class SamplingRequest(_Lenient):

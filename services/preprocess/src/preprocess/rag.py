@@ -22,6 +22,7 @@ from typing import Literal
 import grpc
 
 from preprocess.clients import MeshClients
+from preprocess.reranking import Reranking, RerankOption
 from preprocess.retrieval_api import SEARCH_MODES
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
@@ -46,6 +47,7 @@ class RagSpec:
     top_k: int = 4
     mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
     on_error: Literal["fail", "no_context"] = "fail"
+    rerank: RerankOption = field(default_factory=RerankOption)
 
 
 @dataclass
@@ -92,13 +94,17 @@ class Retrieved:
     report: postprocess_pb2.RagReport
     hits: list[retrieval_pb2.SearchHit]
     collection_id: str
+    rerank_scores: dict[str, float] = field(default_factory=dict)  # by chunk id, when reranked
 
 
 class RagPlanner:
-    def __init__(self, clients: MeshClients, search_timeout: float, completion_reserve: int) -> None:
+    def __init__(
+        self, clients: MeshClients, search_timeout: float, completion_reserve: int, reranking: Reranking
+    ) -> None:
         self._clients = clients
         self._search_timeout = search_timeout
         self._completion_reserve = completion_reserve
+        self._reranking = reranking
 
     async def _count(
         self, model: str, messages: list[common_pb2.ChatMessage] | None = None, prompt: str = ""
@@ -113,29 +119,28 @@ class RagPlanner:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def _search(self, spec: RagSpec, query: str) -> retrieval_pb2.SearchResponse:
+    async def retrieve(self, messages: list[common_pb2.ChatMessage], spec: RagSpec) -> Retrieved:
+        """Search the collection for the conversation (a failure follows spec.on_error)."""
+        report = postprocess_pb2.RagReport(collection=spec.collection, rerank="off")
+        query = retrieval_query(messages)
+        if not query:
+            raise RagmeshError(ErrorKind.INVALID_REQUEST, "RAG needs a user message to search for.", param="messages")
         request = retrieval_pb2.SearchRequest(
             collection=spec.collection, query=query, top_k=spec.top_k, mode=SEARCH_MODES[spec.mode]
         )
         try:
-            return await self._clients.retrieval.Search(request, timeout=self._search_timeout, metadata=call_metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    async def retrieve(self, messages: list[common_pb2.ChatMessage], spec: RagSpec) -> Retrieved:
-        """Search the collection for the conversation (a failure follows spec.on_error)."""
-        report = postprocess_pb2.RagReport(collection=spec.collection)
-        query = retrieval_query(messages)
-        if not query:
-            raise RagmeshError(ErrorKind.INVALID_REQUEST, "RAG needs a user message to search for.", param="messages")
-        try:
-            found = await self._search(spec, query)
+            found = await self._reranking.search(request, spec.rerank, self._search_timeout)
         except RagmeshError as err:
             return self._failed(report, spec, err)
-        report.index_version = found.index_version
+        report.index_version = found.found.index_version
         report.passages_retrieved = len(found.hits)
         report.status = "ok" if found.hits else "no_sources"
-        return Retrieved(report, list(found.hits), found.collection_id)
+        report.rerank = found.status
+        report.rerank_model = found.model
+        report.rerank_reason = found.reason
+        report.rerank_candidates = found.candidates
+        scores = {h.chunk_id: s for h, s in zip(found.hits, found.rerank_scores, strict=True) if s is not None}
+        return Retrieved(report, found.hits, found.found.collection_id, scores)
 
     async def fit(
         self, model: str, messages: list[common_pb2.ChatMessage], retrieved: Retrieved, max_tokens: int | None
@@ -155,6 +160,7 @@ class RagPlanner:
                 title=hit.title,
                 score=hit.score,
                 snippet=hit.text[:SNIPPET_CHARS],
+                rerank_score=retrieved.rerank_scores.get(hit.chunk_id),
             )
             for number, hit in enumerate(used, start=1)
         ]

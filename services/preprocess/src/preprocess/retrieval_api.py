@@ -11,12 +11,13 @@ from typing import Any, Literal
 import grpc
 import orjson
 from google.protobuf.json_format import MessageToDict
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
 from preprocess.ingest import IngestPublisher, parse_documents
 from preprocess.protocol import parse_chat_request, parse_completion_request, validation_error
+from preprocess.reranking import Reranking, RerankOption
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error, invalid_request
 from ragmesh.grpc_client import call_metadata
@@ -33,6 +34,12 @@ SEARCH_MODES = {
 class CreateCollection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr
+    reranker: StrictStr | None = None  # the default reranking model of its searches
+
+
+class UpdateCollection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reranker: StrictStr | None  # null: no default reranker
 
 
 class SearchRequest(BaseModel):
@@ -42,6 +49,13 @@ class SearchRequest(BaseModel):
     top_k: int = Field(default=5, ge=1, le=100)
     mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
     cache: bool = True
+    # A reranking model, true (the collection's default), false (none); unset: the collection's default.
+    rerank: StrictBool | StrictStr | None = None
+    rerank_candidates: int | None = Field(default=None, ge=1)
+    rerank_required: StrictBool = False
+
+    def option(self) -> RerankOption:
+        return RerankOption(self.rerank, self.rerank_candidates, self.rerank_required)
 
 
 class EmbeddingsRequest(BaseModel):
@@ -63,6 +77,7 @@ def collection_object(collection: retrieval_pb2.Collection) -> dict[str, Any]:
         "chunks": collection.chunks,
         "index_version": collection.index_version,
         "index_type": collection.index_type,
+        "reranker": collection.reranker or None,
     }
 
 
@@ -77,12 +92,18 @@ def _validated(model: type[BaseModel], body: Any) -> Any:
 
 class RetrievalApi:
     def __init__(
-        self, clients: MeshClients, settings: PreprocessSettings, publisher: IngestPublisher, jobs: JobStore
+        self,
+        clients: MeshClients,
+        settings: PreprocessSettings,
+        publisher: IngestPublisher,
+        jobs: JobStore,
+        reranking: Reranking,
     ) -> None:
         self._clients = clients
         self._settings = settings
         self._publisher = publisher
         self._jobs = jobs
+        self._reranking = reranking
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -92,12 +113,28 @@ class RetrievalApi:
 
     # --- collections ------------------------------------------------------------
 
+    async def _check_reranker(self, model: str | None) -> None:
+        if model:
+            await self._reranking.catalog.locate(model)  # 404 unknown, 400 not a reranker
+
     async def create_collection(self, body: Any) -> dict[str, Any]:
         request = _validated(CreateCollection, body)
+        await self._check_reranker(request.reranker)
         created = await self._call(
-            self._clients.retrieval.CreateCollection, retrieval_pb2.CollectionRequest(name=request.name)
+            self._clients.retrieval.CreateCollection,
+            retrieval_pb2.CollectionRequest(name=request.name, reranker=request.reranker or ""),
         )
         return collection_object(created)
+
+    async def update_collection(self, name: str, body: Any) -> dict[str, Any]:
+        """PATCH /v1/collections/{name}: its default reranker."""
+        request = _validated(UpdateCollection, body)
+        await self._check_reranker(request.reranker)
+        updated = await self._call(
+            self._clients.retrieval.UpdateCollection,
+            retrieval_pb2.UpdateCollectionRequest(name=name, reranker=request.reranker or ""),
+        )
+        return collection_object(updated)
 
     async def list_collections(self) -> dict[str, Any]:
         reply = await self._call(self._clients.retrieval.ListCollections, retrieval_pb2.ListCollectionsRequest())
@@ -141,8 +178,12 @@ class RetrievalApi:
 
     async def search(self, body: Any) -> dict[str, Any]:
         request = _validated(SearchRequest, body)
-        reply = await self._call(
-            self._clients.retrieval.Search,
+        if request.rerank_candidates is not None and request.rerank_candidates > self._settings.max_rerank_candidates:
+            raise invalid_request(
+                f"'rerank_candidates' must be at most {self._settings.max_rerank_candidates}.",
+                param="rerank_candidates",
+            )
+        reranked = await self._reranking.search(
             retrieval_pb2.SearchRequest(
                 collection=request.collection,
                 query=request.query,
@@ -150,24 +191,30 @@ class RetrievalApi:
                 mode=SEARCH_MODES[request.mode],
                 no_cache=not request.cache,
             ),
+            request.option(),
+            self._settings.retrieval_timeout,
         )
+        results = []
+        for hit, rerank_score in zip(reranked.hits, reranked.rerank_scores, strict=True):
+            result = {
+                "document_id": hit.document_id,
+                "chunk_id": hit.chunk_id,
+                "score": hit.score,
+                "text": hit.text,
+                "title": hit.title,
+                "metadata": MessageToDict(hit.metadata),
+            }
+            if rerank_score is not None:
+                result["rerank_score"] = rerank_score
+            results.append(result)
         return {
             "object": "list",
             "collection": request.collection,
             "mode": request.mode,
-            "index_version": reply.index_version,
-            "cached": reply.cached,
-            "results": [
-                {
-                    "document_id": hit.document_id,
-                    "chunk_id": hit.chunk_id,
-                    "score": hit.score,
-                    "text": hit.text,
-                    "title": hit.title,
-                    "metadata": MessageToDict(hit.metadata),
-                }
-                for hit in reply.hits
-            ],
+            "index_version": reranked.found.index_version,
+            "cached": reranked.found.cached,
+            **reranked.summary(),
+            "results": results,
         }
 
     async def embeddings(self, body: Any) -> dict[str, Any]:

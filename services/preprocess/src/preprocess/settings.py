@@ -22,6 +22,10 @@ class ModelAlias(BaseModel):
     mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
     # What a request does when retrieval fails: 503 ("fail") or answer without sources.
     on_retrieval_error: Literal["fail", "no_context"] = "fail"
+    # The rerank step: a model, true (the collection's default), false; unset: the collection's default.
+    rerank: bool | str | None = None
+    rerank_candidates: int | None = Field(default=None, ge=1)
+    rerank_required: bool = False
 
 
 class PreprocessSettings(ServiceSettings):
@@ -62,6 +66,19 @@ class PreprocessSettings(ServiceSettings):
     rag_search_timeout: float = 5.0
     # Tokens kept free for the answer when a RAG request sets no max_tokens.
     rag_completion_reserve: int = 512
+
+    # Reranking: POST /v1/rerank and /v1/ranking, and the rerank step of search and RAG.
+    # The reranker of searches whose collection names none ("": no rerank step unless asked).
+    default_reranker: str = ""
+    # Fused results the reranker sees unless the request says: this many times top_k...
+    rerank_candidates_factor: int = Field(default=4, ge=1)
+    # ...and never more than this (retrieval's RAGMESH_RETRIEVAL_MAX_TOP_K bounds it too).
+    max_rerank_candidates: int = Field(default=100, ge=1)
+    # Deadline of a search's rerank step: past it the fused order is answered (rerank "skipped").
+    rerank_timeout: float = Field(default=10.0, gt=0)
+    # Documents per /v1/rerank or /v1/ranking request, and characters per document.
+    rerank_max_documents: int = Field(default=1000, ge=1)
+    rerank_max_document_chars: int = Field(default=100_000, ge=1)
 
     # Deterministic requests (temperature 0 or a seed) are answered from the
     # response cache when the same request (and collection version) was answered before.

@@ -1,0 +1,164 @@
+"""POST /v1/rerank (the Cohere/Jina shape vLLM serves) and POST /v1/ranking (NVIDIA NIM's shape).
+
+Both answer from any reranking model the mesh serves, local or upstream: each
+backend reports a raw logit (NIM's `logit`) and a relevance in [0, 1]
+(Cohere's `relevance_score`). Inputs are checked here first (empty or too many
+documents, a document over the character cap), the model's own token cap where
+the model runs: over it, a 400 `context_length_exceeded` unless the request
+allows truncation (`truncation: true` here, `truncate: "END"` on /v1/ranking;
+vLLM and NIM refuse by default too).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from preprocess.auth import api_key_of, check_model_allowed
+from preprocess.http_io import read_json
+from preprocess.keys import ApiKey, KeyStore
+from preprocess.metrics import RequestClock
+from preprocess.protocol import validation_error
+from preprocess.reranking import Reranking
+from preprocess.settings import PreprocessSettings
+from ragmesh.errors import RagmeshError, invalid_request
+from ragmesh.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as vLLM does
+
+
+class TextObject(_Lenient):
+    text: StrictStr
+
+
+class RerankBody(_Lenient):
+    """POST /v1/rerank: documents as strings or objects with `text` (Cohere, Jina, vLLM)."""
+
+    model: StrictStr = Field(min_length=1)
+    query: StrictStr
+    documents: list[StrictStr | TextObject]
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: StrictBool = True  # vLLM's default
+    truncation: StrictBool = False
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+class RankingBody(_Lenient):
+    """POST /v1/ranking: NVIDIA NIM's reranking request."""
+
+    model: StrictStr = Field(min_length=1)
+    query: TextObject
+    passages: list[TextObject]
+    truncate: Literal["NONE", "END"] = "NONE"
+
+
+def _parse(model: type[BodyT], body: Any) -> BodyT:
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+class RerankApi:
+    """The two reranking endpoints over the mesh's reranking models."""
+
+    def __init__(self, reranking: Reranking, settings: PreprocessSettings, keys: KeyStore | None) -> None:
+        self._reranking = reranking
+        self._settings = settings
+        self._keys = keys
+
+    def _check(self, query: str, documents: list[str], param: str) -> None:
+        if not query.strip():
+            raise invalid_request("'query' must not be empty.", param="query")
+        if not documents:
+            raise invalid_request(f"'{param}' must not be empty.", param=param)
+        limit = self._settings.rerank_max_documents
+        if len(documents) > limit:
+            raise invalid_request(
+                f"'{param}' has {len(documents)} items; at most {limit} are accepted.",
+                param=param,
+                code="too_many_documents",
+            )
+        cap = self._settings.rerank_max_document_chars
+        for i, text in enumerate(documents):
+            if not text.strip():
+                raise invalid_request(f"'{param}[{i}]' is empty.", param=f"{param}[{i}]")
+            if len(text) > cap:
+                raise invalid_request(
+                    f"'{param}[{i}]' is {len(text)} characters long; at most {cap} are accepted.",
+                    param=f"{param}[{i}]",
+                    code="context_length_exceeded",
+                )
+
+    async def _scored(
+        self, request: Request, endpoint: str, model: str, query: str, documents: list[str], truncate: bool
+    ) -> common_pb2.RerankResponse:
+        clock = RequestClock(model, endpoint, False)
+        key = api_key_of(request)
+        try:
+            check_model_allowed(key, model)
+            self._check(query, documents, "passages" if endpoint == "ranking" else "documents")
+            reply = await self._reranking.score(
+                model, query, documents, truncate=truncate, deadline=self._settings.retrieval_timeout
+            )
+        except RagmeshError as err:
+            clock.finished(err.kind.value)
+            raise
+        usage = common_pb2.Usage(prompt_tokens=reply.prompt_tokens, total_tokens=reply.prompt_tokens)
+        clock.finished("ok", usage)
+        await self._charge(key, reply.prompt_tokens)
+        return reply
+
+    async def _charge(self, key: ApiKey | None, tokens: int) -> None:
+        """The tokens the reranker read count against the key's per-minute budget."""
+        if self._keys is None or key is None or not tokens:
+            return
+        try:
+            await self._keys.spend_tokens(key, tokens)
+        except (RedisError, OSError) as exc:
+            log.warning("tokens not charged: key store unavailable", extra={"error": str(exc)})
+
+    async def rerank(self, request: Request) -> Response:
+        """POST /v1/rerank."""
+        body = _parse(RerankBody, await read_json(request, self._settings.max_body_bytes))
+        documents = [d if isinstance(d, str) else d.text for d in body.documents]
+        reply = await self._scored(request, "rerank", body.model, body.query, documents, body.truncation)
+        results: list[dict[str, Any]] = []
+        for scored in reply.results[: body.top_n]:
+            result: dict[str, Any] = {"index": scored.index, "relevance_score": scored.relevance_score}
+            if body.return_documents:
+                result["document"] = {"text": documents[scored.index]}
+            results.append(result)
+        answer = {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": body.model,
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
+            "results": results,
+        }
+        return Response(orjson.dumps(answer), media_type="application/json")
+
+    async def ranking(self, request: Request) -> Response:
+        """POST /v1/ranking."""
+        body = _parse(RankingBody, await read_json(request, self._settings.max_body_bytes))
+        documents = [p.text for p in body.passages]
+        reply = await self._scored(request, "ranking", body.model, body.query.text, documents, body.truncate == "END")
+        answer = {
+            "rankings": [{"index": r.index, "logit": r.logit} for r in reply.results],
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
+        }
+        return Response(orjson.dumps(answer), media_type="application/json")

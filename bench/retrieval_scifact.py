@@ -10,10 +10,17 @@ Needs a running mesh (`make up`) and ../shared/data/scifact. In one run:
    train queries (the only split shipped), through POST /v1/search;
 4. search latency and QPS per mode at concurrency 1 and 8: cold (query never
    embedded before), warm (query embedding cached, result cache off) and cached
-   (answered from the result cache).
+   (answered from the result cache);
+5. the rerank step (bench/rerank_step.py): nDCG@10 and p50 latency of hybrid
+   and of hybrid + each reranker (every model /v1/models lists with the rerank
+   capability, or those named by --reranker: a model id, or a CrossEncoder
+   folder scored in this process), and the latency the step adds, at
+   rerank_candidates 20, 40 and 100.
 
 Usage:
     .venv/bin/python bench/retrieval_scifact.py [--gateway http://127.0.0.1:8080] [--limit N]
+    # the rerank part alone, on the collection a previous run left (no re-embedding):
+    .venv/bin/python bench/retrieval_scifact.py --reuse --rerank-only [--reranker MODEL_OR_FOLDER ...]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rerank_step import print_rerank_table, rerankers_served, run_rerank_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data")) / "scifact"
@@ -191,6 +199,18 @@ async def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N documents only (a quick run)")
     parser.add_argument("--batch", type=int, default=500, help="documents per POST")
     parser.add_argument("--latency-queries", type=int, default=120, help="queries per latency cell")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep a complete bench-scifact collection and the embedding cache"
+    )
+    parser.add_argument("--rerank-only", action="store_true", help="only the rerank comparison (with --reuse)")
+    parser.add_argument(
+        "--reranker",
+        action="append",
+        default=None,
+        help="PATH_OR_MODEL: a reranking model the mesh serves, or a CrossEncoder folder (repeatable; "
+        "default: every model /v1/models lists with the rerank capability)",
+    )
+    parser.add_argument("--rerank-queries", type=int, default=None, help="train queries in the rerank part (all)")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"{DATA} is absent: this benchmark needs ../shared/data/scifact", file=sys.stderr)
@@ -203,6 +223,11 @@ async def main() -> int:
         if (await client.get("/v1/health/ready")).status_code != 200:
             print(f"the mesh is not ready at {args.gateway}: run `make up` first", file=sys.stderr)
             return 1
+        if args.reuse and await complete(client, "bench-scifact", len(corpus)):
+            print("bench-scifact is complete: ingestion not measured (--reuse)", flush=True)
+            if args.rerank_only:
+                return await rerank_part(client, args, queries, qrels, query_ids)
+            raise SystemExit("--reuse without --rerank-only: nothing else runs without ingesting")
         flushed = await flush_embedding_cache()
         print(f"embedding cache flushed ({flushed} keys); ingesting (cold cache)...", flush=True)
         cold_seconds, chunks = await ingest(client, "bench-scifact", corpus, args.batch)
@@ -242,6 +267,7 @@ async def main() -> int:
             latency[(mode, concurrency, "cached")] = (
                 await run_queries(client, "bench-scifact", subset, mode, concurrency, 10, cache=True)
             )[:2]
+        await rerank_part(client, args, queries, qrels, query_ids)
 
     print()
     print(f"quality on SciFact train ({len(query_ids)} queries), through POST /v1/search (top 30 chunks -> documents)")
@@ -279,6 +305,31 @@ async def main() -> int:
             lat, wall = latency[(mode, concurrency, kind)]
             row += f" | {pct(lat, 0.5) * 1000:>6.1f} / {pct(lat, 0.95) * 1000:>6.1f} | {len(lat) / wall:>{width}.1f}"
         print(row)
+    return 0
+
+
+async def complete(client: httpx.AsyncClient, name: str, documents: int) -> bool:
+    """Whether the collection holds the whole corpus already."""
+    reply = await client.get(f"/v1/collections/{name}")
+    return reply.status_code == 200 and int(reply.json()["documents"]) == documents
+
+
+async def rerank_part(
+    client: httpx.AsyncClient,
+    args: argparse.Namespace,
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    query_ids: list[str],
+) -> int:
+    chosen = query_ids[: args.rerank_queries] if args.rerank_queries else query_ids
+    rerankers = args.reranker or await rerankers_served(client)
+    print(f"rerank step: {len(chosen)} queries, rerankers {rerankers}", flush=True)
+
+    def judge(results: list[dict[str, Any]], i: int) -> float:
+        return ndcg_at_10(documents_in_order(results), qrels[chosen[i]])
+
+    rows = await run_rerank_section(client, "bench-scifact", [queries[q] for q in chosen], judge, rerankers)
+    print_rerank_table(rows, len(chosen))
     return 0
 
 

@@ -133,6 +133,18 @@ class RerankUpstream:
         )
 
 
+def upstream_entry(name: str, url: str, api: str, model: str, timeout: float = 30.0) -> str:
+    """One backends-file entry: an upstream reranker with the test's server-side key."""
+    return (
+        f"  - name: {name}\n"
+        "    type: openai\n"
+        f"    base_url: {url}\n"
+        "    api_key_env: TEST_RERANK_KEY\n"
+        f"    timeout: {timeout}\n"
+        f"    rerank: {{api: {api}, models: [{model}]}}\n"
+    )
+
+
 def rerank_backends_yaml(
     url: str,
     *,
@@ -144,23 +156,12 @@ def rerank_backends_yaml(
 ) -> str:
     """A backends file with the upstream reranker in both shapes; with `fallback_url`, the NIM
     model falls back to the /v1/rerank one served there."""
-    cohere_url = fallback_url or url
     routes = f"routes:\n  {NIM_MODEL}: {{fallback: [{COHERE_MODEL}]}}\n" if fallback_url else ""
     return (
         "backends:\n"
-        "  - name: nim-rerank\n"
-        "    type: openai\n"
-        f"    base_url: {url}\n"
-        "    api_key_env: TEST_RERANK_KEY\n"
-        f"    timeout: {timeout}\n"
-        f"    rerank: {{api: ranking, models: [{NIM_MODEL}]}}\n"
-        "  - name: cohere-rerank\n"
-        "    type: openai\n"
-        f"    base_url: {cohere_url}\n"
-        "    api_key_env: TEST_RERANK_KEY\n"
-        f"    timeout: {timeout}\n"
-        f"    rerank: {{api: rerank, models: [{COHERE_MODEL}]}}\n"
-        f"retry: {{attempts: {attempts}, backoff_base: 0.01, backoff_max: 0.05}}\n"
-        f"circuit_breaker: {{failures: {failures}, reset_after: {reset_after}}}\n"
-        f"{routes}"
+        + upstream_entry("nim-rerank", url, "ranking", NIM_MODEL, timeout)
+        + upstream_entry("cohere-rerank", fallback_url or url, "rerank", COHERE_MODEL, timeout)
+        + f"retry: {{attempts: {attempts}, backoff_base: 0.01, backoff_max: 0.05}}\n"
+        + f"circuit_breaker: {{failures: {failures}, reset_after: {reset_after}}}\n"
+        + routes
     )

@@ -18,11 +18,19 @@ import pytest
 from openai import OpenAI
 
 from ..conftest import free_port, unique_namespace
+from ..rerank_models import build_tiny_cross_encoder
+from ..rerank_upstream import COHERE_MODEL, NIM_MODEL, RERANK_KEY, RerankUpstream, upstream_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 OPENAPI = SHARED_DATA / "openai" / "openapi.subset.json"
 MODEL = "SmolLM2-135M-Instruct"
+# Reranking models of the shared mesh: a local cross-encoder made by the tests, the built-in
+# stage, and upstream rerankers written in the tests (one answering, one hung, one down).
+TINY_RERANKER = "tiny-reranker"
+BUILTIN_RERANKER = "ragmesh/sentence-rerank"
+SLOW_RERANKER = "test/slow-reranker"
+DOWN_RERANKER = "test/down-reranker"
 
 
 @dataclass
@@ -31,6 +39,8 @@ class Mesh:
     env: dict[str, str]
     gateway: str
     inference_metrics: str
+    rerank_upstream: RerankUpstream | None = None
+    tiny_reranker: Path | None = None
 
     @property
     def v1(self) -> str:
@@ -102,8 +112,33 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
 
 
 @pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def rerank_upstreams() -> Iterator[tuple[RerankUpstream, RerankUpstream]]:
+    """Upstream rerankers the shared mesh names: one that answers, one that never does."""
+    with RerankUpstream() as answering, RerankUpstream() as hung:
+        hung.faults.hang = True
+        yield answering, hung
+
+
+def rerank_backends(answering: RerankUpstream, hung: RerankUpstream) -> str:
+    """The embedded engine, and upstream rerankers: NIM and /v1/rerank shapes, a hung one, a down one."""
+    return (
+        "backends:\n  - {name: embedded, type: embedded}\n"
+        + upstream_entry("nim-rerank", answering.url, "ranking", NIM_MODEL)
+        + upstream_entry("cohere-rerank", answering.url, "rerank", COHERE_MODEL)
+        + upstream_entry("slow-rerank", hung.url, "rerank", SLOW_RERANKER)
+        + upstream_entry("down-rerank", f"http://127.0.0.1:{free_port()}/v1", "ranking", DOWN_RERANKER)
+        + "retry: {attempts: 1}\ncircuit_breaker: {failures: 1000}\n"
+    )
+
+
+@pytest.fixture(scope="session")
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, rerank_upstreams: tuple[RerankUpstream, RerankUpstream]
+) -> Iterator[Mesh]:
     run_dir = tmp_path_factory.mktemp("mesh")
+    tiny = build_tiny_cross_encoder(run_dir / "tiny-reranker")
+    backends = run_dir / "backends.yaml"
+    backends.write_text(rerank_backends(*rerank_upstreams))
     # A small body limit keeps the 413 test cheap; one engine thread leaves a core
     # for the rest of the mesh and for the tests.
     env = mesh_env(
@@ -127,8 +162,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         RAGMESH_PREPROCESS_BATCH_BACKOFF_BASE="0.5",
         RAGMESH_INFERENCE_N_THREADS="1",
         RAGMESH_INFERENCE_N_THREADS_BATCH="1",
+        RAGMESH_INFERENCE_BACKENDS_FILE=str(backends),
+        TEST_RERANK_KEY=RERANK_KEY,
+        RAGMESH_RETRIEVAL_RERANKERS=json.dumps({TINY_RERANKER: {"path": str(tiny), "batch_size": 4}}),
+        RAGMESH_PREPROCESS_RERANK_TIMEOUT="3",
     )
     with running_mesh(run_dir, env) as started:
+        started.rerank_upstream = rerank_upstreams[0]
+        started.tiny_reranker = tiny
         yield started
 
 

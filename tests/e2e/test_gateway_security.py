@@ -219,6 +219,28 @@ def test_a_key_limited_to_other_models_sees_this_one_as_absent(mesh: Mesh) -> No
     assert httpx.get(f"{mesh.v1}/models/{MODEL}", headers=bearer(key)).status_code == 404
 
 
+def test_rerank_takes_keys_model_limits_and_token_limits(mesh: Mesh) -> None:
+    builtin = "ragmesh/sentence-rerank"  # the built-in stage: every mesh serves it
+    body = {"model": builtin, "query": "what moves the sea", "documents": ["the moon moves the sea", "bread"]}
+    nim = {"model": builtin, "query": {"text": "sea"}, "passages": [{"text": "the sea"}]}
+    for path, sent in (("/rerank", body), ("/ranking", nim)):
+        assert_error(httpx.post(f"{mesh.v1}{path}", json=sent), 401, "authentication_error")
+        other = new_key(mesh, models=["some-other-model"])
+        error = assert_error(
+            httpx.post(f"{mesh.v1}{path}", json=sent, headers=bearer(other)), 404, "invalid_request_error"
+        )
+        assert error["code"] == "model_not_found"
+    key = new_key(mesh, tpm=5, models=[builtin])
+    first = httpx.post(f"{mesh.v1}/rerank", json=body, headers=bearer(key), timeout=30)
+    assert first.status_code == 200, first.text
+    assert first.json()["results"][0]["index"] == 0 and first.headers["x-ratelimit-limit-tokens"] == "5"
+    assert first.json()["usage"]["total_tokens"] > 5
+    # The tokens the reranker read were charged: the key is over its budget for a while.
+    second = httpx.post(f"{mesh.v1}/rerank", json=body, headers=bearer(key), timeout=30)
+    assert assert_error(second, 429, "rate_limit_error")["code"] == "rate_limit_exceeded"
+    assert int(second.headers["retry-after"]) >= 1
+
+
 def test_the_cli_creates_lists_and_revokes_keys(mesh: Mesh) -> None:
     env = {**os.environ, "RAGMESH_URL": mesh.gateway, "RAGMESH_ADMIN_KEY": ADMIN_KEY}
 

@@ -120,6 +120,18 @@ def test_citations_mark_the_sources_the_answer_cites() -> None:
     assert body["usage"]["prompt_tokens_details"]["retrieval_tokens"] == 120
 
 
+def test_citations_carry_the_rerank_score_when_the_passages_were_reranked() -> None:
+    s = rag_start(stream=False)
+    s.sources[0].rerank_score = 0.75
+    s.rag.rerank, s.rag.rerank_model, s.rag.rerank_candidates = "ok", "tiny", 12
+    session = ProcessSession(s)
+    out = feed_all(session, [chunk("Yes [1].", 3, common_pb2.FINISH_REASON_STOP)])
+    body = json.loads(out[-1].response_json)
+    assert body["citations"][0]["rerank_score"] == 0.75 and body["citations"][0]["score"] == 1.0
+    assert "rerank_score" not in body["citations"][1]
+    assert (body["rag"]["rerank"], body["rag"]["rerank_model"], body["rag"]["rerank_candidates"]) == ("ok", "tiny", 12)
+
+
 def test_streamed_citations_ride_on_the_last_chunk_with_choices() -> None:
     session = ProcessSession(rag_start(stream=True, include_usage=True))
     out = feed_all(session, [chunk(), chunk("See [2]", 2), chunk(".", 3, common_pb2.FINISH_REASON_STOP)])

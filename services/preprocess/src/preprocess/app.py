@@ -28,7 +28,7 @@ from preprocess.ingest import IngestPublisher
 from preprocess.keys import KeyStore
 from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
 from preprocess.queue_depth import QueueDepthMonitor
-from preprocess.rerank_api import RerankApi
+from preprocess.rerank_api import RankingBody, RerankBody, RerankServing, parse_body
 from preprocess.reranking import Reranking
 from preprocess.retrieval_api import RetrievalApi, runner
 from preprocess.settings import PreprocessSettings
@@ -109,7 +109,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         app.state.clients = clients
         app.state.chat = chat
         app.state.retrieval = retrieval
-        app.state.rerank = RerankApi(reranking, settings, keys)
+        app.state.rerank = RerankServing(reranking, settings, keys)
         app.state.batches = batches
         app.state.keys = keys
 
@@ -270,13 +270,13 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
 
     @app.post("/v1/rerank")
     async def rerank(request: Request) -> Response:
-        rerank_api: RerankApi = request.app.state.rerank
-        return await rerank_api.rerank(request)
+        serving: RerankServing = request.app.state.rerank
+        return _json(await serving.rerank(parse_body(RerankBody, await body(request)), api_key_of(request)))
 
     @app.post("/v1/ranking")
     async def ranking(request: Request) -> Response:
-        rerank_api: RerankApi = request.app.state.rerank
-        return await rerank_api.ranking(request)
+        serving: RerankServing = request.app.state.rerank
+        return _json(await serving.ranking(parse_body(RankingBody, await body(request)), api_key_of(request)))
 
     # Outermost last: the request id is set before authentication logs anything.
     app.add_middleware(

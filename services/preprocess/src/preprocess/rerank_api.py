@@ -15,14 +15,10 @@ import logging
 import uuid
 from typing import Any, Literal, TypeVar
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from redis.exceptions import RedisError
-from starlette.requests import Request
-from starlette.responses import Response
 
-from preprocess.auth import api_key_of, check_model_allowed
-from preprocess.http_io import read_json
+from preprocess.auth import check_model_allowed
 from preprocess.keys import ApiKey, KeyStore
 from preprocess.metrics import RequestClock
 from preprocess.protocol import validation_error
@@ -65,7 +61,8 @@ class RankingBody(_Lenient):
     truncate: Literal["NONE", "END"] = "NONE"
 
 
-def _parse(model: type[BodyT], body: Any) -> BodyT:
+def parse_body(model: type[BodyT], body: Any) -> BodyT:
+    """A request body as `model` (400 naming the parameter on any problem)."""
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     try:
@@ -74,8 +71,8 @@ def _parse(model: type[BodyT], body: Any) -> BodyT:
         raise validation_error(exc) from None
 
 
-class RerankApi:
-    """The two reranking endpoints over the mesh's reranking models."""
+class RerankServing:
+    """The two reranking endpoints over the mesh's reranking models (no HTTP here: bodies in, dicts out)."""
 
     def __init__(self, reranking: Reranking, settings: PreprocessSettings, keys: KeyStore | None) -> None:
         self._reranking = reranking
@@ -106,10 +103,9 @@ class RerankApi:
                 )
 
     async def _scored(
-        self, request: Request, endpoint: str, model: str, query: str, documents: list[str], truncate: bool
+        self, key: ApiKey | None, endpoint: str, model: str, query: str, documents: list[str], truncate: bool
     ) -> common_pb2.RerankResponse:
         clock = RequestClock(model, endpoint, False)
-        key = api_key_of(request)
         try:
             check_model_allowed(key, model)
             self._check(query, documents, "passages" if endpoint == "ranking" else "documents")
@@ -118,6 +114,9 @@ class RerankApi:
             )
         except RagmeshError as err:
             clock.finished(err.kind.value)
+            if endpoint == "ranking" and err.param == "documents":  # NIM calls them passages
+                err.param = "passages"
+                err.message = err.message.replace("documents[", "passages[")
             raise
         usage = common_pb2.Usage(prompt_tokens=reply.prompt_tokens, total_tokens=reply.prompt_tokens)
         clock.finished("ok", usage)
@@ -133,32 +132,28 @@ class RerankApi:
         except (RedisError, OSError) as exc:
             log.warning("tokens not charged: key store unavailable", extra={"error": str(exc)})
 
-    async def rerank(self, request: Request) -> Response:
+    async def rerank(self, body: RerankBody, key: ApiKey | None) -> dict[str, Any]:
         """POST /v1/rerank."""
-        body = _parse(RerankBody, await read_json(request, self._settings.max_body_bytes))
         documents = [d if isinstance(d, str) else d.text for d in body.documents]
-        reply = await self._scored(request, "rerank", body.model, body.query, documents, body.truncation)
+        reply = await self._scored(key, "rerank", body.model, body.query, documents, body.truncation)
         results: list[dict[str, Any]] = []
         for scored in reply.results[: body.top_n]:
             result: dict[str, Any] = {"index": scored.index, "relevance_score": scored.relevance_score}
             if body.return_documents:
                 result["document"] = {"text": documents[scored.index]}
             results.append(result)
-        answer = {
+        return {
             "id": f"rerank-{uuid.uuid4().hex}",
             "model": body.model,
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
             "results": results,
         }
-        return Response(orjson.dumps(answer), media_type="application/json")
 
-    async def ranking(self, request: Request) -> Response:
+    async def ranking(self, body: RankingBody, key: ApiKey | None) -> dict[str, Any]:
         """POST /v1/ranking."""
-        body = _parse(RankingBody, await read_json(request, self._settings.max_body_bytes))
         documents = [p.text for p in body.passages]
-        reply = await self._scored(request, "ranking", body.model, body.query.text, documents, body.truncate == "END")
-        answer = {
+        reply = await self._scored(key, "ranking", body.model, body.query.text, documents, body.truncate == "END")
+        return {
             "rankings": [{"index": r.index, "logit": r.logit} for r in reply.results],
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
         }
-        return Response(orjson.dumps(answer), media_type="application/json")

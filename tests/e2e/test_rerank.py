@@ -363,3 +363,15 @@ def test_rag_with_a_slow_reranker_answers_from_the_fused_order(mesh: Mesh, colle
     assert body["rag"]["status"] == "ok" and body["rag"]["rerank"] == "skipped"
     assert "did not answer" in body["rag"]["rerank_reason"]
     assert body["citations"] and all("rerank_score" not in c for c in body["citations"])
+
+
+def test_langchain_nvidia_rerank_through_the_gateway(mesh: Mesh) -> None:
+    from langchain_core.documents import Document
+    from langchain_nvidia_ai_endpoints import NVIDIARerank
+
+    ranker = NVIDIARerank(base_url=mesh.v1, model=TINY_RERANKER, api_key="unused", top_n=2)
+    ranked = ranker.compress_documents([Document(page_content=d) for d in DOCUMENTS], QUERY)
+    expected = tiny_logits(mesh, QUERY, DOCUMENTS)
+    order = [int(i) for i in np.argsort(-expected, kind="stable")]
+    assert [d.page_content for d in ranked] == [DOCUMENTS[i] for i in order[:2]]
+    assert ranked[0].metadata["relevance_score"] == pytest.approx(float(expected[order[0]]), abs=1e-4)

@@ -19,7 +19,7 @@ from retrieval.rerankers import (
     ScoringCancelledError,
     length_batches,
 )
-from retrieval.sentence_rerank import sentences
+from retrieval.sentence_rerank import fused_relevance, sentences
 from retrieval.settings import RerankerSpec, RetrievalSettings
 
 from ..rerank_models import TINY_MAX_LENGTH, build_tiny_cross_encoder
@@ -144,3 +144,12 @@ def test_sentences_split_at_sentence_ends() -> None:
     ]
     assert sentences("e.g. this stays whole") == ["e.g. this stays whole"]
     assert len(sentences(" ".join(f"Part {i}." for i in range(50)), limit=4)) == 4
+
+
+def test_the_builtin_stage_fuses_the_input_order_with_its_own() -> None:
+    # Given [a, b, c, d] and sentence-level similarities ranking them [c, a, d, b]:
+    relevance = fused_relevance(np.array([0.5, 0.1, 0.9, 0.3], dtype=np.float32), k=60)
+    fused = [1 / 61 + 1 / 62, 1 / 62 + 1 / 64, 1 / 63 + 1 / 61, 1 / 64 + 1 / 63]
+    np.testing.assert_allclose(relevance, np.array(fused) / (2 / 61), rtol=1e-6)
+    assert [int(i) for i in np.argsort(-relevance, kind="stable")] == [0, 2, 1, 3]
+    assert fused_relevance(np.array([0.9, 0.1], dtype=np.float32))[0] == pytest.approx(1.0)

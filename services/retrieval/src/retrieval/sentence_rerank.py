@@ -3,8 +3,15 @@
 A chunk embedding averages everything the chunk says; a query usually matches
 one sentence of it. This stage embeds each candidate's sentences (through the
 embedding cache, so a passage seen before costs nothing) and scores a
-candidate by its best sentence, blended with the whole chunk's similarity.
+candidate by its best sentence's and its own cosine similarity to the query.
 No model beyond the embedding model is needed.
+
+That similarity alone orders SciFact worse than hybrid search does (it has no
+BM25 in it: nDCG@10 0.700 against 0.722 on the train split, 40 candidates); it
+helps as a second opinion. So the stage fuses the order it is given (the
+retrieval ranking, when search calls it) with its own by reciprocal rank
+fusion, as hybrid search fuses dense and sparse: 0.733 there. The input order
+therefore counts: a document listed first is taken as retrieval's best.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 MAX_SENTENCES = 32
 # Weight of the best sentence against the whole document's similarity.
 SENTENCE_WEIGHT = 0.5
+# Reciprocal rank fusion of the input order and the sentence-level order (as hybrid search's k).
+RRF_K = 60
 
 
 def sentences(text: str, limit: int = MAX_SENTENCES) -> list[str]:
@@ -34,8 +43,17 @@ def sentences(text: str, limit: int = MAX_SENTENCES) -> list[str]:
     return parts or [text]
 
 
+def fused_relevance(similarity: np.ndarray, k: int = RRF_K) -> np.ndarray:
+    """RRF of the input order and the order of `similarity`, scaled to (0, 1] (1: first in both)."""
+    n = len(similarity)
+    by_similarity = np.empty(n, dtype=np.float64)
+    by_similarity[np.argsort(-similarity, kind="stable")] = np.arange(1, n + 1)
+    fused = 1.0 / (k + np.arange(1, n + 1)) + 1.0 / (k + by_similarity)
+    return (fused / (2.0 / (k + 1))).astype(np.float32)
+
+
 class SentenceReranker:
-    """Scores documents by their best sentence's and their own cosine similarity to the query."""
+    """Fuses the input order with the documents' sentence-level cosine similarity to the query."""
 
     def __init__(self, name: str, embedder: Embedder) -> None:
         self.name = name
@@ -64,7 +82,9 @@ class SentenceReranker:
         for i, parts in enumerate(split):
             best[i] = sentence_scores[start : start + len(parts)].max()
             start += len(parts)
-        cosine = (SENTENCE_WEIGHT * best + (1 - SENTENCE_WEIGHT) * whole).astype(np.float32)
+        similarity = SENTENCE_WEIGHT * best + (1 - SENTENCE_WEIGHT) * whole
+        relevance = fused_relevance(similarity)
         tokens = sum(await self._embedder.count_tokens_async(texts))
-        # The raw score is a cosine, not a logit; its relevance is the cosine clipped to [0, 1].
-        return Scores(cosine, np.clip(cosine, 0.0, 1.0), tokens)
+        # No logit of its own: the one whose sigmoid is the relevance (same order).
+        clipped = np.clip(relevance, 1e-6, 1 - 1e-6)
+        return Scores(np.log(clipped / (1 - clipped)).astype(np.float32), relevance, tokens)

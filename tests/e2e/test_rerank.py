@@ -252,7 +252,7 @@ def test_truncation_allowed_scores_an_over_long_document(http: httpx.Client) -> 
 def test_the_rerank_routes_are_counted(mesh: Mesh, http: httpx.Client) -> None:
     http.post("/v1/rerank", json={"model": TINY_RERANKER, "query": QUERY, "documents": DOCUMENTS})
     metrics = httpx.get(f"http://127.0.0.1:{mesh.env['RAGMESH_PREPROCESS_HTTP_PORT']}/metrics").text
-    assert f'ragmesh:requests_total{{model="{TINY_RERANKER}",endpoint="rerank",stream="false",status="ok"}}' in metrics
+    assert f'ragmesh:requests_total{{endpoint="rerank",model="{TINY_RERANKER}",status="ok",stream="false"}}' in metrics
 
 
 # --- search and RAG with a rerank step ----------------------------------------------------------

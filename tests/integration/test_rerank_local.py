@@ -91,7 +91,9 @@ async def test_the_builtin_stage_moves_the_passage_with_the_answer_up(replica: R
     # Second in the order it was given, first by its best sentence: first once both are fused.
     assert reply.results[0].index == 1
     assert all(0.0 < r.relevance_score <= 1.0 for r in reply.results)
-    assert [r.relevance_score for r in reply.results] == sorted((r.relevance_score for r in reply.results), reverse=True)
+    assert [r.relevance_score for r in reply.results] == sorted(
+        (r.relevance_score for r in reply.results), reverse=True
+    )
     assert reply.prompt_tokens > 0
 
 

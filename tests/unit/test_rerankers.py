@@ -143,6 +143,7 @@ def test_sentences_split_at_sentence_ends() -> None:
         "Yes",
     ]
     assert sentences("e.g. this stays whole") == ["e.g. this stays whole"]
+    assert sentences("A title\nIts first sentence. Its second.") == ["A title", "Its first sentence.", "Its second."]
     assert len(sentences(" ".join(f"Part {i}." for i in range(50)), limit=4)) == 4
 
 

@@ -32,7 +32,9 @@ E2E_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 REQUESTS = Counter(
-    "ragmesh:requests_total", "Chat and legacy completions by outcome", ["model", "endpoint", "stream", "status"]
+    "ragmesh:requests_total",
+    "Chat, legacy completion and rerank requests by outcome",
+    ["model", "endpoint", "stream", "status"],
 )
 PROMPT_TOKENS = Counter("ragmesh:prompt_tokens_total", "Prompt tokens of finished requests (from usage)", ["model"])
 GENERATION_TOKENS = Counter(

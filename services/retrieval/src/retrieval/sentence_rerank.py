@@ -25,8 +25,9 @@ from ragmesh.v1 import common_pb2
 from retrieval.embedder import Embedder
 from retrieval.rerankers import Scores
 
-# A sentence ends at . ! or ? followed by space and a capital, a digit or a bracket.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+# A sentence ends at . ! or ? followed by space and a capital, a digit or a bracket; a line
+# (a passage's title) is a sentence of its own.
+_SENTENCE_END = re.compile(r"\s*\n\s*|(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 # Sentences scored per document: past this the rest of a long document is one piece.
 MAX_SENTENCES = 32
 # Weight of the best sentence against the whole document's similarity.

@@ -73,8 +73,13 @@ async def run_rerank_section(
     queries: list[str],
     judge: Callable[[list[dict[str, Any]], int], float],
     rerankers: list[str],
+    cold_pass: bool = True,
 ) -> list[Row]:
-    """Hybrid, then every reranker at every candidates setting; `judge(results, i)` is query i's nDCG@10."""
+    """Hybrid, then every reranker at every candidates setting; `judge(results, i)` is query i's nDCG@10.
+
+    `cold_pass`: first run each reranker once over the queries unmeasured (fills the embedding cache the
+    built-in stage reads; a cross-encoder has nothing to warm).
+    """
 
     async def one(query: str, rerank: Any, candidates: int | None) -> tuple[float, dict[str, Any]]:
         body: dict[str, Any] = {"collection": collection, "query": query, "top_k": TOP_K, "cache": False}
@@ -110,8 +115,9 @@ async def run_rerank_section(
         if reranker in folders:
             rows += await _folder_rows(client, collection, queries, judge, reranker, one)
             continue
-        cold, _ = await sweep(reranker, max(CANDIDATES))
-        print(f"  {reranker}: first pass (cold caches), p50 {p50(cold):.1f} ms at {max(CANDIDATES)}", flush=True)
+        if cold_pass:
+            cold, _ = await sweep(reranker, max(CANDIDATES))
+            print(f"  {reranker}: first pass (cold caches), p50 {p50(cold):.1f} ms at {max(CANDIDATES)}", flush=True)
         for candidates in CANDIDATES:
             latencies, replies = await sweep(reranker, candidates)
             rows.append(row(reranker, candidates, latencies, replies))

@@ -211,6 +211,9 @@ async def main() -> int:
         "default: every model /v1/models lists with the rerank capability)",
     )
     parser.add_argument("--rerank-queries", type=int, default=None, help="train queries in the rerank part (all)")
+    parser.add_argument(
+        "--no-cold-pass", action="store_true", help="no unmeasured first pass per reranker (nothing to warm)"
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"{DATA} is absent: this benchmark needs ../shared/data/scifact", file=sys.stderr)
@@ -328,7 +331,9 @@ async def rerank_part(
     def judge(results: list[dict[str, Any]], i: int) -> float:
         return ndcg_at_10(documents_in_order(results), qrels[chosen[i]])
 
-    rows = await run_rerank_section(client, "bench-scifact", [queries[q] for q in chosen], judge, rerankers)
+    rows = await run_rerank_section(
+        client, "bench-scifact", [queries[q] for q in chosen], judge, rerankers, not args.no_cold_pass
+    )
     print_rerank_table(rows, len(chosen))
     return 0
 

@@ -19,11 +19,13 @@ PROTO_STAMP := $(STUBS_DIR)/__init__.py
 PROTOS := $(wildcard $(PROTO_DIR)/ragmesh/v1/*.proto)
 PYPROJECTS := libs/ragmesh/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
 
-.PHONY: help up down test lint proto logs install nginx clean
+.PHONY: help up down rollout test lint proto logs install nginx clean
 
 help:
 	@echo "make up     install what is missing, start the mesh, wait until it is ready"
 	@echo "make down   stop everything make up started"
+	@echo "make rollout SERVICE=inference|retrieval|postprocess|preprocess|all"
+	@echo "            restart a service's replicas one at a time, without dropping a request"
 	@echo "make test   run the test suite (unit, integration, end-to-end)"
 	@echo "make lint   ruff + mypy"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
@@ -56,6 +58,10 @@ up: install
 
 down:
 	@$(PYTHON) scripts/mesh.py down
+
+rollout:
+	@test -n "$(SERVICE)" || { echo "usage: make rollout SERVICE=inference|retrieval|postprocess|preprocess|all"; exit 2; }
+	$(BIN)/python scripts/mesh.py rollout $(SERVICE)
 
 logs:
 	@$(PYTHON) scripts/mesh.py logs

@@ -36,7 +36,7 @@ from ragmesh.errors import invalid_request
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
-from ragmesh.service import run_http
+from ragmesh.service import drain_hooks, run_http
 from ragmesh.tracing import set_error, setup_tracing, span
 
 
@@ -120,6 +120,9 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
             return deps
 
         app.state.ready_check = ready
+        # SIGTERM: batch workers take no new lines at once; the HTTP side then lets
+        # requests in flight (open SSE streams too) finish within the grace.
+        drain_hooks(app).append(batches.stop_consuming)
         try:
             yield
         finally:

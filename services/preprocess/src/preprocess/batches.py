@@ -43,6 +43,7 @@ from prometheus_client import Counter, Gauge
 from preprocess.files import BATCH_URLS, BatchLine, FileStore, parse_batch_lines
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import REQUEST_ROUTING_KEY, Topology, connect, consuming, declare_requests, message_headers
+from ragmesh.consumers import ConsumerGate
 from ragmesh.context import request_id_var
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
@@ -123,6 +124,7 @@ class Batches:
         self._exchange: AbstractExchange | None = None
         self._lock = asyncio.Lock()
         self._consumer: asyncio.Task[None] | None = None
+        self._gate = ConsumerGate(settings.shutdown_grace)
         self._direct_prefix = f"{settings.namespace or 'ragmesh'}:direct:"
         self._generating = asyncio.Semaphore(max(1, settings.batch_generation_workers))
         # Per batch: when its status was last read and the read (shared by all its lines in flight).
@@ -159,10 +161,18 @@ class Batches:
         # Bounded: batch lines use at most this many engine slots, the rest stay for interactive traffic.
         await worker_channel.set_qos(prefetch_count=self._settings.batch_workers)
         queue = await declare_requests(worker_channel, self._topology)
-        await queue.consume(self._on_message)
-        log.info("batch workers consuming", extra={"queue": queue.name, "concurrency": self._settings.batch_workers})
+        if await self._gate.consume(queue, self._on_message):
+            concurrency = self._settings.batch_workers
+            log.info("batch workers consuming", extra={"queue": queue.name, "concurrency": concurrency})
+
+    async def stop_consuming(self) -> None:
+        """SIGTERM: take no new lines; the ones in hand go on until `close`."""
+        await self._gate.stop()
 
     async def close(self) -> None:
+        """Stop consuming, give the lines in hand the grace (from the first stop) to finish, close.
+        A line still running then is not acked: the broker gives it to another replica."""
+        await self._gate.settle()
         if self._consumer is not None:
             self._consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from ragmesh.amqp import Topology, connect, consuming, declare_index_events, declare_ingest, persistent_message
+from ragmesh.consumers import ConsumerGate
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
 from retrieval.embedder import Embedder
@@ -81,6 +82,7 @@ class Ingestion:
         self._publish_channel: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
         self._starter: asyncio.Task[None] | None = None
+        self._gate = ConsumerGate(settings.shutdown_grace)
         self.ready = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -103,7 +105,7 @@ class Ingestion:
         jobs_channel = await self._connection.channel()
         await jobs_channel.set_qos(prefetch_count=1)  # embedding is CPU-bound: one job at a time
         ingest_queue = await declare_ingest(jobs_channel, self._topology)
-        await ingest_queue.consume(self._on_job)
+        await self._gate.consume(ingest_queue, self._on_job)
 
         events_channel = await self._connection.channel()
         await events_channel.set_qos(prefetch_count=16)
@@ -115,11 +117,18 @@ class Ingestion:
             arguments={"x-expires": 7 * 24 * 3600 * 1000},
         )
         await mine.bind(events)
-        await mine.consume(self._on_event)
+        await self._gate.consume(mine, self._on_event)
         self.ready = True
         log.info("consuming", extra={"queue": ingest_queue.name, "events": mine.name})
 
+    async def stop_consuming(self) -> None:
+        """SIGTERM: take no new jobs or events; the one in hand goes on until `close`."""
+        await self._gate.stop()
+
     async def close(self) -> None:
+        """Stop consuming, let the job in hand finish (the grace from the first stop), close.
+        A job still running then is not acked: the broker gives it to another replica."""
+        await self._gate.settle()
         if self._starter is not None:
             self._starter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -54,7 +54,12 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         return {"model": "ok", "redis": redis_state, "rabbitmq": "ok" if ingestion.ready else "connecting"}
 
     try:
-        yield GrpcService(register=register, service_names=[SERVICE_NAME], ready_check=ready)
+        yield GrpcService(
+            register=register,
+            service_names=[SERVICE_NAME],
+            ready_check=ready,
+            on_drain=[ingestion.stop_consuming],
+        )
     finally:
         await ingestion.close()
         embedder.close()

@@ -18,8 +18,9 @@ from ragmesh.grpc_server import ServicerContext, add_health, create_server, serv
 from ragmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
-class Replica(inference_pb2_grpc.InferenceServicer):
-    """An inference replica whose behaviour a test sets: counts the calls it got."""
+class Replica:
+    """An inference replica whose behaviour a test sets: counts the calls it got.
+    (Only the two methods the tests call are registered, see `register`.)"""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -37,16 +38,6 @@ class Replica(inference_pb2_grpc.InferenceServicer):
         self.calls += 1
         return common_pb2.ListModelsResponse(models=[common_pb2.ModelCard(id=self.name)])
 
-    async def Tokenize(  # noqa: N802
-        self, request: inference_pb2.TokenizeRequest, context: ServicerContext
-    ) -> inference_pb2.TokenizeResponse:
-        raise NotImplementedError
-
-    async def ReloadBackends(  # noqa: N802
-        self, request: inference_pb2.ReloadBackendsRequest, context: ServicerContext
-    ) -> inference_pb2.ReloadBackendsResponse:
-        raise NotImplementedError
-
     async def Generate(  # noqa: N802
         self, request: inference_pb2.GenerateRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.GenerationChunk]:
@@ -60,6 +51,21 @@ class Replica(inference_pb2_grpc.InferenceServicer):
             if self.mode == "fail_after_first":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "died mid-stream")
             await asyncio.sleep(self.chunk_pause)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels,
+                request_deserializer=common_pb2.ListModelsRequest.FromString,
+                response_serializer=common_pb2.ListModelsResponse.SerializeToString,
+            ),
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate,
+                request_deserializer=inference_pb2.GenerateRequest.FromString,
+                response_serializer=common_pb2.GenerationChunk.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("ragmesh.v1.Inference", handlers),))
 
 
 class Running:
@@ -77,7 +83,7 @@ async def replicas(
         for index in range(count):
             replica = Replica(f"r{index}")
             server = create_server(options) if options is not None else create_server()
-            inference_pb2_grpc.add_InferenceServicer_to_server(replica, server)
+            replica.register(server)
             health = await add_health(server, [])
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()

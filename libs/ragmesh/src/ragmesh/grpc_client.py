@@ -39,35 +39,45 @@ RETRY_POLICY: dict[str, Any] = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 
-SERVICE_CONFIG: dict[str, Any] = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    # Watch the server's overall health ("" in grpc.health.v1): a replica that is
-    # starting or draining (NOT_SERVING) gets no new calls.
-    "healthCheckConfig": {"serviceName": ""},
-    "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
-    # Retries stop when most recent calls failed (a whole peer down), so a retry
-    # storm never doubles the load on what is left.
-    "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
-}
 
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Keep idle loopback/cluster connections alive so the first request after a
-    # quiet period does not pay a reconnect.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.enable_retries", 1),
-    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-    # A replica that restarts (a rollout) is reconnected within about a second of
-    # listening again; gRPC's default backoff grows to two minutes.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-    # dns:/// targets: look again at most every 5 s (default 30 s) when a
-    # connection ends, so pods a scale-out added are picked up quickly.
-    ("grpc.dns_min_time_between_resolutions_ms", 5_000),
-)
+def service_config(health_checked: bool = True) -> dict[str, Any]:
+    """round_robin over every address, retries (RETRY_POLICY) and, unless told otherwise,
+    health checking: a replica that is starting or draining (NOT_SERVING) gets no new calls."""
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
+        # Retries stop when most recent calls failed (a whole peer down), so a retry
+        # storm never doubles the load on what is left.
+        "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+    }
+    if health_checked:
+        config["healthCheckConfig"] = {"serviceName": ""}  # the server as a whole
+    return config
+
+
+def channel_options(health_checked: bool = True) -> tuple[tuple[str, Any], ...]:
+    """Options of a mesh channel (see service_config)."""
+    return (
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Keep idle loopback/cluster connections alive so the first request after a
+        # quiet period does not pay a reconnect.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(service_config(health_checked))),
+        # A replica that restarts (a rollout) is reconnected within about a second of
+        # listening again; gRPC's default backoff grows to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+        # dns:/// targets: look again at most every 5 s (default 30 s) when a
+        # connection ends, so pods a scale-out added are picked up quickly.
+        ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+    )
+
+
+CHANNEL_OPTIONS = channel_options()
 
 
 def channel_target(address: str) -> str:
@@ -101,9 +111,9 @@ def _host_of(part: str) -> str:
     return part.rsplit(":", 1)[0]
 
 
-def create_channel(address: str) -> grpc.aio.Channel:
+def create_channel(address: str, health_checked: bool = True) -> grpc.aio.Channel:
     """An insecure, balanced channel to a mesh peer (see the module docstring for the targets)."""
-    return grpc.aio.insecure_channel(channel_target(address), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(channel_target(address), options=channel_options(health_checked))
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:

@@ -24,6 +24,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import ChannelNotFoundEntity
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
@@ -33,6 +34,7 @@ from ragmesh.amqp import Topology, connect, consuming, declare_index_events, dec
 from ragmesh.consumers import ConsumerGate
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
+from retrieval.catchup import CatchUp
 from retrieval.embedder import Embedder
 from retrieval.index import ChunkRecord, Snapshot, bm25_tokens, embedding_text
 from retrieval.settings import RetrievalSettings
@@ -71,8 +73,15 @@ def records_from(chunks: Sequence[ingest_pb2.Chunk]) -> list[ChunkRecord]:
 
 class Ingestion:
     def __init__(
-        self, settings: RetrievalSettings, store: CollectionStore, embedder: Embedder, jobs: JobStore | None
+        self,
+        settings: RetrievalSettings,
+        store: CollectionStore,
+        embedder: Embedder,
+        jobs: JobStore | None,
+        catch_up: CatchUp | None = None,
     ) -> None:
+        """`catch_up`: copy missing collections from peers once this replica's events queue
+        exists, before applying its events or taking jobs (`caught_up` is set when done)."""
         self._settings = settings
         self._store = store
         self._embedder = embedder
@@ -83,6 +92,8 @@ class Ingestion:
         self._events: AbstractExchange | None = None
         self._starter: asyncio.Task[None] | None = None
         self._gate = ConsumerGate(settings.shutdown_grace)
+        self._catch_up = catch_up
+        self.caught_up = asyncio.Event()
         self.ready = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -102,24 +113,49 @@ class Ingestion:
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._events = await declare_index_events(self._publish_channel, self._topology)
 
-        jobs_channel = await self._connection.channel()
-        await jobs_channel.set_qos(prefetch_count=1)  # embedding is CPU-bound: one job at a time
-        ingest_queue = await declare_ingest(jobs_channel, self._topology)
-        await self._gate.consume(ingest_queue, self._on_job)
-
         events_channel = await self._connection.channel()
         await events_channel.set_qos(prefetch_count=16)
         events = await declare_index_events(events_channel, self._topology)
+        queue_name = self._topology.index_events_queue(self._settings.replica_id)
+        new_replica = not await self._queue_exists(queue_name)
         mine = await events_channel.declare_queue(
-            self._topology.index_events_queue(self._settings.replica_id),
+            queue_name,
             durable=True,
             # A replica gone for a week is gone for good: its queue goes too.
             arguments={"x-expires": 7 * 24 * 3600 * 1000},
         )
         await mine.bind(events)
+        # Changes wait in the queue from now on: what came before is copied from a peer.
+        if self._catch_up is not None:
+            try:
+                await self._catch_up.run(new_replica)
+            except Exception:
+                log.exception("catching up failed; serving the collections this replica has")
+        self.caught_up.set()
         await self._gate.consume(mine, self._on_event)
+
+        jobs_channel = await self._connection.channel()
+        await jobs_channel.set_qos(prefetch_count=1)  # embedding is CPU-bound: one job at a time
+        ingest_queue = await declare_ingest(jobs_channel, self._topology)
+        await self._gate.consume(ingest_queue, self._on_job)
         self.ready = True
         log.info("consuming", extra={"queue": ingest_queue.name, "events": mine.name})
+
+    async def wait_caught_up(self) -> None:
+        """Until the collections this replica lacked are copied from a peer (see CatchUp)."""
+        await self.caught_up.wait()
+
+    async def _queue_exists(self, name: str) -> bool:
+        assert self._connection is not None
+        channel = await self._connection.channel()  # a failed passive declare closes its channel
+        try:
+            await channel.declare_queue(name, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
 
     async def stop_consuming(self) -> None:
         """SIGTERM: take no new jobs or events; the one in hand goes on until `close`."""

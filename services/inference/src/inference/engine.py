@@ -547,7 +547,8 @@ def _merged(chunks: list[common_pb2.GenerationChunk]) -> list[common_pb2.Generat
 
 
 # What the engine sets itself, whatever the client's request said: the mesh
-# handles n (one call per choice), stop sequences (postprocess) and the input.
+# handles n (one call per choice), stop sequences (postprocess) and the input;
+# what a typed field of GenerateRequest carries comes from that field only.
 _ENGINE_OWNED = frozenset(
     {
         "model",
@@ -565,6 +566,10 @@ _ENGINE_OWNED = frozenset(
         "max_tokens",
         "max_completion_tokens",
         "seed",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
         "user",
     }
 )

@@ -47,11 +47,11 @@ class Wanted:
     entry: RegistryEntry
 
 
-def export_parts(snapshot: Snapshot) -> list[retrieval_pb2.CollectionPart]:
+def export_parts(snapshot: Snapshot) -> list[retrieval_pb2.ExportCollectionResponse]:
     """A snapshot as ExportCollection sends it: its state, then its chunks and vectors in parts."""
     meta = snapshot.meta
     parts = [
-        retrieval_pb2.CollectionPart(
+        retrieval_pb2.ExportCollectionResponse(
             state=retrieval_pb2.CollectionState(
                 name=meta.name,
                 id=meta.id,
@@ -79,7 +79,9 @@ def export_parts(snapshot: Snapshot) -> list[retrieval_pb2.CollectionPart]:
                 )
             )
         vectors = np.ascontiguousarray(snapshot.vectors[begin : begin + len(records)], dtype="<f4").tobytes()
-        parts.append(retrieval_pb2.CollectionPart(chunks=retrieval_pb2.ChunkBatch(chunks=chunks, vectors=vectors)))
+        parts.append(
+            retrieval_pb2.ExportCollectionResponse(chunks=retrieval_pb2.ChunkBatch(chunks=chunks, vectors=vectors))
+        )
     return parts
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 INTERACTIVE_EMBED_INPUTS = 16
 
 MODE_NAMES = {
+    retrieval_pb2.SEARCH_MODE_UNSPECIFIED: "hybrid",  # the default
     retrieval_pb2.SEARCH_MODE_HYBRID: "hybrid",
     retrieval_pb2.SEARCH_MODE_DENSE: "dense",
     retrieval_pb2.SEARCH_MODE_SPARSE: "sparse",
@@ -216,7 +217,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
 
     async def ExportCollection(  # noqa: N802
         self, request: retrieval_pb2.ExportCollectionRequest, context: ServicerContext
-    ) -> AsyncIterator[retrieval_pb2.CollectionPart]:
+    ) -> AsyncIterator[retrieval_pb2.ExportCollectionResponse]:
         """This replica's copy of a collection, for a peer catching up (the snapshot is immutable:
         the copy is consistent even while changes are applied)."""
         snapshot = self._store.local(request.name)

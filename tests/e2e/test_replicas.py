@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import httpx
+import httpx2  # the openai client's own HTTP library
 import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -290,8 +291,15 @@ class Load:
             thread.join(180)
 
     def _loop(self, work: Callable[[openai.OpenAI, httpx.Client], str]) -> None:
-        client = self.mesh.openai(timeout=120)
-        http = httpx.Client(base_url=self.mesh.v1, timeout=120)
+        # A connection per request: nginx's reload (a preprocess replica in or out of
+        # rotation) closes idle keep-alive connections, and a request written onto one
+        # at that instant is lost in transit. That race belongs to HTTP/1.1 keep-alive
+        # itself (clients retry it: the openai SDK does by default); with retries off
+        # here, it would hide what this test looks for, a request the mesh dropped.
+        client = self.mesh.openai(
+            timeout=120, http_client=openai.DefaultHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0))
+        )
+        http = httpx.Client(base_url=self.mesh.v1, timeout=120, limits=httpx.Limits(max_keepalive_connections=0))
         while not self.stop.is_set():
             try:
                 self.done[work(client, http)] += 1

@@ -653,7 +653,8 @@ def down(plan: Plan) -> int:
     if pid is None:
         print("the mesh is not running", flush=True)
     else:
-        stop_pid(pid, "supervisord and the mesh")
+        # Each service drains first (up to its SHUTDOWN_GRACE), the front after the backends.
+        stop_pid(pid, "supervisord and the mesh", timeout=150.0)
     stop_started_dependencies(plan)
     return 0
 

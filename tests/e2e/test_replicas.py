@@ -132,11 +132,15 @@ def test_calls_from_one_preprocess_reach_both_replicas_of_every_peer(replicated:
     one = f"http://127.0.0.1:{replicated.replicas['preprocess'][0]['http']}"
     with httpx.Client(base_url=one, timeout=60) as http:
         assert http.post("/v1/collections", json={"name": "balance"}).status_code == 201
-        for i in range(20):
+        # One kind after the other: searches and embeddings share the channel to retrieval,
+        # so interleaved they would alternate between replicas in step with each other.
+        for _ in range(20):
             reply = http.post("/v1/chat/completions", json=chat_body(temperature=0.8, cache=False))
             assert reply.status_code == 200, reply.text
+        for i in range(20):
             found = http.post("/v1/search", json={"collection": "balance", "query": f"q {i}", "cache": False})
             assert found.status_code == 200, found.text
+        for i in range(20):
             embedded = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": f"text {i}"})
             assert embedded.status_code == 200, embedded.text
     shares = {}

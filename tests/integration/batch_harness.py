@@ -41,14 +41,16 @@ class FaultyRedis(aioredis.Redis):
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         for hook in list(getattr(self, "before", [])):
             await hook(args, None)
-        reply = await super().execute_command(*args, **options)
+        reply = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         for hook in list(getattr(self, "after", [])):
             await hook(args, reply)
         return reply
 
 
 def faulty_redis(url: str) -> FaultyRedis:
-    client = FaultyRedis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    pool = aioredis.ConnectionPool.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    client = FaultyRedis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # its pool goes with it
     client.before, client.after = [], []
     return client
 
@@ -69,6 +71,16 @@ def mentions(args: tuple[Any, ...], *needles: str) -> bool:
     return all(n.encode() in text for n in needles)
 
 
+class FakeClock:
+    """Wall time the test moves by hand (expiry, retention)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeRunner:
     """Answers batch lines like the mesh would (embeddings), counting calls; `gate` holds them."""
 
@@ -87,7 +99,12 @@ class FakeRunner:
 
 def embedding_lines(n: int, prefix: str = "l") -> bytes:
     lines = [
-        {"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": f"t{i}"}}
+        {
+            "custom_id": f"{prefix}{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "m", "input": f"t{i}"},
+        }
         for i in range(n)
     ]
     return b"".join(orjson.dumps(line) + b"\n" for line in lines)
@@ -112,9 +129,13 @@ async def replica(
     run: Any,
     *,
     workers: bool = True,
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Batches]:
     """One preprocess replica's batch side (its workers consuming when `workers`)."""
-    batches = Batches(settings, redis, FileStore(redis, Path(settings.files_dir), settings.namespace), run)
+    files = FileStore(redis, Path(settings.files_dir), settings.namespace, settings.batch_retention)
+    batches = (
+        Batches(settings, redis, files, run) if clock is None else Batches(settings, redis, files, run, clock=clock)
+    )
     if workers:
         batches.start_workers()
     try:

@@ -116,12 +116,14 @@ async def test_a_redis_timeout_inside_the_handler_gives_the_line_back(
             timeouts -= 1
             raise RedisTimeout("injected: Timeout reading from socket")
 
-    async with replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner(), workers=False) as api:
-        async with replica(settings, flaky, FakeRunner()):
-            flaky.before.append(time_out)
-            batch = await submit(api, embedding_lines(6))
-            batch_ids.append(batch["id"])
-            done = await wait_final(api, batch["id"])
+    async with (
+        replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner(), workers=False) as api,
+        replica(settings, flaky, FakeRunner()),
+    ):
+        flaky.before.append(time_out)
+        batch = await submit(api, embedding_lines(6))
+        batch_ids.append(batch["id"])
+        done = await wait_final(api, batch["id"])
     assert timeouts == 0, "the fault was injected"
     assert done["status"] == "completed" and done["request_counts"]["completed"] == 6
     one_result_each(tmp_path, 6)
@@ -151,12 +153,14 @@ async def test_lines_finishing_before_create_reports_in_progress_are_finalized_o
         await until(finished, what="the line's result")
 
     slow_api.before.append(hold_in_progress_write)
-    async with replica(settings, slow_api, FakeRunner(), workers=False) as api:
-        async with replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner()):
-            batch = await submit(api, embedding_lines(1))
-            assert paused.is_set()
-            done = await wait_final(api, batch["id"])
-            again = await api.get(batch["id"], None)
+    async with (
+        replica(settings, slow_api, FakeRunner(), workers=False) as api,
+        replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner()),
+    ):
+        batch = await submit(api, embedding_lines(1))
+        assert paused.is_set()
+        done = await wait_final(api, batch["id"])
+        again = await api.get(batch["id"], None)
     assert done["status"] == again["status"] == "completed"
     assert again["output_file_id"] == done["output_file_id"]
     assert len(file_contents(tmp_path)) == 2, "the input file and one output file"
@@ -186,19 +190,21 @@ async def test_a_cancel_racing_the_finalizer_leaves_one_outcome_and_one_set_of_f
 
         await until(finalized, what="the finalizer's output")
 
-    async with replica(settings, slow_api, run, workers=False) as api:
-        async with replica(settings, aioredis.Redis.from_url(redis_url), run):
-            batch = await submit(api, embedding_lines(3))
-            await asyncio.wait_for(run.started.wait(), 30)
-            slow_api.before.append(hold_the_cancel_write)
-            try:
-                answer = await api.cancel(batch["id"], None)
-            except RagmeshError as err:
-                assert err.kind is ErrorKind.CONFLICT
-            else:
-                assert answer["status"] == "completed"
-            done = await wait_final(api, batch["id"])
-            again = await api.get(batch["id"], None)
+    async with (
+        replica(settings, slow_api, run, workers=False) as api,
+        replica(settings, aioredis.Redis.from_url(redis_url), run),
+    ):
+        batch = await submit(api, embedding_lines(3))
+        await asyncio.wait_for(run.started.wait(), 30)
+        slow_api.before.append(hold_the_cancel_write)
+        try:
+            answer = await api.cancel(batch["id"], None)
+        except RagmeshError as err:
+            assert err.kind is ErrorKind.CONFLICT
+        else:
+            assert answer["status"] == "completed"
+        done = await wait_final(api, batch["id"])
+        again = await api.get(batch["id"], None)
     assert paused.is_set()
     assert done["status"] == again["status"] == "completed"
     assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
@@ -187,25 +186,3 @@ def output_records(files_dir: Path) -> list[dict[str, Any]]:
             if "response" in record:
                 records.append(record)
     return records
-
-
-async def delete_topology(amqp_url: str, namespace: str, queues: Sequence[str], exchanges: Sequence[str]) -> None:
-    """Remove what a test declared on the shared broker (missing names are fine)."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        for name in queues:
-            channel = await connection.channel()
-            with suppress(Exception):
-                await channel.queue_delete(f"{namespace}.{name}")
-            with suppress(Exception):
-                await channel.close()
-        for name in exchanges:
-            channel = await connection.channel()
-            with suppress(Exception):
-                await channel.exchange_delete(f"{namespace}.{name}")
-            with suppress(Exception):
-                await channel.close()
-
-
-BATCH_QUEUES = ("batch.requests", "batch.retry", "batch.dead")
-BATCH_EXCHANGES = ("requests", "batch.dlx")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -37,7 +38,7 @@ class Replica:
 
 @asynccontextmanager
 async def run_replica(
-    data_dir: Path, replica_id: str, namespace: str, redis_url: str, amqp_url: str
+    data_dir: Path, replica_id: str, namespace: str, redis_url: str, amqp_url: str, **extra: Any
 ) -> AsyncIterator[Replica]:
     settings = RetrievalSettings(
         data_dir=str(data_dir),
@@ -46,6 +47,7 @@ async def run_replica(
         redis_url=redis_url,
         amqp_url=amqp_url,
         ingest_batch_size=4,
+        **extra,
     )
     async with retrieval_service(settings) as service:
         # Ready means consuming: its index.events queue exists from then on.

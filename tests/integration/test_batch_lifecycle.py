@@ -19,13 +19,10 @@ from preprocess.batches import worker as worker_module
 from ragmesh import amqp
 from ragmesh.errors import RagmeshError
 
-from ..conftest import unique_namespace
+from ..conftest import delete_topology, unique_namespace
 from .batch_harness import (
-    BATCH_EXCHANGES,
-    BATCH_QUEUES,
     FakeClock,
     FakeRunner,
-    delete_topology,
     embedding_lines,
     faulty_redis,
     file_contents,
@@ -43,7 +40,7 @@ from .batch_harness import (
 async def broker(amqp_url: str) -> AsyncIterator[str]:
     namespace = unique_namespace()
     yield namespace
-    await delete_topology(amqp_url, namespace, BATCH_QUEUES, BATCH_EXCHANGES)
+    await delete_topology(amqp_url, namespace)
 
 
 @pytest.fixture

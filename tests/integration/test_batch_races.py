@@ -20,12 +20,9 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from ragmesh.errors import ErrorKind, RagmeshError
 
-from ..conftest import unique_namespace
+from ..conftest import delete_topology, unique_namespace
 from .batch_harness import (
-    BATCH_EXCHANGES,
-    BATCH_QUEUES,
     FakeRunner,
-    delete_topology,
     embedding_lines,
     faulty_redis,
     file_contents,
@@ -46,7 +43,7 @@ async def broker(amqp_url: str) -> AsyncIterator[str]:
     """A namespace of its own; its queues and exchanges leave the shared broker afterwards."""
     namespace = unique_namespace()
     yield namespace
-    await delete_topology(amqp_url, namespace, BATCH_QUEUES, BATCH_EXCHANGES)
+    await delete_topology(amqp_url, namespace)
 
 
 @pytest.fixture

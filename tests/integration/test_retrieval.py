@@ -36,7 +36,7 @@ DENSE, SPARSE, HYBRID = (
 async def namespace(amqp_url: str) -> AsyncIterator[str]:
     name = unique_namespace()
     yield name
-    await delete_topology(amqp_url, name, ("a", "b", "c"))
+    await delete_topology(amqp_url, name, ("a", "b", "c", "d"))
 
 
 @pytest.fixture(scope="module")

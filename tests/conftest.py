@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Sequence
 from urllib.parse import urlparse
@@ -49,6 +50,24 @@ async def delete_topology(amqp_url: str, namespace: str, replica_ids: Sequence[s
 def delete_topology_now(amqp_url: str, namespace: str, replica_ids: Sequence[str] = ()) -> None:
     """delete_topology for synchronous fixtures."""
     asyncio.run(delete_topology(amqp_url, namespace, replica_ids))
+
+
+def close_own_connections(namespace: str, reason: str = "closed by a test") -> int:
+    """Drop, broker side, the AMQP connections of one namespace's services (their client-given
+    names start with the namespace), never anyone else's; how many were closed."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    closed = 0
+    for line in listed.splitlines():
+        pid, _, properties = line.partition("\t")
+        if f'{{"connection_name","{namespace}.' in properties:
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, reason], capture_output=True, check=True)
+            closed += 1
+    return closed
 
 
 def _reachable(url: str, default_port: int) -> bool:

@@ -116,17 +116,30 @@ def test_address_lists_become_static_targets_and_uris_pass_through() -> None:
         channel_target("inference-0:50051,inference-1:50051")
 
 
+async def connected(stub: inference_pb2_grpc.InferenceAsyncStub, replicas: int) -> None:
+    """Until the channel reached every replica (the first calls go to whichever connected first)."""
+    seen: set[str] = set()
+    for _ in range(100):
+        seen |= set(await models_of(stub, 1))
+        if len(seen) == replicas:
+            return
+    raise AssertionError(f"only {seen} reached")
+
+
 async def test_calls_are_spread_evenly_over_every_replica() -> None:
     async with replicas(2) as (running, channel):
-        seen = await models_of(inference_pb2_grpc.InferenceStub(channel), 40)
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        await connected(stub, 2)
+        before = [r.replica.calls for r in running]
+        seen = await models_of(stub, 40)
         assert seen == {"r0": 20, "r1": 20}
-        assert [r.replica.calls for r in running] == [20, 20]
+        assert [r.replica.calls - b for r, b in zip(running, before, strict=True)] == [20, 20]
 
 
 async def test_a_replica_reporting_not_serving_gets_no_new_calls() -> None:
     async with replicas(2) as (running, channel):
         stub = inference_pb2_grpc.InferenceStub(channel)
-        await models_of(stub, 4)  # both connected
+        await connected(stub, 2)
         await set_serving(running[1].health, [], False)
         await asyncio.sleep(0.2)  # the health watch delivers NOT_SERVING
         assert await models_of(stub, 20) == {"r0": 20}

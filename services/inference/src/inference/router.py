@@ -21,7 +21,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 UPSTREAM_CALLS = Counter(
     "ragmesh_inference_backend_calls_total", "Engine calls by backend and outcome", ["backend", "outcome"]
 )
-CIRCUIT_OPEN = Gauge("ragmesh_inference_circuit_open", "1 while a backend's circuit is open", ["backend"])
+CIRCUIT_OPEN = Gauge(
+    "ragmesh_inference_circuit_open", "1 while a backend's circuit is not closed (open or half-open)", ["backend"]
+)
 
 
 class Engine(Protocol):
@@ -80,38 +83,57 @@ class EmbeddedAdapter:
 
 @dataclass
 class Breaker:
-    """Closed -> (failures in a row) -> open -> (reset_after) -> half-open: one trial -> closed or open."""
+    """Closed -> (failures in a row) -> open -> (reset_after) -> half-open: one trial -> closed or open.
+
+    Only what says the backend is broken counts as a failure (`UpstreamError.backend_fault`):
+    connection errors, timeouts, 5xx, answers that are not OpenAI's. A client's bad request
+    (4xx), a rate limit, or a wait for one of the backend's connection slots does not. A trial
+    that ends without a verdict (cancelled: the client went away, a stop sequence was hit)
+    gives the trial back, so the next request is the trial."""
 
     failures_to_open: int
     reset_after: float
+    clock: Callable[[], float] = time.monotonic
     failures: int = 0
     opened_at: float | None = None
     trial_running: bool = False
 
-    def allows(self, now: float) -> bool:
+    def allows(self) -> bool:
         if self.opened_at is None:
             return True
         # Half-open: one request (this one) is the trial.
-        return now - self.opened_at >= self.reset_after and not self.trial_running
+        return self.clock() - self.opened_at >= self.reset_after and not self.trial_running
 
-    def started(self, now: float) -> None:
+    def started(self) -> bool:
+        """A call begins; True when it is the half-open trial."""
         if self.opened_at is not None:
             self.trial_running = True
+            return True
+        return False
 
     def succeeded(self) -> None:
         self.failures, self.opened_at, self.trial_running = 0, None, False
 
-    def failed(self, now: float) -> None:
+    def failed(self) -> None:
         self.failures += 1
         self.trial_running = False
         if self.opened_at is not None or self.failures >= self.failures_to_open:
-            self.opened_at = now
+            self.opened_at = self.clock()
+
+    def released(self, trial: bool) -> None:
+        """A call ended with no verdict on the backend: a trial leaves the next request to be one."""
+        if trial:
+            self.trial_running = False
 
     @property
     def state(self) -> str:
         if self.opened_at is None:
             return "closed"
-        return "half-open" if time.monotonic() - self.opened_at >= self.reset_after else "open"
+        return "half-open" if self.clock() - self.opened_at >= self.reset_after else "open"
+
+    def open_value(self) -> float:
+        """The circuit-open gauge: 1 unless closed (open, or half-open until a trial closes it)."""
+        return 0.0 if self.opened_at is None else 1.0
 
 
 @dataclass
@@ -135,8 +157,9 @@ class Registry:
 
 
 class Router:
-    def __init__(self, embedded: LlamaCppEngine | None) -> None:
+    def __init__(self, embedded: LlamaCppEngine | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._embedded = embedded
+        self._clock = clock
         self._registry: Registry | None = None
         self._outstanding: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -186,8 +209,13 @@ class Router:
                 if route.backends and model in table:
                     table[model] = [t for t in table[model] if t.backend in route.backends]
         policy = config.circuit_breaker
-        breakers = {name: Breaker(policy.failures, policy.reset_after) for name in engines}
+        breakers = {name: Breaker(policy.failures, policy.reset_after, self._clock) for name in engines}
         old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers, rerank_targets)
+        for name in set() if old is None else set(old.breakers) - set(breakers):
+            CIRCUIT_OPEN.remove(name)
+        for name, breaker in breakers.items():
+            # Read at every scrape: the gauge follows every transition, half-open included.
+            CIRCUIT_OPEN.labels(name).set_function(breaker.open_value)
         if old is not None:
             task = asyncio.create_task(_close_later(old))
             self._closing.add(task)
@@ -208,12 +236,37 @@ class Router:
         return next((c for c in self.registry.cards if c.id == model), None)
 
     def _pick(self, registry: Registry, targets: list[Target]) -> Target | None:
-        now = time.monotonic()
-        open_ = [t for t in targets if registry.breakers[t.backend].allows(now)]
+        open_ = [t for t in targets if registry.breakers[t.backend].allows()]
         if not open_:
             return None
         fewest = min(self._outstanding.get(t.backend, 0) for t in open_)
         return random.choice([t for t in open_ if self._outstanding.get(t.backend, 0) == fewest])
+
+    @asynccontextmanager
+    async def _calling(self, registry: Registry, target: Target) -> AsyncIterator[None]:
+        """One call to a backend: counted in flight, and its breaker told what the call came to.
+        Only a backend's own fault counts against it; a call that ends with no verdict on the
+        backend (cancelled, the client's error, a wait for a slot) gives back a trial it held."""
+        breaker = registry.breakers[target.backend]
+        trial = breaker.started()
+        self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
+        try:
+            yield
+        except UpstreamError as err:
+            UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
+            if err.backend_fault:
+                breaker.failed()
+            else:
+                breaker.released(trial)
+            raise
+        except BaseException:
+            breaker.released(trial)
+            raise
+        else:
+            breaker.succeeded()
+            UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+        finally:
+            self._outstanding[target.backend] -= 1
 
     async def generate(
         self, request: inference_pb2.GenerateRequest
@@ -239,24 +292,17 @@ class Router:
                 target = self._pick(registry, targets)
                 if target is None:
                     break  # every backend of this model has its circuit open: next fallback
-                breaker = registry.breakers[target.backend]
-                breaker.started(time.monotonic())
-                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
                 sent = False
                 try:
-                    async for chunk in target.engine.generate(request, target.model):
-                        sent = True
-                        yield chunk
-                    breaker.succeeded()
-                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+                    async with (
+                        self._calling(registry, target),
+                        aclosing(target.engine.generate(request, target.model)) as stream,
+                    ):
+                        async for chunk in stream:
+                            sent = True
+                            yield chunk
                     return
                 except UpstreamError as err:
-                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
-                    if err.kind is not ErrorKind.RATE_LIMITED:
-                        breaker.failed(time.monotonic())
-                    else:
-                        breaker.trial_running = False
-                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
                     if sent or not err.retryable:
                         raise
                     last = err
@@ -264,8 +310,6 @@ class Router:
                     await asyncio.sleep(
                         _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
                     )
-                finally:
-                    self._outstanding[target.backend] -= 1
         if last is not None:
             raise last
         raise RagmeshError(
@@ -298,22 +342,10 @@ class Router:
                 if target is None:
                     break
                 assert isinstance(target.engine, UpstreamEngine)
-                breaker = registry.breakers[target.backend]
-                breaker.started(time.monotonic())
-                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
                 try:
-                    response = await target.engine.rerank(request, target.model)
-                    breaker.succeeded()
-                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
-                    CIRCUIT_OPEN.labels(target.backend).set(0)
-                    return response
+                    async with self._calling(registry, target):
+                        return await target.engine.rerank(request, target.model)
                 except UpstreamError as err:
-                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
-                    if err.kind is not ErrorKind.RATE_LIMITED:
-                        breaker.failed(time.monotonic())
-                    else:
-                        breaker.trial_running = False
-                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
                     if not err.retryable:
                         raise
                     last = err
@@ -321,8 +353,6 @@ class Router:
                     await asyncio.sleep(
                         _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
                     )
-                finally:
-                    self._outstanding[target.backend] -= 1
         if last is not None:
             raise last
         raise RagmeshError(

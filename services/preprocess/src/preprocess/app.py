@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
@@ -95,7 +95,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         batches = Batches(
             settings,
             redis,
-            FileStore(redis, Path(settings.files_dir), settings.namespace),
+            FileStore(redis, Path(settings.files_dir), settings.namespace, settings.batch_retention),
             runner(settings, chat, retrieval),
         )
         batches.start_workers()
@@ -117,6 +117,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
             except (RedisError, OSError) as exc:
                 deps["redis"] = f"unavailable: {exc}"
             deps["rabbitmq"] = await publisher.check()
+            deps.update(batches.ready())
             return deps
 
         app.state.ready_check = ready
@@ -234,9 +235,25 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         data, filename, purpose = await read_upload(request, settings.max_file_bytes)
         return _json(await batch_api(request).upload(data, filename, purpose, owner_of(request)))
 
+    @app.get("/v1/files")
+    async def list_files(
+        request: Request,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10_000,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> Response:
+        files = batch_api(request).files
+        limit = max(1, min(limit, 10_000))
+        return _json(await files.list(owner_of(request), purpose=purpose, after=after, limit=limit, order=order))
+
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str, request: Request) -> Response:
         return _json(await batch_api(request).files.info(file_id, owner_of(request)))
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, request: Request) -> Response:
+        return _json(await batch_api(request).files.delete(file_id, owner_of(request)))
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request) -> Response:

@@ -65,7 +65,7 @@ down:
 
 rollout:
 	@test -n "$(SERVICE)" || { echo "usage: make rollout SERVICE=inference|retrieval|postprocess|preprocess|all"; exit 2; }
-	$(BIN)/python scripts/mesh.py rollout $(SERVICE)
+	$(BIN)/python scripts/rollout.py $(SERVICE)
 
 logs:
 	@$(PYTHON) scripts/mesh.py logs

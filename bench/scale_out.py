@@ -12,8 +12,8 @@ mesh answers: search QPS (`--search-clients` clients, result cache off) and
 chat tokens/s (`--streams` streams of `--tokens` tokens, EOS ignored so every
 answer is as long). On the 2-replica mesh the bench also reads each replica's
 share of the calls from its /metrics, then measures p99 latency of a steady mixed
-load (chat and search) for `--steady` seconds, and again while `mesh.py rollout
-all` (what `make rollout SERVICE=all` runs) restarts every replica one at a time.
+load (chat and search) for `--steady` seconds, and again while `rollout.py all`
+(what `make rollout SERVICE=all` runs) restarts every replica one at a time.
 
 Targets: no failed request during the rollout; rollout p99 <= 2x steady p99.
 
@@ -297,7 +297,7 @@ def rollout_under_load(m: Mesh, args: argparse.Namespace, queries: list[str]) ->
 
     def roll() -> None:
         run = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "mesh.py"), "rollout", "all"],
+            [sys.executable, str(ROOT / "scripts" / "rollout.py"), "all"],
             env=m.env,
             capture_output=True,
             text=True,

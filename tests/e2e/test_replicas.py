@@ -370,7 +370,7 @@ def test_rollout_of_every_service_under_load_drops_nothing(replicated: Replicate
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     try:
         rollout = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "mesh.py"), "rollout", "all", "--timeout", "240"],
+            [sys.executable, str(ROOT / "scripts" / "rollout.py"), "all", "--timeout", "240"],
             env=mesh.env,
             capture_output=True,
             text=True,
@@ -405,7 +405,7 @@ def test_rollout_of_every_service_under_load_drops_nothing(replicated: Replicate
 def test_rollout_of_one_service_restarts_only_its_replicas(replicated: Replicated) -> None:
     before = {(s, i): replicated.mesh.supervisorctl("pid", replicated.program(s, i)) for s in SERVICES for i in (0, 1)}
     rollout = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "mesh.py"), "rollout", "postprocess"],
+        [sys.executable, str(ROOT / "scripts" / "rollout.py"), "postprocess"],
         env=replicated.mesh.env,
         capture_output=True,
         text=True,
@@ -421,7 +421,7 @@ def test_make_rollout_needs_a_service(replicated: Replicated) -> None:
     bare = subprocess.run(["make", "-s", "rollout"], cwd=ROOT, capture_output=True, text=True)
     assert bare.returncode != 0 and "SERVICE=" in bare.stdout
     unknown = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "mesh.py"), "rollout", "everything"],
+        [sys.executable, str(ROOT / "scripts" / "rollout.py"), "everything"],
         env=replicated.mesh.env,
         capture_output=True,
         text=True,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from preprocess.chat import to_generate_request, to_process_start
 from preprocess.protocol import parse_chat_request
+from preprocess.serving.chat import to_generate_request, to_process_start
 from ragmesh.errors import RagmeshError
 
 OK: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

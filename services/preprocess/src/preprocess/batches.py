@@ -40,7 +40,8 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter, Gauge
 
-from preprocess.files import BATCH_URLS, BatchLine, FileStore, parse_batch_lines
+from preprocess.files import BatchLine, FileStore, parse_batch_lines
+from preprocess.serving.operations import BATCH_URLS, generates
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import REQUEST_ROUTING_KEY, Topology, connect, consuming, declare_requests, message_headers
 from ragmesh.context import request_id_var
@@ -418,7 +419,7 @@ class Batches:
     ) -> tuple[dict[str, Any] | None, RagmeshError | None] | None:
         """(response, None) or (None, final error); None when the message went back for a retry."""
         try:
-            if url == "/v1/embeddings":
+            if not generates(url):
                 response = await self._run(url, body)
             else:
                 async with self._generating:

@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from preprocess.serving.operations import BATCH_URLS
 from ragmesh.durable import write_atomic
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 PURPOSES = ("batch", "batch_output")
 
 

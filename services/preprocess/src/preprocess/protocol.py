@@ -130,6 +130,38 @@ class CompletionRequest(SamplingRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class EmbeddingsRequest(BaseModel):
+    """POST /v1/embeddings (OpenAI's fields; others pass to an upstream embedding model as sent)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: StrictStr | list[StrictStr] | list[int] | list[list[int]]
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: StrictStr | None = None
+
+
+class CreateCollectionRequest(BaseModel):
+    """POST /v1/collections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+
+
+class SearchRequest(BaseModel):
+    """POST /v1/search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: StrictStr = Field(min_length=1)
+    query: StrictStr = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    cache: bool = True
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -164,7 +196,8 @@ def validation_error(exc: ValidationError) -> RagmeshError:
     )
 
 
-def _validated(model: type[RequestT], body: Any) -> RequestT:
+def validated(model: type[RequestT], body: Any) -> RequestT:
+    """`body` as a `model`: 400 when it is not a JSON object or does not validate."""
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     try:
@@ -187,7 +220,7 @@ def _check_sampling(request: SamplingRequest, max_n: int) -> None:
 
 def parse_completion_request(body: Any, max_n: int) -> CompletionRequest:
     """Validate a legacy completion request (400 on any problem)."""
-    request = _validated(CompletionRequest, body)
+    request = validated(CompletionRequest, body)
     _check_sampling(request, max_n)
     if isinstance(request.prompt, list) and len(request.prompt) != 1:
         raise invalid_request("Send one prompt per request (a list of prompts is not supported).", param="prompt")
@@ -202,7 +235,7 @@ def parse_completion_request(body: Any, max_n: int) -> CompletionRequest:
 
 def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
     """Validate a decoded JSON body as a chat completion request (400 on any problem)."""
-    request = _validated(ChatCompletionRequest, body)
+    request = validated(ChatCompletionRequest, body)
     _check_sampling(request, max_n)
     if request.top_logprobs and not request.logprobs:
         raise invalid_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")

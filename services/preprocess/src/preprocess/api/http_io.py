@@ -1,4 +1,4 @@
-"""HTTP plumbing for OpenAI endpoints: JSON bodies, client disconnects, SSE."""
+"""HTTP plumbing for OpenAI endpoints: JSON bodies, uploads, client disconnects."""
 
 from __future__ import annotations
 
@@ -66,21 +66,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     if not task.done() or task.cancelled():
         raise RagmeshError(ErrorKind.CANCELLED, "The client closed the connection.")
     return task.result()
-
-
-def sse_event(data: str | bytes) -> bytes:
-    """One server-sent event carrying `data`."""
-    if isinstance(data, str):
-        data = data.encode()
-    return b"data: " + data + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse_error(err: RagmeshError) -> bytes:
-    """The tail of a stream that failed after it started: an error event, then [DONE]."""
-    return sse_event(orjson.dumps(err.to_openai())) + SSE_DONE
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str, str]:

@@ -71,6 +71,8 @@ def make_plan(env: dict[str, str], run_dir: Path) -> Plan:
 
     ports = {
         "preprocess_http": port("RAGMESH_PREPROCESS_HTTP_PORT", 8000),
+        "preprocess_admin": port("RAGMESH_PREPROCESS_ADMIN_PORT", 8004),
+        "gateway_admin": port("RAGMESH_GATEWAY_ADMIN_PORT", 8081),
         "inference_http": port("RAGMESH_INFERENCE_HTTP_PORT", 8001),
         "retrieval_http": port("RAGMESH_RETRIEVAL_HTTP_PORT", 8002),
         "postprocess_http": port("RAGMESH_POSTPROCESS_HTTP_PORT", 8003),
@@ -102,6 +104,7 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     out.setdefault("RAGMESH_PREPROCESS_INFERENCE_ADDR", f"127.0.0.1:{p['inference_grpc']}")
     out.setdefault("RAGMESH_PREPROCESS_RETRIEVAL_ADDR", f"127.0.0.1:{p['retrieval_grpc']}")
     out.setdefault("RAGMESH_PREPROCESS_POSTPROCESS_ADDR", f"127.0.0.1:{p['postprocess_grpc']}")
+    out.setdefault("RAGMESH_PREPROCESS_ADMIN_PORT", str(p["preprocess_admin"]))
     out.setdefault("RAGMESH_DATA_DIR", str(plan.run_dir / "data"))
     # Dev mode: a gateway only this machine can reach needs no API keys. Anything
     # else (RAGMESH_GATEWAY_HOST=0.0.0.0, a LAN address) keeps auth on.
@@ -133,6 +136,9 @@ def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
         "NGINX_BURST": env.get("RAGMESH_GATEWAY_BURST", "400"),
         "NGINX_PREPROCESS_ADDR": f"127.0.0.1:{plan.ports['preprocess_http']}",
         "NGINX_LISTEN": f"{plan.gateway_host}:{plan.gateway_port}",
+        # The admin server: loopback unless told otherwise, whatever the public listener is.
+        "NGINX_ADMIN_LISTEN": f"{env.get('RAGMESH_GATEWAY_ADMIN_HOST', '127.0.0.1')}:{plan.ports['gateway_admin']}",
+        "NGINX_PREPROCESS_ADMIN_ADDR": f"127.0.0.1:{plan.ports['preprocess_admin']}",
     }
     template = string.Template((ROOT / "nginx" / "nginx.conf.template").read_text())
     conf = nginx_dir / "nginx.conf"

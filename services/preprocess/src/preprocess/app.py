@@ -16,6 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from preprocess.api import admin, batches, chat, embeddings, health, models, retrieval
 from preprocess.api.auth import AuthMiddleware
 from preprocess.api.errors import install_error_handlers
+from preprocess.api.forward import forwarding_router
+from preprocess.api.index import index_router
+from preprocess.api.listener import Listener
 from preprocess.api.openapi import DocumentedApp
 from preprocess.batches import Batches
 from preprocess.clients import MeshClients
@@ -27,6 +30,7 @@ from preprocess.queue_depth import QueueDepthMonitor
 from preprocess.serving.admin import AdminServing
 from preprocess.serving.chat import ChatServing
 from preprocess.serving.embeddings import EmbeddingsServing
+from preprocess.serving.forward import ForwardServing
 from preprocess.serving.models import ModelsServing
 from preprocess.serving.operations import OperationRunner
 from preprocess.serving.retrieval import RetrievalServing
@@ -40,14 +44,14 @@ from ragmesh.ops import ops_routes
 from ragmesh.service import run_http
 from ragmesh.tracing import set_error, setup_tracing, span
 
-# One router per API family, in the order /openapi.json lists them.
-ROUTERS: list[APIRouter] = [
+# One router per API family of the public listener, in the order /openapi.json lists them
+# (then GET / and the forwarding catch-all). The admin router is on the admin listener.
+PUBLIC_ROUTERS: list[APIRouter] = [
     chat.router,
     embeddings.router,
     models.router,
     retrieval.router,
     batches.router,
-    admin.router,
     health.router,
 ]
 
@@ -98,15 +102,17 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         chunker = Chunker(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
         keys = KeyStore(redis, settings.namespace, settings.rate_limit_window)
+        forward = ForwardServing(clients, settings)
         serving = Serving(
             settings=settings,
             clients=clients,
             keys=keys,
             chat=ChatServing(clients, settings, keys),
-            embeddings=EmbeddingsServing(clients, settings),
+            embeddings=EmbeddingsServing(clients, settings, forward),
             retrieval=RetrievalServing(clients, settings, publisher, jobs),
             models=ModelsServing(clients, settings.model_aliases),
             admin=AdminServing(clients, keys),
+            forward=forward,
         )
         batches = Batches(
             settings,
@@ -121,6 +127,10 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         queue_depth.start()
         app.state.serving = serving
         app.state.batches = batches
+        admin_app.state.serving = serving
+        admin_listener = Listener(admin_app, settings.admin_host, settings.admin_port, settings.shutdown_grace)
+        if settings.admin_port:
+            await admin_listener.start()
 
         async def ready() -> dict[str, str]:
             deps = await clients.ready()
@@ -136,6 +146,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         try:
             yield
         finally:
+            await admin_listener.close()
             await queue_depth.close()
             await batches.close()
             await publisher.close()
@@ -150,9 +161,13 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
-    for router in ROUTERS:
+    for router in PUBLIC_ROUTERS:
         app.include_router(router)
+    forwarding = forwarding_router([*PUBLIC_ROUTERS, admin.router])
+    app.include_router(index_router([*PUBLIC_ROUTERS, forwarding]))
+    app.include_router(forwarding)  # last: the mesh's own routes win
     app.router.routes.extend(ops_routes(health=False))
+    admin_app = create_admin_app()
 
     def current_keys() -> KeyStore | None:
         serving = getattr(app.state, "serving", None)
@@ -165,6 +180,21 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         enabled=settings.auth == "on",
         models_public=settings.models_public,
     )
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def create_admin_app() -> FastAPI:
+    """The admin API alone, for the admin listener (the public app's lifespan gives it its state)."""
+    app = DocumentedApp(
+        title="ragmesh admin",
+        description="Admin API (admin key as a bearer token). Not exposed by the public gateway.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(admin.router)
+    app.include_router(health.router)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -1,4 +1,4 @@
-"""The admin API over HTTP: every route needs the admin key."""
+"""The admin API over HTTP, on the admin listener only: every route needs the admin key."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from preprocess.api.deps import AdminDep, model_body, require_admin
 from preprocess.api.openapi import errors, request_body
 from preprocess.api.responses import json_response
 from preprocess.serving import schemas
-from preprocess.serving.admin import CreateKeyRequest
+from preprocess.serving.admin import CreateKeyRequest, SetBackendKeyRequest
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)], responses=errors(401, 404, 503))
 
@@ -48,3 +48,36 @@ async def revoke_key(key_id: str, admin: AdminDep) -> Response:
 )
 async def reload_backends(admin: AdminDep) -> Response:
     return json_response(await admin.reload_backends())
+
+
+@router.get(
+    "/v1/admin/backends",
+    summary="Inference backends: circuit state, requests in flight, last error, key source (never a key).",
+    response_model=schemas.BackendList,
+)
+async def list_backends(admin: AdminDep) -> Response:
+    return json_response(await admin.list_backends())
+
+
+@router.put(
+    "/v1/admin/backends/{name}/key",
+    summary="Set a backend's key at run time (used from the next request on; never returned or logged).",
+    response_model=schemas.BackendInfo,
+    openapi_extra=request_body(SetBackendKeyRequest),
+    responses=errors(400, 413, 415),
+)
+async def set_backend_key(
+    name: str,
+    request: Annotated[SetBackendKeyRequest, Depends(model_body(SetBackendKeyRequest))],
+    admin: AdminDep,
+) -> Response:
+    return json_response(await admin.set_backend_key(name, request))
+
+
+@router.delete(
+    "/v1/admin/backends/{name}/key",
+    summary="Revert a backend's key to the configured source (api_key_env / api_key_file).",
+    response_model=schemas.BackendInfo,
+)
+async def revert_backend_key(name: str, admin: AdminDep) -> Response:
+    return json_response(await admin.revert_backend_key(name))

@@ -18,9 +18,10 @@ from preprocess.api.http_io import read_json
 from preprocess.batches import Batches
 from preprocess.keys import ApiKey
 from preprocess.protocol import validated
-from preprocess.serving.admin import AdminServing, check_admin
+from preprocess.serving.admin import AdminServing, audited, check_admin
 from preprocess.serving.chat import ChatServing
 from preprocess.serving.embeddings import EmbeddingsServing
+from preprocess.serving.forward import ForwardServing
 from preprocess.serving.models import ModelsServing
 from preprocess.serving.operations import Operation
 from preprocess.serving.retrieval import RetrievalServing
@@ -77,6 +78,10 @@ def _admin(serving: ServingDep) -> AdminServing:
     return serving.admin
 
 
+def _forward(serving: ServingDep) -> ForwardServing:
+    return serving.forward
+
+
 def _api_key(request: Request) -> ApiKey | None:
     return api_key_of(request)
 
@@ -87,6 +92,7 @@ EmbeddingsDep = Annotated[EmbeddingsServing, Depends(_embeddings)]
 RetrievalDep = Annotated[RetrievalServing, Depends(_retrieval)]
 ModelsDep = Annotated[ModelsServing, Depends(_models)]
 AdminDep = Annotated[AdminServing, Depends(_admin)]
+ForwardDep = Annotated[ForwardServing, Depends(_forward)]
 # The key that authenticated the request (None with auth off).
 ApiKeyDep = Annotated[ApiKey | None, Depends(_api_key)]
 
@@ -101,7 +107,8 @@ OwnerDep = Annotated[str | None, Depends(_owner)]
 
 async def require_admin(request: Request, settings: SettingsDep) -> None:
     """Admin routes: the admin key as a bearer token (401 otherwise; 404 when the admin API is off)."""
-    check_admin(request.headers.get("authorization"), settings.admin_key)
+    async with audited("admin.authenticate", f"{request.method} {request.url.path}"):
+        check_admin(request.headers.get("authorization"), settings.admin_key)
 
 
 def json_body(

@@ -89,3 +89,16 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str, str
     if len(data) > max_bytes:
         raise _too_large(max_bytes)
     return data, upload.filename or "upload.jsonl", purpose
+
+
+async def read_raw(request: Request, max_bytes: int) -> bytes:
+    """The body as sent (any content type, maybe empty); 413 over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    return bytes(body)

@@ -1,29 +1,60 @@
-"""POST /v1/embeddings: vectors from the retrieval service's embedding model, in OpenAI's shape."""
+"""POST /v1/embeddings, routed by model like chat.
+
+The mesh's own model (retrieval's) honours NVIDIA's `truncate` (NONE: a 400
+past its limit; START/END: cut) and accepts `input_type` (it is symmetric);
+any other model goes to the upstream that serves it, with the request as the
+client sent it (input_type, truncate, encoding_format, dimensions and all).
+"""
 
 from __future__ import annotations
 
 import array
 import base64
 import sys
+import time
 from typing import Any
 
 import grpc
 
 from preprocess.clients import MeshClients
 from preprocess.protocol import EmbeddingsRequest
+from preprocess.serving.forward import ForwardServing
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import from_rpc_error, invalid_request
 from ragmesh.grpc_client import call_metadata
-from ragmesh.v1 import retrieval_pb2
+from ragmesh.v1 import common_pb2, retrieval_pb2
+
+# How long the mesh's own embedding model ids are trusted before asking retrieval again.
+LOCAL_MODELS_TTL = 30.0
 
 
 class EmbeddingsServing:
-    def __init__(self, clients: MeshClients, settings: PreprocessSettings) -> None:
+    def __init__(self, clients: MeshClients, settings: PreprocessSettings, forward: ForwardServing) -> None:
         self._clients = clients
         self._settings = settings
+        self._forward = forward
+        self._local: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+    async def _local_models(self) -> frozenset[str]:
+        at, models = self._local
+        if models and time.monotonic() - at < LOCAL_MODELS_TTL:
+            return models
+        try:
+            reply = await self._clients.retrieval.ListModels(
+                common_pb2.ListModelsRequest(), timeout=self._settings.retrieval_timeout, metadata=call_metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            if models:
+                return models  # retrieval away for a moment: the last answer is still right
+            raise from_rpc_error(exc) from None
+        self._local = (time.monotonic(), frozenset(card.id for card in reply.models))
+        return self._local[1]
 
     async def create(self, request: EmbeddingsRequest) -> dict[str, Any]:
-        """OpenAI's embeddings list for a validated request."""
+        """OpenAI's embeddings list for a validated request, from the model's own backend."""
+        if request.model not in await self._local_models():
+            sent = request.model_dump(mode="json", exclude_unset=True, by_alias=True)
+            return await self._forward.json("/embeddings", request.model, sent)
         inputs = [request.input] if isinstance(request.input, str) else request.input
         if not inputs:
             raise invalid_request("'input' must not be empty.", param="input")
@@ -33,7 +64,12 @@ class EmbeddingsServing:
             raise invalid_request("'dimensions' is not supported by this model.", param="dimensions")
         try:
             reply = await self._clients.retrieval.Embed(
-                retrieval_pb2.EmbedRequest(model=request.model, inputs=[str(item) for item in inputs]),
+                retrieval_pb2.EmbedRequest(
+                    model=request.model,
+                    inputs=[str(item) for item in inputs],
+                    truncate=request.truncate or "NONE",
+                    input_type=request.input_type or "",
+                ),
                 timeout=self._settings.retrieval_timeout,
                 metadata=call_metadata(),
             )

@@ -16,13 +16,15 @@ from ragmesh.v1 import common_pb2
 
 
 def model_object(card: common_pb2.ModelCard) -> dict[str, Any]:
-    """OpenAI's model object plus vLLM's max_model_len."""
+    """OpenAI's model object, vLLM's max_model_len, and what the model does and where it runs."""
     return {
         "id": card.id,
         "object": "model",
         "created": card.created,
         "owned_by": card.owned_by,
         "max_model_len": card.max_context,
+        "capabilities": list(card.capabilities),
+        "backend_type": card.backend_type or "embedded",
     }
 
 

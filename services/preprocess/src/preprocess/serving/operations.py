@@ -52,7 +52,7 @@ CHAT = Operation(
     summary="Chat completion (streamed with `stream: true`; RAG with `rag` or a model alias).",
     request=ChatCompletionRequest,
     response=schemas.ChatCompletionResponse,
-    parse=lambda body, settings: parse_chat_request(body, settings.max_n),
+    parse=lambda body, settings: parse_chat_request(body, settings.max_n, settings.max_data_url_bytes),
     run=lambda serving, request: serving.chat.complete(request),
     generates=True,
 )

@@ -126,6 +126,10 @@ class ModelCard(_Open):
     created: int
     owned_by: str
     max_model_len: int | None = None
+    capabilities: list[str] = Field(
+        default_factory=list, description='What the model does: "chat", "vision", "tools", "embedding", "rerank", ...'
+    )
+    backend_type: str = Field(default="embedded", description='"embedded" (in the mesh) or "openai" (an upstream)')
     root: str | None = Field(default=None, description="An alias's base model.")
     parent: str | None = None
     rag: dict[str, Any] | None = Field(default=None, description="An alias's collection binding.")
@@ -289,6 +293,36 @@ class BackendsReloaded(_Open):
     object: Literal["backends.reloaded"]
     backends: list[str]
     models: list[str]
+
+
+class BackendInfo(_Open):
+    name: str
+    type: str
+    base_url: str = ""
+    circuit: Literal["closed", "open", "half-open"]
+    in_flight: int
+    last_error: str | None = None
+    last_error_at: int | None = None
+    key_source: str = Field(description='"env:NAME", "file", "runtime" or "none" (never the key)')
+    models: list[str]
+    paths: list[str]
+
+
+class BackendList(_Open):
+    object: Literal["list"]
+    data: list[BackendInfo]
+
+
+class EndpointInfo(BaseModel):
+    method: str
+    path: str
+    description: str
+
+
+class EndpointIndex(_Open):
+    object: Literal["index"]
+    name: str
+    endpoints: list[EndpointInfo]
 
 
 # --- operations ---------------------------------------------------------------------

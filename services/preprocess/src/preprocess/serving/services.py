@@ -9,6 +9,7 @@ from preprocess.keys import KeyStore
 from preprocess.serving.admin import AdminServing
 from preprocess.serving.chat import ChatServing
 from preprocess.serving.embeddings import EmbeddingsServing
+from preprocess.serving.forward import ForwardServing
 from preprocess.serving.models import ModelsServing
 from preprocess.serving.retrieval import RetrievalServing
 from preprocess.settings import PreprocessSettings
@@ -24,3 +25,4 @@ class Serving:
     retrieval: RetrievalServing
     models: ModelsServing
     admin: AdminServing
+    forward: ForwardServing

@@ -181,8 +181,9 @@ def test_the_embedded_model_answers_a_context_message_with_the_context_in_its_pr
     plain = llm.invoke([HumanMessage(content="What causes tides?")])
     grounded = llm.invoke([ChatMessage(role="context", content=CONTEXT), HumanMessage(content="What causes tides?")])
     assert grounded.content
-    plain_tokens = plain.response_metadata["token_usage"]["prompt_tokens"]
-    grounded_tokens = grounded.response_metadata["token_usage"]["prompt_tokens"]
+    assert plain.usage_metadata is not None and grounded.usage_metadata is not None
+    plain_tokens = plain.usage_metadata["input_tokens"]
+    grounded_tokens = grounded.usage_metadata["input_tokens"]
     # The context (about 35 tokens) and the grounding instruction went into the prompt.
     assert grounded_tokens >= plain_tokens + 35
 

@@ -195,7 +195,7 @@ async def test_forwarding_picks_the_owner_and_passes_the_answer_through(upstream
                 )
             )
         ]
-        assert by_path[0][0] == 200 and by_path[0][1] == {"Content-Type": "audio/wav"}  # no Set-Cookie
+        assert by_path[0][0] == 200 and by_path[0][1] == {"content-type": "audio/wav"}  # no Set-Cookie
         assert b"".join(data for _, _, data in by_path) == b"RIFFDATA"
         by_model = [
             item

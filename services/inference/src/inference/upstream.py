@@ -311,7 +311,7 @@ class UpstreamEngine:
             async with self._client().request(
                 method, url, data=body or None, headers={**headers, **self._auth()}
             ) as response:
-                passed = {k: v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+                passed = {k.lower(): v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
                 first = True
                 async for data in response.content.iter_any():
                     yield (response.status if first else 0), (passed if first else {}), data

@@ -17,7 +17,7 @@ from preprocess.serving import schemas
 def index_router(routers: list[APIRouter]) -> APIRouter:
     """GET / listing every documented route of `routers`."""
     endpoints = [
-        {"method": method, "path": route.path, "description": route.summary or ""}
+        {"method": method, "path": route.path_format, "description": route.summary or ""}
         for router in routers
         for route in router.routes
         if isinstance(route, APIRoute) and route.include_in_schema

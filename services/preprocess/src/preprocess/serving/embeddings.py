@@ -52,7 +52,8 @@ class EmbeddingsServing:
 
     async def create(self, request: EmbeddingsRequest) -> dict[str, Any]:
         """OpenAI's embeddings list for a validated request, from the model's own backend."""
-        if request.model not in await self._local_models():
+        # No model: the mesh's own (as before there were upstream embedding models).
+        if request.model and request.model not in await self._local_models():
             sent = request.model_dump(mode="json", exclude_unset=True, by_alias=True)
             return await self._forward.json("/embeddings", request.model, sent)
         inputs = [request.input] if isinstance(request.input, str) else request.input

@@ -130,6 +130,8 @@ class Registry:
     targets: dict[str, list[Target]]
     cards: list[common_pb2.ModelCard]
     breakers: dict[str, Breaker] = field(default_factory=dict)
+    # Reranking models, by id: the upstreams that serve them.
+    rerank_targets: dict[str, list[Target]] = field(default_factory=dict)
 
 
 class Router:
@@ -148,6 +150,7 @@ class Router:
         """Build engines and the model registry for `config`, then switch to it."""
         engines: dict[str, Engine] = {}
         targets: dict[str, list[Target]] = {}
+        rerank_targets: dict[str, list[Target]] = {}
         cards: list[common_pb2.ModelCard] = []
         upstreams: list[UpstreamEngine] = []
         try:
@@ -166,6 +169,10 @@ class Router:
                     upstreams.append(upstream)
                     engines[backend.name] = upstream
                     models = [(m, _upstream_card(backend, m)) for m in await _models_of(upstream, backend)]
+                    for model_id in backend.rerank.models if backend.rerank else []:
+                        rerank_targets.setdefault(model_id, []).append(Target(backend.name, upstream, model_id))
+                        if all(c.id != model_id for c in cards):
+                            cards.append(_upstream_card(backend, model_id, ["rerank"]))
                 for model_id, card in models:
                     targets.setdefault(model_id, []).append(Target(backend.name, engines[backend.name], model_id))
                     if all(c.id != model_id for c in cards):
@@ -175,11 +182,12 @@ class Router:
                 await upstream.aclose()
             raise
         for model, route in config.routes.items():
-            if route.backends and model in targets:
-                targets[model] = [t for t in targets[model] if t.backend in route.backends]
+            for table in (targets, rerank_targets):
+                if route.backends and model in table:
+                    table[model] = [t for t in table[model] if t.backend in route.backends]
         policy = config.circuit_breaker
         breakers = {name: Breaker(policy.failures, policy.reset_after) for name in engines}
-        old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers)
+        old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers, rerank_targets)
         if old is not None:
             task = asyncio.create_task(_close_later(old))
             self._closing.add(task)
@@ -264,6 +272,63 @@ class Router:
             ErrorKind.UNAVAILABLE, f"Every backend of `{request.model}` is unavailable (circuit open).", retry_after=1
         )
 
+    async def rerank(self, request: common_pb2.RerankRequest) -> common_pb2.RerankResponse:
+        """Scores from the first upstream of the model (or of its fallbacks) that answers.
+
+        The same policy as generation: least outstanding first, retries with
+        backoff for what may pass, breakers, then the route's fallback models.
+        """
+        registry = self.registry
+        route = registry.config.routes.get(request.model)
+        if not registry.rerank_targets.get(request.model):
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND,
+                f"The reranking model `{request.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        retry = registry.config.retry
+        last: UpstreamError | None = None
+        for model in [request.model, *(route.fallback if route else [])]:
+            if last is not None and last.kind is ErrorKind.RATE_LIMITED:
+                break
+            targets = registry.rerank_targets.get(model, [])
+            for attempt in range(retry.attempts):
+                target = self._pick(registry, targets)
+                if target is None:
+                    break
+                assert isinstance(target.engine, UpstreamEngine)
+                breaker = registry.breakers[target.backend]
+                breaker.started(time.monotonic())
+                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
+                try:
+                    response = await target.engine.rerank(request, target.model)
+                    breaker.succeeded()
+                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+                    CIRCUIT_OPEN.labels(target.backend).set(0)
+                    return response
+                except UpstreamError as err:
+                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
+                    if err.kind is not ErrorKind.RATE_LIMITED:
+                        breaker.failed(time.monotonic())
+                    else:
+                        breaker.trial_running = False
+                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
+                    if not err.retryable:
+                        raise
+                    last = err
+                    log.warning("reranker failed, retrying", extra={"backend": target.backend, "error": err.message})
+                    await asyncio.sleep(
+                        _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
+                    )
+                finally:
+                    self._outstanding[target.backend] -= 1
+        if last is not None:
+            raise last
+        raise RagmeshError(
+            ErrorKind.UNAVAILABLE, f"Every backend of `{request.model}` is unavailable (circuit open).", retry_after=1
+        )
+
 
 def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
     """Exponential backoff with full jitter, at least what Retry-After asked (within the cap)."""
@@ -284,13 +349,14 @@ async def _models_of(upstream: UpstreamEngine, backend: UpstreamBackend) -> list
     return models
 
 
-def _upstream_card(backend: UpstreamBackend, model: str) -> common_pb2.ModelCard:
+def _upstream_card(backend: UpstreamBackend, model: str, capabilities: list[str] | None = None) -> common_pb2.ModelCard:
     return common_pb2.ModelCard(
         id=model,
         owned_by=backend.name,
         created=int(time.time()),
         max_context=backend.context_length,
         backend=backend.name,
+        capabilities=capabilities or [],
     )
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -37,15 +38,18 @@ class Replica:
 
 @asynccontextmanager
 async def run_replica(
-    data_dir: Path, replica_id: str, namespace: str, redis_url: str, amqp_url: str
+    data_dir: Path, replica_id: str, namespace: str, redis_url: str, amqp_url: str, **overrides: Any
 ) -> AsyncIterator[Replica]:
-    settings = RetrievalSettings(
-        data_dir=str(data_dir),
-        replica_id=replica_id,
-        namespace=namespace,
-        redis_url=redis_url,
-        amqp_url=amqp_url,
-        ingest_batch_size=4,
+    settings = RetrievalSettings.model_validate(
+        {
+            "data_dir": str(data_dir),
+            "replica_id": replica_id,
+            "namespace": namespace,
+            "redis_url": redis_url,
+            "amqp_url": amqp_url,
+            "ingest_batch_size": 4,
+            **overrides,
+        }
     )
     async with retrieval_service(settings) as service:
         # Ready means consuming: its index.events queue exists from then on.

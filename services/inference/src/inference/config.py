@@ -56,6 +56,27 @@ class EmbeddedBackend(_Strict):
     type: Literal["embedded"]
 
 
+class RerankApi(_Strict):
+    """The reranking models an upstream serves, and which of the two reranking APIs it speaks."""
+
+    # "ranking": NVIDIA NIM's POST /v1/ranking ({query: {text}, passages: [{text}]} -> rankings[].logit);
+    # "rerank": the Cohere/Jina shape vLLM, TEI, Infinity serve (POST /v1/rerank -> results[].relevance_score).
+    api: Literal["ranking", "rerank"]
+    # Path under base_url; default /ranking or /rerank (the API catalog's hosted rerankers have their own).
+    path: str | None = None
+    models: list[str] = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("path must start with /")
+        return value
+
+    def url_path(self) -> str:
+        return self.path or ("/ranking" if self.api == "ranking" else "/rerank")
+
+
 class UpstreamBackend(_Strict):
     """Any OpenAI-compatible endpoint: vLLM, Ollama's /v1, NVIDIA API catalog or NIM, OpenAI."""
 
@@ -85,6 +106,8 @@ class UpstreamBackend(_Strict):
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     headers: dict[str, str] = Field(default_factory=dict)
+    # Reranking models served here (listed in /v1/models with the "rerank" capability).
+    rerank: RerankApi | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -95,8 +118,8 @@ class UpstreamBackend(_Strict):
 
     @model_validator(mode="after")
     def _has_models(self) -> UpstreamBackend:
-        if not self.models and not self.discover:
-            raise ValueError("an upstream needs `models` or `discover: true`")
+        if not self.models and not self.discover and self.rerank is None:
+            raise ValueError("an upstream needs `models`, `discover: true` or `rerank`")
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
         return self

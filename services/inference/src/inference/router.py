@@ -134,6 +134,8 @@ class Registry:
     targets: dict[str, list[Target]]
     cards: list[common_pb2.ModelCard]
     breakers: dict[str, Breaker] = field(default_factory=dict)
+    # Reranking models, by id: the upstreams that serve them.
+    rerank_targets: dict[str, list[Target]] = field(default_factory=dict)
 
 
 class Router:
@@ -156,6 +158,7 @@ class Router:
         """Build engines and the model registry for `config`, then switch to it."""
         engines: dict[str, Engine] = {}
         targets: dict[str, list[Target]] = {}
+        rerank_targets: dict[str, list[Target]] = {}
         cards: list[common_pb2.ModelCard] = []
         upstreams: list[UpstreamEngine] = []
         try:
@@ -178,6 +181,10 @@ class Router:
                     upstreams.append(upstream)
                     engines[backend.name] = upstream
                     models = [(m, _upstream_card(backend, m, caps)) for m, caps in await _models_of(upstream, backend)]
+                    for model_id in backend.rerank.models if backend.rerank else []:
+                        rerank_targets.setdefault(model_id, []).append(Target(backend.name, upstream, model_id))
+                        if all(c.id != model_id for c in cards):
+                            cards.append(_upstream_card(backend, model_id, ["rerank"]))
                 for model_id, card in models:
                     targets.setdefault(model_id, []).append(Target(backend.name, engines[backend.name], model_id))
                     if all(c.id != model_id for c in cards):
@@ -187,11 +194,12 @@ class Router:
                 await upstream.aclose()
             raise
         for model, route in config.routes.items():
-            if route.backends and model in targets:
-                targets[model] = [t for t in targets[model] if t.backend in route.backends]
+            for table in (targets, rerank_targets):
+                if route.backends and model in table:
+                    table[model] = [t for t in table[model] if t.backend in route.backends]
         policy = config.circuit_breaker
         breakers = {name: Breaker(policy.failures, policy.reset_after) for name in engines}
-        old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers)
+        old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers, rerank_targets)
         if old is not None:
             task = asyncio.create_task(_close_later(old))
             self._closing.add(task)
@@ -326,7 +334,8 @@ class Router:
         registry = self.registry
         now = time.monotonic()
         if model:
-            upstreams = [t for t in registry.targets.get(model, []) if isinstance(t.engine, UpstreamEngine)]
+            owning = registry.targets.get(model) or registry.rerank_targets.get(model, [])
+            upstreams = [t for t in owning if isinstance(t.engine, UpstreamEngine)]
             if not upstreams:
                 known = model in registry.targets
                 raise RagmeshError(
@@ -396,7 +405,12 @@ class Router:
                 in_flight=self._outstanding.get(name, 0),
                 last_error=error,
                 last_error_at=int(at),
-                models=sorted(m for m, ts in registry.targets.items() if any(t.backend == name for t in ts)),
+                models=sorted(
+                    m
+                    for served in (registry.targets, registry.rerank_targets)
+                    for m, ts in served.items()
+                    if any(t.backend == name for t in ts)
+                ),
             )
             if isinstance(engine, UpstreamEngine):
                 info.type, info.base_url, info.key_source = "openai", engine.config.base_url, engine.key_source
@@ -430,6 +444,63 @@ class Router:
         self._runtime_keys.pop(backend, None)
         return next(b for b in self.backends() if b.name == backend)
 
+    async def rerank(self, request: common_pb2.RerankRequest) -> common_pb2.RerankResponse:
+        """Scores from the first upstream of the model (or of its fallbacks) that answers.
+
+        The same policy as generation: least outstanding first, retries with
+        backoff for what may pass, breakers, then the route's fallback models.
+        """
+        registry = self.registry
+        route = registry.config.routes.get(request.model)
+        if not registry.rerank_targets.get(request.model):
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND,
+                f"The reranking model `{request.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        retry = registry.config.retry
+        last: UpstreamError | None = None
+        for model in [request.model, *(route.fallback if route else [])]:
+            if last is not None and last.kind is ErrorKind.RATE_LIMITED:
+                break
+            targets = registry.rerank_targets.get(model, [])
+            for attempt in range(retry.attempts):
+                target = self._pick(registry, targets)
+                if target is None:
+                    break
+                assert isinstance(target.engine, UpstreamEngine)
+                breaker = registry.breakers[target.backend]
+                breaker.started(time.monotonic())
+                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
+                try:
+                    response = await target.engine.rerank(request, target.model)
+                    breaker.succeeded()
+                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+                    CIRCUIT_OPEN.labels(target.backend).set(0)
+                    return response
+                except UpstreamError as err:
+                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
+                    if err.kind is not ErrorKind.RATE_LIMITED:
+                        breaker.failed(time.monotonic())
+                    else:
+                        breaker.trial_running = False
+                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
+                    if not err.retryable:
+                        raise
+                    last = err
+                    log.warning("reranker failed, retrying", extra={"backend": target.backend, "error": err.message})
+                    await asyncio.sleep(
+                        _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
+                    )
+                finally:
+                    self._outstanding[target.backend] -= 1
+        if last is not None:
+            raise last
+        raise RagmeshError(
+            ErrorKind.UNAVAILABLE, f"Every backend of `{request.model}` is unavailable (circuit open).", retry_after=1
+        )
+
 
 def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
     """Exponential backoff with full jitter, at least what Retry-After asked (within the cap)."""
@@ -454,14 +525,14 @@ async def _models_of(upstream: UpstreamEngine, backend: UpstreamBackend) -> list
     return models
 
 
-def _upstream_card(backend: UpstreamBackend, model: str, capabilities: list[str]) -> common_pb2.ModelCard:
+def _upstream_card(backend: UpstreamBackend, model: str, capabilities: list[str] | None = None) -> common_pb2.ModelCard:
     return common_pb2.ModelCard(
         id=model,
         owned_by=backend.name,
         created=int(time.time()),
         max_context=backend.context_length,
         backend=backend.name,
-        capabilities=capabilities,
+        capabilities=capabilities or [],
         backend_type="openai",
     )
 

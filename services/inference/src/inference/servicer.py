@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from inference.engine import LlamaCppEngine
 from inference.router import Registry, Router
-from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.grpc_server import ServicerContext
 from ragmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -64,6 +64,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: common_pb2.ListModelsRequest, context: ServicerContext
     ) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(models=self._router.cards())
+
+    async def Rerank(  # noqa: N802
+        self, request: common_pb2.RerankRequest, context: ServicerContext
+    ) -> common_pb2.RerankResponse:
+        if not request.documents:
+            raise invalid_request("documents must not be empty.", param="documents")
+        return await self._router.rerank(request)
 
     async def Forward(  # noqa: N802
         self, request: inference_pb2.ForwardRequest, context: ServicerContext

@@ -19,6 +19,7 @@ import aiohttp
 
 from inference.config import UpstreamBackend
 from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.rerank import logit_of, ranked, sigmoid
 from ragmesh.v1 import common_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -385,3 +386,59 @@ class UpstreamEngine:
                 finish_reason=FINISH_REASONS.get(state.finish or "stop", common_pb2.FINISH_REASON_STOP),
                 extra_json=json.dumps({"finish_reason": state.finish}) if state.finish not in FINISH_REASONS else "",
             )
+
+    # --- reranking ------------------------------------------------------------------
+
+    def _rerank_body(self, request: common_pb2.RerankRequest, model: str) -> dict[str, Any]:
+        assert self.config.rerank is not None
+        if self.config.rerank.api == "ranking":
+            return {
+                "model": model,
+                "query": {"text": request.query},
+                "passages": [{"text": d} for d in request.documents],
+                "truncate": "END" if request.truncate else "NONE",
+            }
+        return {"model": model, "query": request.query, "documents": list(request.documents), "return_documents": False}
+
+    async def rerank(self, request: common_pb2.RerankRequest, model: str) -> common_pb2.RerankResponse:
+        """Every document's scores from the upstream reranker, best first, in both scales."""
+        assert self.config.rerank is not None
+        url = f"{self._base}{self.config.rerank.url_path()}"
+        try:
+            async with self._client().post(
+                url, json=self._rerank_body(request, model), headers=self._auth()
+            ) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise status_error(self.name, response.status, response.headers, body)
+        except TimeoutError as exc:
+            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=True) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                ErrorKind.UNAVAILABLE,
+                f"The upstream {self.name!r} is unreachable or dropped the connection: {exc!r}",
+                retryable=True,
+            ) from exc
+        return self._rerank_answer(body, model, len(request.documents))
+
+    def _rerank_answer(self, body: bytes, model: str, documents: int) -> common_pb2.RerankResponse:
+        assert self.config.rerank is not None
+        nim = self.config.rerank.api == "ranking"
+        try:
+            data = json.loads(body)
+            items = data["rankings"] if nim else data["results"]
+            scored = {int(item["index"]): float(item["logit"] if nim else item["relevance_score"]) for item in items}
+            usage = data.get("usage") or {}
+            tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            shape = "NIM's rankings" if nim else "a rerank results list"
+            raise _bad_gateway(self.name, f"a rerank answer that is not {shape}") from None
+        if sorted(scored) != list(range(documents)):
+            raise _bad_gateway(self.name, f"scores for {len(scored)} of {documents} documents")
+        values = [scored[i] for i in range(documents)]
+        if nim:
+            results = ranked(values, [sigmoid(v) for v in values])
+        else:
+            # A relevance outside [0, 1] (a server returning raw scores) is a logit already.
+            results = ranked([logit_of(v) for v in values], [v if 0 <= v <= 1 else sigmoid(v) for v in values])
+        return common_pb2.RerankResponse(results=results, model=model, prompt_tokens=tokens)

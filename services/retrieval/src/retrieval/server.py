@@ -19,7 +19,9 @@ from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval.embedder import Embedder
 from retrieval.ingestion import Ingestion
+from retrieval.rerankers import Rerankers
 from retrieval.search import Searcher
+from retrieval.sentence_rerank import SentenceReranker
 from retrieval.servicer import RetrievalServicer
 from retrieval.settings import RetrievalSettings
 from retrieval.store import CollectionStore
@@ -36,11 +38,15 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     embedder = Embedder(settings, redis)
     store = CollectionStore(settings, redis)
-    await asyncio.gather(asyncio.to_thread(embedder.load), asyncio.to_thread(store.load_all))
+    builtin = [SentenceReranker(settings.sentence_reranker, embedder)] if settings.sentence_reranker else []
+    rerankers = Rerankers.from_specs(settings.rerankers, builtin)
+    await asyncio.gather(
+        asyncio.to_thread(embedder.load), asyncio.to_thread(store.load_all), asyncio.to_thread(rerankers.load)
+    )
     await store.reconcile()
     ingestion = Ingestion(settings, store, embedder, JobStore(redis, settings.namespace))
     ingestion.start()
-    servicer = RetrievalServicer(settings, store, Searcher(settings, embedder, redis), embedder, ingestion)
+    servicer = RetrievalServicer(settings, store, Searcher(settings, embedder, redis), embedder, ingestion, rerankers)
 
     def register(server: grpc.aio.Server) -> None:
         retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, server)
@@ -57,6 +63,7 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         yield GrpcService(register=register, service_names=[SERVICE_NAME], ready_check=ready)
     finally:
         await ingestion.close()
+        rerankers.close()
         embedder.close()
         await redis.aclose()
 

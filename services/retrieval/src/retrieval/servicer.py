@@ -9,10 +9,12 @@ from google.protobuf.struct_pb2 import Struct
 
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.grpc_server import ServicerContext
+from ragmesh.rerank import ranked
 from ragmesh.v1 import common_pb2, ingest_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval.embedder import Embedder
 from retrieval.index import Snapshot
 from retrieval.ingestion import Ingestion
+from retrieval.rerankers import Rerankers
 from retrieval.search import Searcher
 from retrieval.settings import RetrievalSettings
 from retrieval.store import CollectionStore
@@ -29,8 +31,9 @@ MODE_NAMES = {
 }
 
 
-def collection_message(snapshot: Snapshot) -> retrieval_pb2.Collection:
+def collection_message(snapshot: Snapshot, reranker: str = "") -> retrieval_pb2.Collection:
     return retrieval_pb2.Collection(
+        reranker=reranker,
         name=snapshot.meta.name,
         id=snapshot.meta.id,
         created=snapshot.meta.created,
@@ -49,12 +52,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         searcher: Searcher,
         embedder: Embedder,
         ingestion: Ingestion,
+        rerankers: Rerankers,
     ) -> None:
         self._settings = settings
         self._store = store
         self._searcher = searcher
         self._embedder = embedder
         self._ingestion = ingestion
+        self._rerankers = rerankers
 
     async def Search(  # noqa: N802 - gRPC method name
         self, request: retrieval_pb2.SearchRequest, context: ServicerContext
@@ -72,6 +77,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             index_version=view.global_version if view.global_version is not None else view.snapshot.meta.version,
             cached=cached,
             collection_id=view.snapshot.meta.id,
+            reranker=view.reranker,
         )
         for hit in hits:
             metadata = Struct()
@@ -129,7 +135,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     async def CreateCollection(  # noqa: N802
         self, request: retrieval_pb2.CollectionRequest, context: ServicerContext
     ) -> retrieval_pb2.Collection:
-        snapshot = await self._store.create(request.name)
+        snapshot = await self._store.create(request.name, request.reranker)
         await self._announce(
             ingest_pb2.IndexEvent(
                 collection=snapshot.meta.name,
@@ -137,16 +143,23 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 created=ingest_pb2.CollectionCreated(created=snapshot.meta.created),
             )
         )
-        return collection_message(snapshot)
+        return collection_message(snapshot, request.reranker)
 
     async def GetCollection(  # noqa: N802
         self, request: retrieval_pb2.CollectionRequest, context: ServicerContext
     ) -> retrieval_pb2.Collection:
         view = await self._store.resolve(request.name)
-        message = collection_message(view.snapshot)
+        message = collection_message(view.snapshot, view.reranker)
         if view.global_version is not None:
             message.index_version = view.global_version
         return message
+
+    async def UpdateCollection(  # noqa: N802
+        self, request: retrieval_pb2.UpdateCollectionRequest, context: ServicerContext
+    ) -> retrieval_pb2.Collection:
+        if request.HasField("reranker"):
+            await self._store.set_reranker(request.name, request.reranker)
+        return await self.GetCollection(retrieval_pb2.CollectionRequest(name=request.name), context)
 
     async def DeleteCollection(  # noqa: N802
         self, request: retrieval_pb2.CollectionRequest, context: ServicerContext
@@ -169,7 +182,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 view = await self._store.resolve(name)
             except RagmeshError:
                 continue  # deleted meanwhile
-            response.collections.append(collection_message(view.snapshot))
+            response.collections.append(collection_message(view.snapshot, view.reranker))
         return response
 
     async def ListModels(  # noqa: N802
@@ -184,7 +197,28 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             capabilities=["embedding"],
             backend_type="embedded",
         )
-        return common_pb2.ListModelsResponse(models=[card])
+        return common_pb2.ListModelsResponse(models=[card, *self._rerankers.cards()])
+
+    async def Rerank(  # noqa: N802
+        self, request: common_pb2.RerankRequest, context: ServicerContext
+    ) -> common_pb2.RerankResponse:
+        self._rerankers.get(request.model)  # an unknown model is a 404 before anything else
+        if not request.query.strip():
+            raise invalid_request("query must not be empty.", param="query")
+        documents = list(request.documents)
+        if not documents:
+            raise invalid_request("documents must not be empty.", param="documents")
+        if len(documents) > self._settings.max_rerank_documents:
+            raise invalid_request(
+                f"documents accepts at most {self._settings.max_rerank_documents} items.", param="documents"
+            )
+        scores = await self._rerankers.score(request.model, request.query, documents, request.truncate)
+        relevances = None if scores.relevances is None else [float(r) for r in scores.relevances]
+        return common_pb2.RerankResponse(
+            results=ranked([float(x) for x in scores.logits], relevances),
+            model=request.model,
+            prompt_tokens=scores.tokens,
+        )
 
     async def _announce(self, event: ingest_pb2.IndexEvent) -> None:
         try:

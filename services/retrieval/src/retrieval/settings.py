@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from ragmesh.settings import ServiceSettings
+
+
+class RerankerSpec(BaseModel):
+    """A local cross-encoder: its folder (never downloaded), length cap and batch size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    # Tokens of a query + document pair; longer pairs are refused or cut. None: the model's own limit.
+    max_length: int | None = Field(default=None, ge=8)
+    # Pairs per forward pass.
+    batch_size: int = Field(default=16, ge=1)
 
 
 class RetrievalSettings(ServiceSettings):
@@ -62,6 +75,21 @@ class RetrievalSettings(ServiceSettings):
     # Candidates each ranking contributes before fusion.
     fusion_candidates: int = 100
     max_top_k: int = 100
+
+    # Local reranking models, JSON: {"name": {"path": "/models/folder", "max_length": 512}}
+    # or {"name": "/models/folder"}. Loaded with sentence-transformers' CrossEncoder, offline.
+    rerankers: dict[str, RerankerSpec] = Field(default_factory=dict)
+    # Id of the built-in rerank stage (sentence-level re-scoring with the embedding model); empty: off.
+    sentence_reranker: str = "ragmesh/sentence-rerank"
+    # Documents one Rerank call may score.
+    max_rerank_documents: int = 1000
+
+    @field_validator("rerankers", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: {"path": spec} if isinstance(spec, str) else spec for name, spec in value.items()}
+        return value
 
     result_cache_ttl: int = 3600
     # Chunks embedded per progress update of an ingestion job.

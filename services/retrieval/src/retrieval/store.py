@@ -32,12 +32,24 @@ from retrieval.settings import RetrievalSettings
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_MODEL_NAME = 256
+
+# Compare-and-set of one registry field: a deletion (or re-creation) between the
+# read and the write is never undone by the write.
+_CAS_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
 class RegistryEntry:
     id: str
     created: int
+    reranker: str = ""  # the collection's default reranking model
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class SearchView:
 
     snapshot: Snapshot
     global_version: int | None
+    reranker: str = ""  # the collection's default reranking model ("" when Redis cannot say)
 
 
 def check_name(name: str) -> None:
@@ -175,14 +188,15 @@ class CollectionStore:
         except RegistryUnavailableError:
             return sorted(self._snapshots)
 
-    async def create(self, name: str) -> Snapshot:
+    async def create(self, name: str, reranker: str = "") -> Snapshot:
         check_name(name)
+        check_model_name(reranker)
         meta = Meta(name=name, id=uuid.uuid4().hex, created=int(time.time()))
         if self._redis is None:
             raise RagmeshError(ErrorKind.UNAVAILABLE, "The collection registry (Redis) is not configured.")
         try:
             taken = not await self._redis_call(
-                self._redis.hsetnx(self._registry_key, name, _entry_json(meta.id, meta.created))
+                self._redis.hsetnx(self._registry_key, name, _entry_json(meta.id, meta.created, reranker))
             )
         except RegistryUnavailableError:
             raise RagmeshError(
@@ -242,6 +256,28 @@ class CollectionStore:
             return local
         return Snapshot(Meta(name=name, id=entry.id, created=entry.created))
 
+    async def set_reranker(self, name: str, reranker: str) -> RegistryEntry:
+        """Name a collection's default reranking model ("" for none), in one compare-and-set."""
+        check_name(name)
+        check_model_name(reranker)
+        if self._redis is None:
+            raise registry_down()
+        for _ in range(10):
+            try:
+                raw = await self._redis_call(self._redis.hget(self._registry_key, name))
+                if not raw:
+                    raise not_found(name)
+                entry = _entry(raw)
+                new = _entry_json(entry.id, entry.created, reranker)
+                swapped = await self._redis_call(
+                    self._redis.eval(_CAS_SCRIPT, 1, self._registry_key, name, raw, new)  # type: ignore[arg-type]
+                )
+            except RegistryUnavailableError:
+                raise registry_down() from None
+            if swapped:
+                return RegistryEntry(entry.id, entry.created, reranker)
+        raise RagmeshError(ErrorKind.CONFLICT, f"Collection '{name}' is changing; retry.", code="conflict")
+
     async def drop_if(self, name: str, collection_id: str) -> None:
         """Apply a deletion another replica made."""
         self._forget(name, collection_id)
@@ -300,8 +336,8 @@ class CollectionStore:
         try:
             version = await self._redis_call(self._redis.get(self._version_key(entry.id)))
         except RegistryUnavailableError:
-            return SearchView(snapshot, None)
-        return SearchView(snapshot, int(version) if version else 0)  # type: ignore[call-overload]
+            return SearchView(snapshot, None, entry.reranker)
+        return SearchView(snapshot, int(version) if version else 0, entry.reranker)  # type: ignore[call-overload]
 
     async def next_version(self, snapshot: Snapshot) -> int:
         """The version a new change gets: one past every change any replica made."""
@@ -341,13 +377,21 @@ class CollectionStore:
         return updated
 
 
-def _entry_json(collection_id: str, created: int) -> bytes:
-    return orjson.dumps({"id": collection_id, "created": created})
+def check_model_name(name: str) -> None:
+    if len(name) > MAX_MODEL_NAME or (name and not name.strip()):
+        raise invalid_request(f"A model name is at most {MAX_MODEL_NAME} characters, not blank.", param="reranker")
+
+
+def _entry_json(collection_id: str, created: int, reranker: str = "") -> bytes:
+    entry: dict[str, object] = {"id": collection_id, "created": created}
+    if reranker:
+        entry["reranker"] = reranker
+    return orjson.dumps(entry)
 
 
 def _entry(raw: object) -> RegistryEntry:
     data = orjson.loads(raw)  # type: ignore[arg-type]
-    return RegistryEntry(id=data["id"], created=int(data["created"]))
+    return RegistryEntry(id=data["id"], created=int(data["created"]), reranker=str(data.get("reranker", "")))
 
 
 def _text(value: object) -> str:

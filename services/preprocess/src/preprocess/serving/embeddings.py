@@ -47,7 +47,8 @@ class EmbeddingsServing:
             if models:
                 return models  # retrieval away for a moment: the last answer is still right
             raise from_rpc_error(exc) from None
-        self._local = (time.monotonic(), frozenset(card.id for card in reply.models))
+        embedding = frozenset(card.id for card in reply.models if "embedding" in card.capabilities)
+        self._local = (time.monotonic(), embedding)
         return self._local[1]
 
     async def create(self, request: EmbeddingsRequest) -> dict[str, Any]:

@@ -229,6 +229,13 @@ def test_nvidia_embeddings_on_the_local_model_honour_truncate(mesh: Mesh) -> Non
     assert max(abs(a - b) for a, b in zip(end, head, strict=True)) < 0.05  # END keeps the beginning
 
 
+def test_embeddings_with_a_chat_model_are_a_400_naming_the_embedding_model(mesh: Mesh) -> None:
+    reply = httpx.post(f"{mesh.v1}/embeddings", json={"model": MODEL, "input": "x"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "model_not_supported" and LOCAL_EMBEDDER in error["message"]
+
+
 # --- forwarding ------------------------------------------------------------------------------
 
 

@@ -161,6 +161,14 @@ def test_bad_keys_are_401(mesh: Mesh, headers: dict[str, str]) -> None:
     assert reply.headers["www-authenticate"].startswith("Bearer")
 
 
+def test_forwarded_paths_need_a_key_like_every_route(mesh: Mesh) -> None:
+    for path in ("/ranking", "/audio/speech", "/anything/else"):
+        assert_error(httpx.post(f"{mesh.v1}{path}", json={"input": "x"}), 401, "authentication_error")
+    # With a key the request goes on to forwarding: no backend owns it here.
+    owned = httpx.post(f"{mesh.v1}/images/generations", json={"prompt": "x"}, headers=bearer(new_key(mesh)))
+    assert_error(owned, 404, "invalid_request_error")
+
+
 def test_the_openai_client_works_with_a_key_and_fails_cleanly_without(mesh: Mesh) -> None:
     key = new_key(mesh)
     client = openai.OpenAI(base_url=mesh.v1, api_key=key, max_retries=0)

@@ -20,7 +20,7 @@ from preprocess.clients import MeshClients
 from preprocess.protocol import EmbeddingsRequest
 from preprocess.serving.forward import ForwardServing
 from preprocess.settings import PreprocessSettings
-from ragmesh.errors import from_rpc_error, invalid_request
+from ragmesh.errors import RagmeshError, from_rpc_error, invalid_request
 from ragmesh.grpc_client import call_metadata
 from ragmesh.v1 import common_pb2, retrieval_pb2
 
@@ -54,9 +54,21 @@ class EmbeddingsServing:
     async def create(self, request: EmbeddingsRequest) -> dict[str, Any]:
         """OpenAI's embeddings list for a validated request, from the model's own backend."""
         # No model: the mesh's own (as before there were upstream embedding models).
-        if request.model and request.model not in await self._local_models():
+        local = await self._local_models()
+        if request.model and request.model not in local:
             sent = request.model_dump(mode="json", exclude_unset=True, by_alias=True)
-            return await self._forward.json("/embeddings", request.model, sent)
+            try:
+                return await self._forward.json("/embeddings", request.model, sent)
+            except RagmeshError as err:
+                if err.code != "unknown_url":
+                    raise
+                # A model the mesh serves itself that does not embed (the chat model, say), as vLLM answers.
+                raise invalid_request(
+                    f"The model `{request.model}` is not an embedding model; the mesh's own is "
+                    f"{', '.join(sorted(local))} (GET /v1/models shows every model's capabilities).",
+                    param="model",
+                    code="model_not_supported",
+                ) from None
         inputs = [request.input] if isinstance(request.input, str) else request.input
         if not inputs:
             raise invalid_request("'input' must not be empty.", param="input")

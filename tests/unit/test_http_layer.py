@@ -10,7 +10,7 @@ import pytest
 from fastapi.routing import APIRoute
 from openapi_spec_validator import validate
 
-from preprocess.app import PUBLIC_ROUTERS, create_app
+from preprocess.app import PUBLIC_ROUTERS, create_admin_app, create_app
 from preprocess.files import parse_batch_lines
 from preprocess.serving import operations
 from preprocess.settings import PreprocessSettings
@@ -63,29 +63,48 @@ def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]
     return resolved
 
 
-def test_every_route_documents_its_request_and_response_bodies(document: dict[str, Any]) -> None:
-    routes = _public_routes()
-    assert len(routes) >= 20
-    for route in routes:
-        for method in (route.methods or set()) - {"HEAD"}:
-            op = document["paths"][route.path_format][method.lower()]
+def _check_operations(document: dict[str, Any]) -> int:
+    """Every operation of `document`: a response schema, a request body where one is sent, OpenAI errors."""
+    checked = 0
+    for path, operations_ in document["paths"].items():
+        for method, op in operations_.items():
+            where = f"{method.upper()} {path}"
             ok = next(str(s) for s in op["responses"] if str(s).startswith("2"))
             content = op["responses"][ok]["content"]
-            assert content, f"{method} {route.path}: no response schema"
+            assert content, f"{where}: no response schema"
             for media in content.values():
                 schema = _resolve(document, media["schema"])
-                assert schema.get("properties") or schema.get("type"), f"{method} {route.path}: empty response schema"
-            if method in ("POST", "PUT", "PATCH") and not route.path.endswith("/cancel") and "reload" not in route.path:
+                assert schema.get("properties") or schema.get("type"), f"{where}: empty response schema"
+            if method in ("post", "put", "patch") and not path.endswith("/cancel") and "reload" not in path:
                 body = op.get("requestBody", {}).get("content", {})
-                assert body, f"{method} {route.path}: no request body schema"
+                assert body, f"{where}: no request body schema"
                 for media in body.values():
-                    assert _resolve(document, media["schema"]).get("properties"), f"{method} {route.path}: empty body"
-            assert "422" not in op["responses"], f"{method} {route.path}: FastAPI's 422 is never answered"
+                    schema = _resolve(document, media["schema"])
+                    assert schema.get("properties") or schema.get("type"), f"{where}: empty body"
+            assert "422" not in op["responses"], f"{where}: FastAPI's 422 is never answered"
             for status, response in op["responses"].items():
                 # Readiness answers 503 with its own report (what load balancers and probes read).
-                if str(status).startswith(("4", "5")) and not route.path.startswith("/v1/health/"):
+                if str(status).startswith(("4", "5")) and not path.startswith("/v1/health/"):
                     (schema,) = [m["schema"] for m in response["content"].values()]
-                    assert "error" in _resolve(document, schema)["properties"], f"{method} {route.path} {status}"
+                    assert "error" in _resolve(document, schema)["properties"], f"{where} {status}"
+            checked += 1
+    return checked
+
+
+def test_every_route_documents_its_request_and_response_bodies(document: dict[str, Any]) -> None:
+    for route in _public_routes():
+        for method in (route.methods or set()) - {"HEAD"}:
+            assert method.lower() in document["paths"][route.path_format], f"{method} {route.path} undocumented"
+    assert _check_operations(document) >= 25
+    assert {"/", "/v1/{path}"} <= set(document["paths"])
+    assert not any(p.startswith("/v1/admin") for p in document["paths"])  # not on the public listener
+
+
+def test_the_admin_listener_is_documented_the_same_way() -> None:
+    admin_document = create_admin_app().openapi()
+    validate(admin_document)
+    assert _check_operations(admin_document) >= 8
+    assert "/v1/admin/backends/{name}/key" in admin_document["paths"]
 
 
 def test_chat_body_in_the_document_is_the_request_model(document: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from ..conftest import free_port, unique_namespace
+from ..conftest import delete_topology_now, free_port, unique_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -106,6 +107,10 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
         )
     finally:
         stop_mesh(env)
+        # The mesh's queues and exchanges leave the shared broker with it.
+        replica = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+        amqp_url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], (replica,))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from ragmesh.errors import from_rpc_error
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2, retrieval_pb2
 
-from ..conftest import free_port, unique_namespace
+from ..conftest import delete_topology, free_port, unique_namespace
 from .retrieval_harness import CORPUS, Replica, documents, eventually, run_publisher, run_replica, wait_job
 
 DENSE, SPARSE, HYBRID = (
@@ -33,8 +33,10 @@ DENSE, SPARSE, HYBRID = (
 
 
 @pytest.fixture(scope="module")
-def namespace() -> str:
-    return unique_namespace()
+async def namespace(amqp_url: str) -> AsyncIterator[str]:
+    name = unique_namespace()
+    yield name
+    await delete_topology(amqp_url, name, ("a", "b", "c", "d"))
 
 
 @pytest.fixture(scope="module")

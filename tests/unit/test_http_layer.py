@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from openapi_spec_validator import validate
 
 from preprocess.app import PUBLIC_ROUTERS, create_admin_app, create_app
-from preprocess.files import parse_batch_lines
+from preprocess.batches.lines import parse_batch_lines
 from preprocess.serving import operations
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import RagmeshError

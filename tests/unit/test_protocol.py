@@ -48,6 +48,19 @@ def bad(body: Any) -> RagmeshError:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"model": 3}, "model"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "required": "name"}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 def test_bad_fields_name_their_parameter(patch: dict[str, Any], param: str) -> None:
@@ -56,6 +69,15 @@ def test_bad_fields_name_their_parameter(patch: dict[str, Any], param: str) -> N
     err = bad(body)
     assert err.param == param, err.message
     assert err.to_openai()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_valid_json_schema_passes() -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    request = parse_chat_request(
+        {**OK, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}, max_n=8
+    )
+    assert request.response_format is not None and request.response_format.json_schema is not None
+    assert request.response_format.json_schema.schema_ == schema
 
 
 def test_missing_model_and_messages() -> None:

@@ -91,6 +91,8 @@ class UpstreamBackend(_Strict):
     timeout: float = Field(default=120.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)
+    # Seconds a request waits for one of those slots; then 503 (overloaded) with Retry-After.
+    queue_timeout: float = Field(default=30.0, ge=0)
     # Tokens a request may use at this endpoint (prompt + completion), for RAG's prompt fitting.
     context_length: int = Field(default=8192, ge=256)
     # Models: listed (ids, or {id, capabilities}), or discovered from the endpoint's

@@ -21,7 +21,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,7 +43,9 @@ UPSTREAM_CALLS = Counter(
 EMBEDDED_CAPABILITIES = ("chat", "completion")
 # The capability a content part needs; a type not listed needs a capability of its own name.
 PART_CAPABILITIES = {"image_url": "vision", "input_audio": "audio", "video_url": "video"}
-CIRCUIT_OPEN = Gauge("ragmesh_inference_circuit_open", "1 while a backend's circuit is open", ["backend"])
+CIRCUIT_OPEN = Gauge(
+    "ragmesh_inference_circuit_open", "1 while a backend's circuit is not closed (open or half-open)", ["backend"]
+)
 
 
 class Engine(Protocol):
@@ -84,38 +87,57 @@ class EmbeddedAdapter:
 
 @dataclass
 class Breaker:
-    """Closed -> (failures in a row) -> open -> (reset_after) -> half-open: one trial -> closed or open."""
+    """Closed -> (failures in a row) -> open -> (reset_after) -> half-open: one trial -> closed or open.
+
+    Only what says the backend is broken counts as a failure (`UpstreamError.backend_fault`):
+    connection errors, timeouts, 5xx, answers that are not OpenAI's. A client's bad request
+    (4xx), a rate limit, or a wait for one of the backend's connection slots does not. A trial
+    that ends without a verdict (cancelled: the client went away, a stop sequence was hit)
+    gives the trial back, so the next request is the trial."""
 
     failures_to_open: int
     reset_after: float
+    clock: Callable[[], float] = time.monotonic
     failures: int = 0
     opened_at: float | None = None
     trial_running: bool = False
 
-    def allows(self, now: float) -> bool:
+    def allows(self) -> bool:
         if self.opened_at is None:
             return True
         # Half-open: one request (this one) is the trial.
-        return now - self.opened_at >= self.reset_after and not self.trial_running
+        return self.clock() - self.opened_at >= self.reset_after and not self.trial_running
 
-    def started(self, now: float) -> None:
+    def started(self) -> bool:
+        """A call begins; True when it is the half-open trial."""
         if self.opened_at is not None:
             self.trial_running = True
+            return True
+        return False
 
     def succeeded(self) -> None:
         self.failures, self.opened_at, self.trial_running = 0, None, False
 
-    def failed(self, now: float) -> None:
+    def failed(self) -> None:
         self.failures += 1
         self.trial_running = False
         if self.opened_at is not None or self.failures >= self.failures_to_open:
-            self.opened_at = now
+            self.opened_at = self.clock()
+
+    def released(self, trial: bool) -> None:
+        """A call ended with no verdict on the backend: a trial leaves the next request to be one."""
+        if trial:
+            self.trial_running = False
 
     @property
     def state(self) -> str:
         if self.opened_at is None:
             return "closed"
-        return "half-open" if time.monotonic() - self.opened_at >= self.reset_after else "open"
+        return "half-open" if self.clock() - self.opened_at >= self.reset_after else "open"
+
+    def open_value(self) -> float:
+        """The circuit-open gauge: 1 unless closed (open, or half-open until a trial closes it)."""
+        return 0.0 if self.opened_at is None else 1.0
 
 
 @dataclass
@@ -139,8 +161,9 @@ class Registry:
 
 
 class Router:
-    def __init__(self, embedded: LlamaCppEngine | None) -> None:
+    def __init__(self, embedded: LlamaCppEngine | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._embedded = embedded
+        self._clock = clock
         self._registry: Registry | None = None
         self._outstanding: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -198,8 +221,13 @@ class Router:
                 if route.backends and model in table:
                     table[model] = [t for t in table[model] if t.backend in route.backends]
         policy = config.circuit_breaker
-        breakers = {name: Breaker(policy.failures, policy.reset_after) for name in engines}
+        breakers = {name: Breaker(policy.failures, policy.reset_after, self._clock) for name in engines}
         old, self._registry = self._registry, Registry(config, engines, targets, cards, breakers, rerank_targets)
+        for name in set() if old is None else set(old.breakers) - set(breakers):
+            CIRCUIT_OPEN.remove(name)
+        for name, breaker in breakers.items():
+            # Read at every scrape: the gauge follows every transition, half-open included.
+            CIRCUIT_OPEN.labels(name).set_function(breaker.open_value)
         if old is not None:
             task = asyncio.create_task(_close_later(old))
             self._closing.add(task)
@@ -220,12 +248,38 @@ class Router:
         return next((c for c in self.registry.cards if c.id == model), None)
 
     def _pick(self, registry: Registry, targets: list[Target]) -> Target | None:
-        now = time.monotonic()
-        open_ = [t for t in targets if registry.breakers[t.backend].allows(now)]
+        open_ = [t for t in targets if registry.breakers[t.backend].allows()]
         if not open_:
             return None
         fewest = min(self._outstanding.get(t.backend, 0) for t in open_)
         return random.choice([t for t in open_ if self._outstanding.get(t.backend, 0) == fewest])
+
+    @asynccontextmanager
+    async def _calling(self, registry: Registry, target: Target) -> AsyncIterator[None]:
+        """One call to a backend: counted in flight, and its breaker told what the call came to.
+        Only a backend's own fault counts against it; a call that ends with no verdict on the
+        backend (cancelled, the client's error, a wait for a slot) gives back a trial it held."""
+        breaker = registry.breakers[target.backend]
+        trial = breaker.started()
+        self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
+        try:
+            yield
+        except UpstreamError as err:
+            UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
+            self._last_error[target.backend] = (time.time(), err.message)
+            if err.backend_fault:
+                breaker.failed()
+            else:
+                breaker.released(trial)
+            raise
+        except BaseException:
+            breaker.released(trial)
+            raise
+        else:
+            breaker.succeeded()
+            UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+        finally:
+            self._outstanding[target.backend] -= 1
 
     async def generate(
         self, request: inference_pb2.GenerateRequest
@@ -254,25 +308,17 @@ class Router:
                 target = self._pick(registry, targets)
                 if target is None:
                     break  # every backend of this model has its circuit open: next fallback
-                breaker = registry.breakers[target.backend]
-                breaker.started(time.monotonic())
-                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
                 sent = False
                 try:
-                    async for chunk in target.engine.generate(request, target.model):
-                        sent = True
-                        yield chunk
-                    breaker.succeeded()
-                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
+                    async with (
+                        self._calling(registry, target),
+                        aclosing(target.engine.generate(request, target.model)) as stream,
+                    ):
+                        async for chunk in stream:
+                            sent = True
+                            yield chunk
                     return
                 except UpstreamError as err:
-                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
-                    self._last_error[target.backend] = (time.time(), err.message)
-                    if err.kind is not ErrorKind.RATE_LIMITED:
-                        breaker.failed(time.monotonic())
-                    else:
-                        breaker.trial_running = False
-                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
                     if sent or not err.retryable:
                         raise
                     last = err
@@ -280,8 +326,6 @@ class Router:
                     await asyncio.sleep(
                         _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
                     )
-                finally:
-                    self._outstanding[target.backend] -= 1
         if last is not None:
             raise last
         raise RagmeshError(
@@ -332,7 +376,6 @@ class Router:
     def forward_target(self, model: str, path: str) -> tuple[str, UpstreamEngine]:
         """The upstream owning `model` (when the body names one) or else `path`; NOT_FOUND when none does."""
         registry = self.registry
-        now = time.monotonic()
         if model:
             owning = registry.targets.get(model) or registry.rerank_targets.get(model, [])
             upstreams = [t for t in owning if isinstance(t.engine, UpstreamEngine)]
@@ -353,7 +396,7 @@ class Router:
         owners = [
             e
             for e in registry.engines.values()
-            if isinstance(e, UpstreamEngine) and e.config.takes_path(path) and registry.breakers[e.name].allows(now)
+            if isinstance(e, UpstreamEngine) and e.config.takes_path(path) and registry.breakers[e.name].allows()
         ]
         if not owners:
             raise RagmeshError(
@@ -365,31 +408,29 @@ class Router:
     async def forward(
         self, request: inference_pb2.ForwardRequest
     ) -> AsyncGenerator[tuple[int, dict[str, str], bytes], None]:
-        """Pass the request to its owner; the owner's breaker and in-flight count see it like any call."""
-        _, engine = self.forward_target(request.model, request.path)
-        breaker = self.registry.breakers[engine.name]
+        """Pass the request to its owner; its breaker and in-flight count see it like any call
+        (a 5xx answer counts as the backend's fault, though it goes back to the client as it is)."""
+        registry = self.registry
+        model, engine = self.forward_target(request.model, request.path)
         headers = {k: v for k, v in (("Content-Type", request.content_type), ("Accept", request.accept)) if v}
-        self._outstanding[engine.name] = self._outstanding.get(engine.name, 0) + 1
         try:
-            status = 0
-            async for status_now, passed, data in engine.forward(
-                request.method, request.path, request.query, request.body, headers
-            ):
-                status = status_now or status
-                yield status_now, passed, data
-            if status >= 500:
-                breaker.failed(time.monotonic())
-                self._last_error[engine.name] = (time.time(), f"forwarded /v1{request.path} answered {status}")
-            else:
-                breaker.succeeded()
-            UPSTREAM_CALLS.labels(engine.name, "ok" if status < 500 else "bad_gateway").inc()
-        except UpstreamError as err:
-            breaker.failed(time.monotonic())
-            self._last_error[engine.name] = (time.time(), err.message)
-            UPSTREAM_CALLS.labels(engine.name, err.kind.value).inc()
-            raise
-        finally:
-            self._outstanding[engine.name] -= 1
+            async with self._calling(registry, Target(engine.name, engine, model)):
+                status = 0
+                async with aclosing(
+                    engine.forward(request.method, request.path, request.query, request.body, headers)
+                ) as stream:
+                    async for status_now, passed, data in stream:
+                        status = status_now or status
+                        yield status_now, passed, data
+                if status >= 500:
+                    raise _AnsweredFailureError(
+                        ErrorKind.BAD_GATEWAY,
+                        f"forwarded /v1{request.path} answered {status}",
+                        retryable=False,
+                        backend_fault=True,
+                    )
+        except _AnsweredFailureError:
+            pass  # counted against the backend; the client already has the upstream's own answer
 
     # --- the admin view -------------------------------------------------------------------
 
@@ -470,22 +511,10 @@ class Router:
                 if target is None:
                     break
                 assert isinstance(target.engine, UpstreamEngine)
-                breaker = registry.breakers[target.backend]
-                breaker.started(time.monotonic())
-                self._outstanding[target.backend] = self._outstanding.get(target.backend, 0) + 1
                 try:
-                    response = await target.engine.rerank(request, target.model)
-                    breaker.succeeded()
-                    UPSTREAM_CALLS.labels(target.backend, "ok").inc()
-                    CIRCUIT_OPEN.labels(target.backend).set(0)
-                    return response
+                    async with self._calling(registry, target):
+                        return await target.engine.rerank(request, target.model)
                 except UpstreamError as err:
-                    UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
-                    if err.kind is not ErrorKind.RATE_LIMITED:
-                        breaker.failed(time.monotonic())
-                    else:
-                        breaker.trial_running = False
-                    CIRCUIT_OPEN.labels(target.backend).set(1 if breaker.opened_at is not None else 0)
                     if not err.retryable:
                         raise
                     last = err
@@ -493,13 +522,15 @@ class Router:
                     await asyncio.sleep(
                         _backoff(attempt, retry.backoff_base, retry.backoff_max, err.retry_after_seconds)
                     )
-                finally:
-                    self._outstanding[target.backend] -= 1
         if last is not None:
             raise last
         raise RagmeshError(
             ErrorKind.UNAVAILABLE, f"Every backend of `{request.model}` is unavailable (circuit open).", retry_after=1
         )
+
+
+class _AnsweredFailureError(UpstreamError):
+    """A forwarded call the upstream answered with a 5xx: its breaker counts it, the client has the answer."""
 
 
 def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -> float:

@@ -4,14 +4,18 @@ Requests always go upstream as streams (stream_options.include_usage), so the
 mesh streams tokens as they come whatever the client asked. The server-side
 key is added here; nothing of the client's credentials ever reaches this code.
 Upstream failures are sorted into what a retry may fix (connection errors,
-429, 5xx: `UpstreamError.retryable`) and what it may not.
+429, 5xx: `UpstreamError.retryable`) and what it may not, and into what says the
+backend is broken (`UpstreamError.backend_fault`) and what does not (a client's 4xx,
+a rate limit, every connection slot busy).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,12 +78,24 @@ def guessed_capabilities(model: str) -> list[str]:
 
 
 class UpstreamError(RagmeshError):
-    """A failed upstream call, with whether trying again (here or elsewhere) may succeed."""
+    """A failed upstream call, with whether trying again (here or elsewhere) may succeed, and
+    whether it says the backend itself is broken (`backend_fault`: connection errors, timeouts,
+    5xx, answers that are not OpenAI's), which is all a circuit breaker counts."""
 
-    def __init__(self, kind: ErrorKind, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
-        super().__init__(kind, message, retry_after=int(retry_after) if retry_after is not None else None)
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        backend_fault: bool = False,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(kind, message, retry_after=int(retry_after) if retry_after is not None else None, code=code)
         self.retryable = retryable
         self.retry_after_seconds = retry_after
+        self.backend_fault = backend_fault
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -111,7 +127,10 @@ def status_error(backend: str, status: int, headers: Mapping[str, str], body: by
         )
     if status >= 500:
         return UpstreamError(
-            ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} failed ({status}): {detail}", retryable=True
+            ErrorKind.BAD_GATEWAY,
+            f"The upstream {backend!r} failed ({status}): {detail}",
+            retryable=True,
+            backend_fault=True,
         )
     if status in (401, 403):
         # The server-side key is wrong: the operator's problem, not the client's.
@@ -128,7 +147,22 @@ def status_error(backend: str, status: int, headers: Mapping[str, str], body: by
 
 
 def _bad_gateway(backend: str, what: str) -> UpstreamError:
-    return UpstreamError(ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} answered {what}.", retryable=False)
+    return UpstreamError(
+        ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} answered {what}.", retryable=False, backend_fault=True
+    )
+
+
+def _timed_out(backend: str) -> UpstreamError:
+    return UpstreamError(ErrorKind.DEADLINE, f"The upstream {backend!r} timed out.", retryable=True, backend_fault=True)
+
+
+def _unreachable(backend: str, exc: BaseException) -> UpstreamError:
+    return UpstreamError(
+        ErrorKind.UNAVAILABLE,
+        f"The upstream {backend!r} is unreachable or dropped the connection: {exc!r}",
+        retryable=True,
+        backend_fault=True,
+    )
 
 
 @dataclass
@@ -151,9 +185,34 @@ class UpstreamEngine:
         self._headers = dict(config.headers)
         self._configured_key = config.api_key()
         self._runtime_key: str | None = None
-        # sock_read bounds the wait for each read, as a stream may rightly run for long.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.timeout)
+        # sock_read bounds the wait for each read, as a stream may rightly run for long;
+        # sock_connect bounds connecting only (aiohttp's `connect` would also bound the wait for
+        # a pooled connection, and turn a busy backend into a "failing" one).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout, sock_read=config.timeout)
         self._session: aiohttp.ClientSession | None = None
+        # Requests in flight to this endpoint (the whole of a stream holds one).
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the endpoint's `max_concurrency` slots, waited for at most `queue_timeout`
+        seconds. A backend that is busy is not failing: the caller gets a 503 with Retry-After,
+        and the breaker counts nothing."""
+        try:
+            async with asyncio.timeout(self.config.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamError(
+                ErrorKind.UNAVAILABLE,
+                f"The upstream {self.name!r} has its {self.config.max_concurrency} requests in flight; retry shortly.",
+                retryable=False,
+                retry_after=1,
+                code="overloaded",
+            ) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def set_key(self, key: str | None) -> None:
         """Use `key` from the next request on (None: back to the configured one)."""
@@ -174,7 +233,8 @@ class UpstreamEngine:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=self.config.max_concurrency),
+                # No pool limit: the slots above bound requests, and discovery never queues behind them.
+                connector=aiohttp.TCPConnector(limit=0),
                 # Room for one long SSE line (logprobs of a long choice) beyond aiohttp's 64 KiB.
                 read_bufsize=2**20,
                 raise_for_status=False,
@@ -193,7 +253,7 @@ class UpstreamEngine:
                 if reply.status != 200:
                     raise status_error(self.name, reply.status, reply.headers, body)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(ErrorKind.UNAVAILABLE, f"{self.name}: {exc!r}", retryable=True) from exc
+            raise _unreachable(self.name, exc) from exc
         try:
             found = [(str(m["id"]), stated_capabilities(m)) for m in json.loads(body)["data"]]
         except (ValueError, KeyError, TypeError):
@@ -236,26 +296,23 @@ class UpstreamEngine:
         """Stream the upstream's answer as GenerationChunks; the first one comes once it answered 200
         and sent something (an error status fails the call before any chunk)."""
         path, body = self._body(request, model)
-        try:
-            async with self._client().post(f"{self._base}{path}", json=body, headers=self._auth()) as response:
-                if response.status != 200:
-                    raise status_error(self.name, response.status, response.headers, await response.read())
-                if not self.config.payload.stream:
-                    for chunk in self._whole(await response.read(), model):
+        async with self._slot():
+            try:
+                async with self._client().post(f"{self._base}{path}", json=body, headers=self._auth()) as response:
+                    if response.status != 200:
+                        raise status_error(self.name, response.status, response.headers, await response.read())
+                    if not self.config.payload.stream:
+                        for chunk in self._whole(await response.read(), model):
+                            yield chunk
+                        return
+                    async for chunk in self._chunks(response, model):
                         yield chunk
-                    return
-                async for chunk in self._chunks(response, model):
-                    yield chunk
-        except TimeoutError as exc:
-            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=True) from exc
-        except ValueError as exc:  # aiohttp's refusal of a line past read_bufsize
-            raise _bad_gateway(self.name, f"a stream line too long to read ({exc})") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                ErrorKind.UNAVAILABLE,
-                f"The upstream {self.name!r} is unreachable or dropped the connection: {exc!r}",
-                retryable=True,
-            ) from exc
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
+            except ValueError as exc:  # aiohttp's refusal of a line past read_bufsize
+                raise _bad_gateway(self.name, f"a stream line too long to read ({exc})") from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
 
     def _whole(self, raw: bytes, model: str) -> list[common_pb2.GenerationChunk]:
         """A non-streamed answer (payload.stream false) as the chunks a stream would have given."""
@@ -308,23 +365,22 @@ class UpstreamEngine:
             if isinstance(parsed, dict) and (self.config.payload.drop or self.config.payload.force):
                 body = json.dumps(shaped(parsed, self.config)).encode()
         url = f"{self._base}{path}" + (f"?{query}" if query else "")
-        try:
-            async with self._client().request(
-                method, url, data=body or None, headers={**headers, **self._auth()}
-            ) as response:
-                passed = {k.lower(): v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
-                first = True
-                async for data in response.content.iter_any():
-                    yield (response.status if first else 0), (passed if first else {}), data
-                    first = False
-                if first:
-                    yield response.status, passed, b""
-        except TimeoutError as exc:
-            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=False) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                ErrorKind.UNAVAILABLE, f"The upstream {self.name!r} is unreachable: {exc!r}", retryable=False
-            ) from exc
+        async with self._slot():
+            try:
+                async with self._client().request(
+                    method, url, data=body or None, headers={**headers, **self._auth()}
+                ) as response:
+                    passed = {k.lower(): v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+                    first = True
+                    async for data in response.content.iter_any():
+                        yield (response.status if first else 0), (passed if first else {}), data
+                        first = False
+                    if first:
+                        yield response.status, passed, b""
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, model: str
@@ -352,6 +408,7 @@ class UpstreamEngine:
                     ErrorKind.BAD_GATEWAY,
                     f"The upstream {self.name!r} failed mid-answer: {_error_message(data.encode())}",
                     retryable=False,
+                    backend_fault=True,
                 )
             if event.get("usage"):
                 usage = event["usage"]
@@ -371,7 +428,10 @@ class UpstreamEngine:
                     )
         if not done and not usage and not any(c.finish for c in choices.values()):
             raise UpstreamError(
-                ErrorKind.BAD_GATEWAY, f"The upstream {self.name!r} ended the stream early.", retryable=False
+                ErrorKind.BAD_GATEWAY,
+                f"The upstream {self.name!r} ended the stream early.",
+                retryable=False,
+                backend_fault=True,
             )
         # Finish every choice once the usage is known (it comes after the finish reasons).
         prompt_tokens = int(usage.get("prompt_tokens", 0))
@@ -404,21 +464,18 @@ class UpstreamEngine:
         """Every document's scores from the upstream reranker, best first, in both scales."""
         assert self.config.rerank is not None
         url = f"{self._base}{self.config.rerank.url_path()}"
-        try:
-            async with self._client().post(
-                url, json=self._rerank_body(request, model), headers=self._auth()
-            ) as response:
-                body = await response.read()
-                if response.status != 200:
-                    raise status_error(self.name, response.status, response.headers, body)
-        except TimeoutError as exc:
-            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=True) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                ErrorKind.UNAVAILABLE,
-                f"The upstream {self.name!r} is unreachable or dropped the connection: {exc!r}",
-                retryable=True,
-            ) from exc
+        async with self._slot():
+            try:
+                async with self._client().post(
+                    url, json=self._rerank_body(request, model), headers=self._auth()
+                ) as response:
+                    body = await response.read()
+                    if response.status != 200:
+                        raise status_error(self.name, response.status, response.headers, body)
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
         return self._rerank_answer(body, model, len(request.documents))
 
     def _rerank_answer(self, body: bytes, model: str, documents: int) -> common_pb2.RerankResponse:

@@ -175,6 +175,11 @@ class ProcessSession:
                 jsonschema.validate(value, json.loads(self._start.response_format.schema_json))
             except jsonschema.ValidationError as exc:
                 raise _format_error(f"the answer does not match the schema: {exc.message}") from None
+            except jsonschema.SchemaError as exc:  # preprocess refuses these up front; a client's error all the same
+                raise invalid_request(
+                    f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}.",
+                    param="response_format.json_schema.schema",
+                ) from None
 
     # --- cache --------------------------------------------------------------------
 

@@ -117,7 +117,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         batches = Batches(
             settings,
             redis,
-            FileStore(redis, Path(settings.files_dir), settings.namespace),
+            FileStore(redis, Path(settings.files_dir), settings.namespace, settings.batch_retention),
             OperationRunner(serving),
         )
         batches.start_workers()
@@ -140,6 +140,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
             except (RedisError, OSError) as exc:
                 deps["redis"] = f"unavailable: {exc}"
             deps["rabbitmq"] = await publisher.check()
+            deps.update(batches.ready())
             return deps
 
         app.state.ready_check = ready

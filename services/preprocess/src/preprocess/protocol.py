@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from ragmesh.errors import RagmeshError, invalid_request
@@ -260,10 +261,12 @@ def parse_chat_request(
     if request.top_logprobs and not request.logprobs:
         raise invalid_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     fmt = request.response_format
-    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or not fmt.json_schema.schema_):
-        raise invalid_request(
-            "response_format of type 'json_schema' needs json_schema.schema.", param="response_format.json_schema"
-        )
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or not fmt.json_schema.schema_:
+            raise invalid_request(
+                "response_format of type 'json_schema' needs json_schema.schema.", param="response_format.json_schema"
+            )
+        check_json_schema(fmt.json_schema.schema_)
     for i, message in enumerate(request.messages):
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
@@ -275,6 +278,22 @@ def parse_chat_request(
                 code="missing_required_parameter",
             )
     return request
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """400 before any generation when a response_format schema is not a valid JSON Schema (checked
+    against the metaschema it names, draft 2020-12 by default): the answer could never be checked."""
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise invalid_request(
+            f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}"
+            + (f" (at {where})" if where else "")
+            + ".",
+            param="response_format.json_schema.schema",
+            code="invalid_json_schema",
+        ) from None
 
 
 def _check_part(part: dict[str, Any], param: str, max_data_url_bytes: int) -> None:

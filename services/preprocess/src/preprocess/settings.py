@@ -89,6 +89,11 @@ class PreprocessSettings(ServiceSettings):
     batch_max_retries: int = 3
     batch_backoff_base: float = 1.0
     batch_backoff_max: float = 30.0
+    # Seconds batches (their state and results) and files (inputs and outputs) are kept after
+    # they ended or were made: 30 days.
+    batch_retention: float = Field(default=30 * 24 * 3600, gt=0)
+    # Seconds between rounds of the time-driven batch work (expiry, stuck endings, retention); 0: off.
+    batch_sweep_interval: float = Field(default=15.0, ge=0)
 
     # API keys on /v1 ("on"; "off" is the loopback dev mode `make up` picks when
     # the gateway listens on 127.0.0.1 only). GET /v1/models without a key when public.

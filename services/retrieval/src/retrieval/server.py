@@ -57,7 +57,7 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
             redis_state = "ok"
         except (RedisError, OSError) as exc:
             redis_state = f"unavailable: {exc}"
-        return {"model": "ok", "redis": redis_state, "rabbitmq": "ok" if ingestion.ready else "connecting"}
+        return {"model": "ok", "redis": redis_state, "rabbitmq": ingestion.state()}
 
     try:
         yield GrpcService(register=register, service_names=[SERVICE_NAME], ready_check=ready)

@@ -94,3 +94,8 @@ class RetrievalSettings(ServiceSettings):
     result_cache_ttl: int = 3600
     # Chunks embedded per progress update of an ingestion job.
     ingest_batch_size: int = 256
+    # An index.events change that fails to apply is tried again this many times (after 1, 2,
+    # 4... seconds from `index_event_backoff`, at most a minute apart), then dead-lettered to
+    # index.events.dead.
+    index_event_max_retries: int = Field(default=5, ge=0)
+    index_event_backoff: float = Field(default=1.0, gt=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
@@ -32,9 +32,29 @@ async def upload_file(raw_request: Request, batches: BatchesDep, owner: OwnerDep
     return json_response(await batches.upload(data, filename, purpose, owner))
 
 
+@router.get(
+    "/v1/files", summary="The key's files, newest first (or oldest with order=asc).", response_model=schemas.FileList
+)
+async def list_files(
+    batches: BatchesDep,
+    owner: OwnerDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> Response:
+    limit = max(1, min(limit, 10_000))
+    return json_response(await batches.files.list(owner, purpose=purpose, after=after, limit=limit, order=order))
+
+
 @router.get("/v1/files/{file_id}", summary="A file's description.", response_model=schemas.FileObject)
 async def get_file(file_id: str, batches: BatchesDep, owner: OwnerDep) -> Response:
     return json_response(await batches.files.info(file_id, owner))
+
+
+@router.delete("/v1/files/{file_id}", summary="Delete a file and its contents.", response_model=schemas.FileDeleted)
+async def delete_file(file_id: str, batches: BatchesDep, owner: OwnerDep) -> Response:
+    return json_response(await batches.files.delete(file_id, owner))
 
 
 @router.get(

@@ -216,6 +216,21 @@ class FileObject(_Open):
     filename: str
     purpose: str
     status: str
+    expires_at: int | None = None
+
+
+class FileList(_Open):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class FileDeleted(_Open):
+    id: str
+    object: Literal["file"]
+    deleted: bool
 
 
 class FileUpload(BaseModel):

@@ -37,6 +37,11 @@ class Mesh:
     def v1(self) -> str:
         return f"{self.gateway}/v1"
 
+    @property
+    def admin(self) -> str:
+        """The gateway's internal admin server (the admin API)."""
+        return f"http://127.0.0.1:{self.env['RAGMESH_GATEWAY_ADMIN_PORT']}"
+
     def openai(self, **kw: Any) -> OpenAI:
         return OpenAI(base_url=self.v1, api_key="not-needed", max_retries=0, **kw)
 
@@ -56,6 +61,8 @@ def mesh_env(run_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in (
         "PREPROCESS_HTTP",
+        "PREPROCESS_ADMIN",
+        "GATEWAY_ADMIN",
         "INFERENCE_HTTP",
         "RETRIEVAL_HTTP",
         "POSTPROCESS_HTTP",

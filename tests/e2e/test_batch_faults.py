@@ -92,6 +92,7 @@ class ExtraReplicas:
         env = launcher.service_env(launcher.make_plan(self.mesh.env, self.mesh.run_dir), self.mesh.env)
         port = free_port()
         env["RAGMESH_PREPROCESS_HTTP_PORT"] = str(port)
+        env["RAGMESH_PREPROCESS_ADMIN_PORT"] = "0"  # the mesh's own replica has the admin listener
         log = open(self.mesh.run_dir / "logs" / f"preprocess-extra-{port}.log", "wb")  # noqa: SIM115 - the process writes it
         self.processes[port] = subprocess.Popen(
             [sys.executable, "-m", "preprocess"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from preprocess.chat import to_generate_request, to_process_start
 from preprocess.protocol import parse_chat_request
+from preprocess.serving.chat import to_generate_request, to_process_start
 from ragmesh.errors import RagmeshError
 
 OK: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -32,7 +32,7 @@ def bad(body: Any) -> RagmeshError:
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages[0].content[0].text"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-            "messages[0].content[0].type",
+            "messages[0].content[0].image_url",
         ),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"max_tokens": 0}, "max_tokens"),

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge
 
 from inference.config import BackendsFile, EmbeddedBackend, UpstreamBackend
 from inference.engine import LlamaCppEngine
-from inference.upstream import UpstreamEngine, UpstreamError
+from inference.upstream import UpstreamEngine, UpstreamError, guessed_capabilities
 from ragmesh.errors import ErrorKind, RagmeshError
 from ragmesh.v1 import common_pb2, inference_pb2
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 UPSTREAM_CALLS = Counter(
     "ragmesh_inference_backend_calls_total", "Engine calls by backend and outcome", ["backend", "outcome"]
 )
+# The embedded llama.cpp engine: text in, text out (tools are refused).
+EMBEDDED_CAPABILITIES = ("chat", "completion")
+# The capability a content part needs; a type not listed needs a capability of its own name.
+PART_CAPABILITIES = {"image_url": "vision", "input_audio": "audio", "video_url": "video"}
 CIRCUIT_OPEN = Gauge(
     "ragmesh_inference_circuit_open", "1 while a backend's circuit is not closed (open or half-open)", ["backend"]
 )
@@ -163,6 +167,10 @@ class Router:
         self._registry: Registry | None = None
         self._outstanding: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Keys set at run time, by backend; they outlive a reload, not a restart. Never logged.
+        self._runtime_keys: dict[str, str] = {}
+        # The last failure of each backend: (unix time, message), for the admin view.
+        self._last_error: dict[str, tuple[float, str]] = {}
 
     @property
     def registry(self) -> Registry:
@@ -186,12 +194,16 @@ class Router:
                     engines[backend.name] = EmbeddedAdapter(backend.name, self._embedded)
                     card = self._embedded.model_card()
                     card.owned_by = backend.name
+                    card.capabilities.extend(EMBEDDED_CAPABILITIES)
+                    card.backend_type = "embedded"
                     models = [(card.id, card)]
                 else:
                     upstream = UpstreamEngine(backend)
+                    if backend.name in self._runtime_keys:
+                        upstream.set_key(self._runtime_keys[backend.name])
                     upstreams.append(upstream)
                     engines[backend.name] = upstream
-                    models = [(m, _upstream_card(backend, m)) for m in await _models_of(upstream, backend)]
+                    models = [(m, _upstream_card(backend, m, caps)) for m, caps in await _models_of(upstream, backend)]
                     for model_id in backend.rerank.models if backend.rerank else []:
                         rerank_targets.setdefault(model_id, []).append(Target(backend.name, upstream, model_id))
                         if all(c.id != model_id for c in cards):
@@ -254,6 +266,7 @@ class Router:
             yield
         except UpstreamError as err:
             UPSTREAM_CALLS.labels(target.backend, err.kind.value).inc()
+            self._last_error[target.backend] = (time.time(), err.message)
             if err.backend_fault:
                 breaker.failed()
             else:
@@ -282,6 +295,9 @@ class Router:
                 param="model",
                 code="model_not_found",
             )
+        self._check_capabilities(registry, request)
+        # A fallback that cannot take the request's parts (an image, say) is no fallback.
+        chain = [request.model, *(m for m in chain[1:] if self._missing(registry, m, request) is None)]
         retry = registry.config.retry
         last: UpstreamError | None = None
         for model in chain:
@@ -315,6 +331,159 @@ class Router:
         raise RagmeshError(
             ErrorKind.UNAVAILABLE, f"Every backend of `{request.model}` is unavailable (circuit open).", retry_after=1
         )
+
+    def _missing(
+        self, registry: Registry, model: str, request: inference_pb2.GenerateRequest
+    ) -> tuple[str, inference_pb2.ContentPart | None] | None:
+        """What `model` lacks to take `request`: (capability, the part that needs it), or None."""
+        card = next((c for c in registry.cards if c.id == model), None)
+        if card is None:
+            return None
+        capabilities = set(card.capabilities)
+        if not capabilities & {"chat", "completion"}:
+            return "chat", None
+        for part in request.content_parts:
+            needed = PART_CAPABILITIES.get(part.type, part.type)
+            if needed not in capabilities:
+                return needed, part
+        return None
+
+    def _check_capabilities(self, registry: Registry, request: inference_pb2.GenerateRequest) -> None:
+        """400 naming the model and the part it cannot take (an image to a text-only model, say)."""
+        missing = self._missing(registry, request.model, request)
+        if missing is None:
+            return
+        needed, part = missing
+        if part is None:
+            card = next(c for c in registry.cards if c.id == request.model)
+            raise RagmeshError(
+                ErrorKind.INVALID_REQUEST,
+                f"The model `{request.model}` is not a chat or completion model "
+                f"(it does: {', '.join(card.capabilities) or 'nothing listed'}).",
+                param="model",
+                code="model_not_supported",
+            )
+        raise RagmeshError(
+            ErrorKind.INVALID_REQUEST,
+            f"The model `{request.model}` does not accept content parts of type '{part.type}' "
+            f"({part.param}): it has no `{needed}` capability. Send text, or use a model that has it.",
+            param=part.param,
+            code="unsupported_content_part",
+        )
+
+    # --- forwarding -------------------------------------------------------------------
+
+    def forward_target(self, model: str, path: str) -> tuple[str, UpstreamEngine]:
+        """The upstream owning `model` (when the body names one) or else `path`; NOT_FOUND when none does."""
+        registry = self.registry
+        if model:
+            owning = registry.targets.get(model) or registry.rerank_targets.get(model, [])
+            upstreams = [t for t in owning if isinstance(t.engine, UpstreamEngine)]
+            if not upstreams:
+                known = model in registry.targets
+                raise RagmeshError(
+                    ErrorKind.NOT_FOUND,
+                    f"The model `{model}` is served in the mesh, which has no /v1{path}."
+                    if known
+                    else f"The model `{model}` does not exist.",
+                    param="model",
+                    code="unknown_url" if known else "model_not_found",
+                )
+            picked = self._pick(registry, upstreams) or upstreams[0]
+            engine = picked.engine
+            assert isinstance(engine, UpstreamEngine)
+            return picked.model, engine
+        owners = [
+            e
+            for e in registry.engines.values()
+            if isinstance(e, UpstreamEngine) and e.config.takes_path(path) and registry.breakers[e.name].allows()
+        ]
+        if not owners:
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND, f"Unknown request URL: /v1{path} (no backend serves it).", code="unknown_url"
+            )
+        fewest = min(self._outstanding.get(e.name, 0) for e in owners)
+        return "", random.choice([e for e in owners if self._outstanding.get(e.name, 0) == fewest])
+
+    async def forward(
+        self, request: inference_pb2.ForwardRequest
+    ) -> AsyncGenerator[tuple[int, dict[str, str], bytes], None]:
+        """Pass the request to its owner; its breaker and in-flight count see it like any call
+        (a 5xx answer counts as the backend's fault, though it goes back to the client as it is)."""
+        registry = self.registry
+        model, engine = self.forward_target(request.model, request.path)
+        headers = {k: v for k, v in (("Content-Type", request.content_type), ("Accept", request.accept)) if v}
+        try:
+            async with self._calling(registry, Target(engine.name, engine, model)):
+                status = 0
+                async with aclosing(
+                    engine.forward(request.method, request.path, request.query, request.body, headers)
+                ) as stream:
+                    async for status_now, passed, data in stream:
+                        status = status_now or status
+                        yield status_now, passed, data
+                if status >= 500:
+                    raise _AnsweredFailureError(
+                        ErrorKind.BAD_GATEWAY,
+                        f"forwarded /v1{request.path} answered {status}",
+                        retryable=False,
+                        backend_fault=True,
+                    )
+        except _AnsweredFailureError:
+            pass  # counted against the backend; the client already has the upstream's own answer
+
+    # --- the admin view -------------------------------------------------------------------
+
+    def backends(self) -> list[inference_pb2.BackendInfo]:
+        """Every backend with its circuit, requests in flight and last error; never a key."""
+        registry = self.registry
+        out = []
+        for name, engine in registry.engines.items():
+            at, error = self._last_error.get(name, (0.0, ""))
+            info = inference_pb2.BackendInfo(
+                name=name,
+                circuit=registry.breakers[name].state,
+                in_flight=self._outstanding.get(name, 0),
+                last_error=error,
+                last_error_at=int(at),
+                models=sorted(
+                    m
+                    for served in (registry.targets, registry.rerank_targets)
+                    for m, ts in served.items()
+                    if any(t.backend == name for t in ts)
+                ),
+            )
+            if isinstance(engine, UpstreamEngine):
+                info.type, info.base_url, info.key_source = "openai", engine.config.base_url, engine.key_source
+                info.paths.extend(engine.config.paths)
+            else:
+                info.type, info.key_source = "embedded", "none"
+            out.append(info)
+        return out
+
+    def _upstream(self, backend: str) -> UpstreamEngine:
+        engine = self.registry.engines.get(backend)
+        if not isinstance(engine, UpstreamEngine):
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND if engine is None else ErrorKind.INVALID_REQUEST,
+                f"No upstream backend named {backend!r}." if engine is None else f"{backend!r} takes no key.",
+                param="backend",
+            )
+        return engine
+
+    def set_key(self, backend: str, key: str) -> inference_pb2.BackendInfo:
+        """Use `key` for `backend` from its next request on (kept across reloads, never logged)."""
+        if not key.strip():
+            raise RagmeshError(ErrorKind.INVALID_REQUEST, "The key must not be empty.", param="api_key")
+        self._upstream(backend).set_key(key.strip())
+        self._runtime_keys[backend] = key.strip()
+        return next(b for b in self.backends() if b.name == backend)
+
+    def revert_key(self, backend: str) -> inference_pb2.BackendInfo:
+        """Back to the key the backends file names."""
+        self._upstream(backend).set_key(None)
+        self._runtime_keys.pop(backend, None)
+        return next(b for b in self.backends() if b.name == backend)
 
     async def rerank(self, request: common_pb2.RerankRequest) -> common_pb2.RerankResponse:
         """Scores from the first upstream of the model (or of its fallbacks) that answers.
@@ -360,6 +529,10 @@ class Router:
         )
 
 
+class _AnsweredFailureError(UpstreamError):
+    """A forwarded call the upstream answered with a 5xx: its breaker counts it, the client has the answer."""
+
+
 def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
     """Exponential backoff with full jitter, at least what Retry-After asked (within the cap)."""
     delay = random.uniform(0, min(cap, base * 2**attempt))
@@ -368,11 +541,15 @@ def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -
     return delay
 
 
-async def _models_of(upstream: UpstreamEngine, backend: UpstreamBackend) -> list[str]:
-    models = list(backend.models)
+async def _models_of(upstream: UpstreamEngine, backend: UpstreamBackend) -> list[tuple[str, list[str]]]:
+    """(id, capabilities) of every model: the file's word first, then the endpoint's, then the id's."""
+    models = [(m, backend.listed_capabilities(m) or guessed_capabilities(m)) for m in backend.model_ids()]
     if backend.discover:
         try:
-            models += [m for m in await upstream.discover() if m not in models]
+            listed = {m for m, _ in models}
+            for model, stated in await upstream.discover():
+                if model not in listed:
+                    models.append((model, backend.listed_capabilities(model) or stated or guessed_capabilities(model)))
         except RagmeshError as err:
             # Listed models still route; discovery is tried again on the next reload.
             log.warning("model discovery failed", extra={"backend": backend.name, "error": err.message})
@@ -387,6 +564,7 @@ def _upstream_card(backend: UpstreamBackend, model: str, capabilities: list[str]
         max_context=backend.context_length,
         backend=backend.name,
         capabilities=capabilities or [],
+        backend_type="openai",
     )
 
 

@@ -37,6 +37,44 @@ FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
 }
 # Parameters the mesh itself owns on the way to an upstream.
 _MESH_FIELDS = ("stream", "stream_options", "model")
+# Response headers a forwarded answer keeps (hop-by-hop and the upstream's own cookies stay behind).
+_PASSED_HEADERS = frozenset({"content-type", "content-disposition", "cache-control", "retry-after"})
+# Words in a model id that say what it does, when neither the file nor the endpoint says.
+_GUESSES = (("rerank", "rerank"), ("ranking", "rerank"), ("embed", "embedding"), ("retriever", "embedding"))
+
+
+def shaped(body: dict[str, Any], config: UpstreamBackend) -> dict[str, Any]:
+    """The body after the backend's payload rules: fields dropped, then fields forced."""
+    for name in config.payload.drop:
+        body.pop(name, None)
+    body.update(config.payload.force)
+    return body
+
+
+def stated_capabilities(model: dict[str, Any]) -> list[str] | None:
+    """What a /models entry says its model does (a `capabilities` list, or a `type`/`task`), else None."""
+    caps = model.get("capabilities")
+    if isinstance(caps, list) and all(isinstance(c, str) for c in caps):
+        return list(caps)
+    kind = str(model.get("type") or model.get("task") or model.get("model_type") or "").lower()
+    if "embed" in kind:
+        return ["embedding"]
+    if "rerank" in kind or "ranking" in kind:
+        return ["rerank"]
+    if kind in ("vlm", "vision"):
+        return ["chat", "vision"]
+    if kind in ("chat", "llm", "text-generation"):
+        return ["chat"]
+    return None
+
+
+def guessed_capabilities(model: str) -> list[str]:
+    """What a model id suggests it does, as NVIDIA's clients guess too."""
+    lowered = model.lower()
+    for word, capability in _GUESSES:
+        if word in lowered:
+            return [capability]
+    return ["chat"]
 
 
 _Sampled = Literal["temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"]
@@ -196,9 +234,8 @@ class UpstreamEngine:
         self.config = config
         self._base = config.base_url.rstrip("/")
         self._headers = dict(config.headers)
-        key = config.api_key()
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._configured_key = config.api_key()
+        self._runtime_key: str | None = None
         # sock_read bounds the wait for each read, as a stream may rightly run for long;
         # sock_connect bounds connecting only (aiohttp's `connect` would also bound the wait for
         # a pooled connection, and turn a busy backend into a "failing" one).
@@ -228,6 +265,19 @@ class UpstreamEngine:
         finally:
             self._slots.release()
 
+    def set_key(self, key: str | None) -> None:
+        """Use `key` from the next request on (None: back to the configured one)."""
+        self._runtime_key = key
+
+    @property
+    def key_source(self) -> str:
+        return "runtime" if self._runtime_key is not None else self.config.key_source()
+
+    def _auth(self) -> dict[str, str]:
+        # Per request, not per session: a key set at run time applies to the next call.
+        key = self._runtime_key if self._runtime_key is not None else self._configured_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the event loop it was made in.
         if self._session is None:
@@ -246,26 +296,32 @@ class UpstreamEngine:
         if self._session is not None:
             await self._session.close()
 
-    async def discover(self) -> list[str]:
-        """Model ids from the endpoint's /models, filtered by include/exclude."""
+    async def discover(self) -> list[tuple[str, list[str] | None]]:
+        """(id, capabilities the endpoint states or None) from its /models, filtered by include/exclude."""
         try:
-            async with self._client().get(f"{self._base}/models") as reply:
+            async with self._client().get(f"{self._base}/models", headers=self._auth()) as reply:
                 body = await reply.read()
                 if reply.status != 200:
                     raise status_error(self.name, reply.status, reply.headers, body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _unreachable(self.name, exc) from exc
         try:
-            ids = [str(m["id"]) for m in json.loads(body)["data"]]
+            found = [(str(m["id"]), stated_capabilities(m)) for m in json.loads(body)["data"]]
         except (ValueError, KeyError, TypeError):
             raise _bad_gateway(self.name, "a /models list that is not OpenAI's shape") from None
-        return [m for m in ids if self.config.wants(m)]
+        return [(m, caps) for m, caps in found if self.config.wants(m)]
 
     def _body(self, request: inference_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
         """(path, JSON body): the client's own request (every OpenAI parameter it sent), with the
-        typed fields as the authority wherever they say something (see GenerateRequest)."""
-        return ("/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"), openai_request(
-            request, model
+        typed fields as the authority wherever they say something (see GenerateRequest), then
+        the backend's payload rules."""
+        body = openai_request(request, model)
+        if not self.config.payload.stream:
+            # A backend that refuses streaming: asked for the whole answer, streamed to the client by the mesh.
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        return ("/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"), shaped(
+            body, self.config
         )
 
     async def generate(
@@ -276,15 +332,87 @@ class UpstreamEngine:
         path, body = self._body(request, model)
         async with self._slot():
             try:
-                async with self._client().post(f"{self._base}{path}", json=body) as response:
+                async with self._client().post(f"{self._base}{path}", json=body, headers=self._auth()) as response:
                     if response.status != 200:
                         raise status_error(self.name, response.status, response.headers, await response.read())
+                    if not self.config.payload.stream:
+                        for chunk in self._whole(await response.read(), model):
+                            yield chunk
+                        return
                     async for chunk in self._chunks(response, model):
                         yield chunk
             except TimeoutError as exc:
                 raise _timed_out(self.name) from exc
             except ValueError as exc:  # aiohttp's refusal of a line past read_bufsize
                 raise _bad_gateway(self.name, f"a stream line too long to read ({exc})") from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
+
+    def _whole(self, raw: bytes, model: str) -> list[common_pb2.GenerationChunk]:
+        """A non-streamed answer (payload.stream false) as the chunks a stream would have given."""
+        try:
+            answer = json.loads(raw)
+            choices = answer["choices"]
+            assert isinstance(choices, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise _bad_gateway(self.name, "an answer that is not OpenAI's shape") from None
+        usage = answer.get("usage") or {}
+        chunks = []
+        for i, raw_choice in enumerate(sorted(choices, key=lambda c: int(c.get("index", 0))) or [{}]):
+            index = int(raw_choice.get("index", 0))
+            message = raw_choice.get("message") or {}
+            text = message.get("content") or raw_choice.get("text") or ""
+            extras = {k: v for k, v in message.items() if k not in ("content", "role") and v is not None}
+            if raw_choice.get("logprobs"):
+                extras["logprobs"] = raw_choice["logprobs"]
+            finish = raw_choice.get("finish_reason") or "stop"
+            if text or extras:
+                chunks.append(
+                    common_pb2.GenerationChunk(
+                        index=index, text=text, model=model, extra_json=json.dumps(extras) if extras else ""
+                    )
+                )
+            chunks.append(
+                common_pb2.GenerationChunk(
+                    index=index,
+                    model=model,
+                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                    completion_tokens=int(usage.get("completion_tokens", 0)) if i == 0 else 0,
+                    finish_reason=FINISH_REASONS.get(finish, common_pb2.FINISH_REASON_STOP),
+                    extra_json=json.dumps({"finish_reason": finish}) if finish not in FINISH_REASONS else "",
+                )
+            )
+        return chunks
+
+    async def forward(
+        self, method: str, path: str, query: str, body: bytes, headers: dict[str, str]
+    ) -> AsyncGenerator[tuple[int, dict[str, str], bytes], None]:
+        """Pass a request through: (status, headers, first bytes), then (0, {}, more bytes) as they come.
+
+        A JSON body is shaped like every request to this backend (payload drop/force);
+        anything else goes as sent. Nothing is retried: the call may not be idempotent."""
+        if body and headers.get("Content-Type", "").startswith("application/json"):
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict) and (self.config.payload.drop or self.config.payload.force):
+                body = json.dumps(shaped(parsed, self.config)).encode()
+        url = f"{self._base}{path}" + (f"?{query}" if query else "")
+        async with self._slot():
+            try:
+                async with self._client().request(
+                    method, url, data=body or None, headers={**headers, **self._auth()}
+                ) as response:
+                    passed = {k.lower(): v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+                    first = True
+                    async for data in response.content.iter_any():
+                        yield (response.status if first else 0), (passed if first else {}), data
+                        first = False
+                    if first:
+                        yield response.status, passed, b""
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
             except aiohttp.ClientError as exc:
                 raise _unreachable(self.name, exc) from exc
 
@@ -372,7 +500,9 @@ class UpstreamEngine:
         url = f"{self._base}{self.config.rerank.url_path()}"
         async with self._slot():
             try:
-                async with self._client().post(url, json=self._rerank_body(request, model)) as response:
+                async with self._client().post(
+                    url, json=self._rerank_body(request, model), headers=self._auth()
+                ) as response:
                     body = await response.read()
                     if response.status != 200:
                         raise status_error(self.name, response.status, response.headers, body)

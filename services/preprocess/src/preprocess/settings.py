@@ -43,6 +43,8 @@ class PreprocessSettings(ServiceSettings):
     stream_idle_timeout: float = 120.0
     # Bodies over this get 413 (nginx enforces the same limit in front).
     max_body_bytes: int = 32 * 1024 * 1024
+    # A data: URL in a content part (a base64 image) larger than this is a 400.
+    max_data_url_bytes: int = 20 * 1024 * 1024
     # Largest n (choices per request) accepted.
     max_n: int = 8
     # Deadline of retrieval calls (search, collections, embeddings).
@@ -105,5 +107,9 @@ class PreprocessSettings(ServiceSettings):
     # Length of the per-key rate-limit window: a key's rpm and tpm are per window.
     rate_limit_window: float = Field(default=60.0, gt=0)
 
-    # Bearer key of the admin endpoints (POST /v1/admin/reload-backends); empty: they are off.
+    # Bearer key of the admin API (keys, backends); empty: it is off.
     admin_key: str = ""
+    # The admin API's own listener (never the public port; the gateway's internal admin
+    # server proxies to it). 0: no admin listener.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8004

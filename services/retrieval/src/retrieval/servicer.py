@@ -110,16 +110,23 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             raise invalid_request("input must not be empty.", param="input")
         if len(inputs) > self._settings.max_embed_inputs:
             raise invalid_request(f"input accepts at most {self._settings.max_embed_inputs} items.", param="input")
+        truncate = (request.truncate or "NONE").upper()
+        if truncate not in ("NONE", "START", "END"):
+            raise invalid_request("truncate must be NONE, START or END.", param="truncate")
         counts = await self._embedder.count_tokens_async(inputs)
         for i, (text, count) in enumerate(zip(inputs, counts, strict=True)):
             if not text:
                 raise invalid_request(f"input[{i}] must not be an empty string.", param="input")
-            if count > self._embedder.max_tokens:
+            if count > self._embedder.max_tokens and truncate == "NONE":
                 raise invalid_request(
-                    f"input[{i}] is {count} tokens long; this model reads at most {self._embedder.max_tokens}.",
+                    f"input[{i}] is {count} tokens long; this model reads at most {self._embedder.max_tokens} "
+                    "(truncate START or END cuts it).",
                     param="input",
                     code="context_length_exceeded",
                 )
+        if truncate != "NONE" and any(count > self._embedder.max_tokens for count in counts):
+            inputs = await self._embedder.truncate_async(inputs, keep_end=truncate == "START")
+            counts = [min(count, self._embedder.max_tokens) for count in counts]
         vectors = await self._embedder.embed(inputs, bulk=len(inputs) > INTERACTIVE_EMBED_INPUTS)
         return retrieval_pb2.EmbedResponse(
             vectors=np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
@@ -191,6 +198,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             max_context=self._embedder.max_tokens,
             backend="embedded",
             capabilities=["embedding"],
+            backend_type="embedded",
         )
         return common_pb2.ListModelsResponse(models=[card, *self._rerankers.cards()])
 

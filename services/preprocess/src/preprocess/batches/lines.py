@@ -11,9 +11,10 @@ from typing import Any
 
 import orjson
 
+from preprocess.serving.operations import BATCH_URLS
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+__all__ = ["BATCH_URLS", "LINE_TYPE", "SCHEMA_VERSION", "BatchLine", "parse_batch_lines"]
 # Version of the JSON bodies on the requests queue (batch lines and direct-protocol requests).
 SCHEMA_VERSION = 1
 LINE_TYPE = "ragmesh.batch-line.v1"

@@ -27,6 +27,7 @@ from preprocess.batches.finalizer import Finalizer, line_result
 from preprocess.batches.lines import Request, UnreadableError, decode_request
 from preprocess.batches.outcome import LINES, RUNNING, Outcome, Verdict
 from preprocess.batches.store import BatchStore
+from preprocess.serving.operations import generates
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import (
     TRANSIENT_ERRORS,
@@ -243,7 +244,7 @@ class BatchWorker:
     async def attempt(self, message: AbstractIncomingMessage, url: str, body: dict[str, Any]) -> Outcome | None:
         """Run a request once: its outcome, or None when it went to the retry queue for later."""
         try:
-            if url == "/v1/embeddings":
+            if not generates(url):
                 response = await self._run(url, body)
             else:
                 async with self._generating:

@@ -1,0 +1,128 @@
+"""Collections, documents, ingestion jobs and search: the retrieval service's API, in OpenAI's style."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from redis.exceptions import RedisError
+
+from preprocess.clients import MeshClients
+from preprocess.ingest import DocumentsRequest, IngestPublisher
+from preprocess.protocol import CreateCollectionRequest, SearchRequest
+from preprocess.rag import SEARCH_MODES
+from preprocess.settings import PreprocessSettings
+from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
+from ragmesh.grpc_client import call_metadata
+from ragmesh.jobs import JobStore
+from ragmesh.v1 import retrieval_pb2
+
+
+def collection_object(collection: retrieval_pb2.Collection) -> dict[str, Any]:
+    return {
+        "name": collection.name,
+        "object": "collection",
+        "id": collection.id,
+        "created": collection.created,
+        "documents": collection.documents,
+        "chunks": collection.chunks,
+        "index_version": collection.index_version,
+        "index_type": collection.index_type,
+    }
+
+
+class RetrievalServing:
+    """Collections, documents, jobs and search, each a call to the retrieval service."""
+
+    def __init__(
+        self, clients: MeshClients, settings: PreprocessSettings, publisher: IngestPublisher, jobs: JobStore
+    ) -> None:
+        self._clients = clients
+        self._settings = settings
+        self._publisher = publisher
+        self._jobs = jobs
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self._settings.retrieval_timeout, metadata=call_metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # --- collections ------------------------------------------------------------
+
+    async def create_collection(self, request: CreateCollectionRequest) -> dict[str, Any]:
+        created = await self._call(
+            self._clients.retrieval.CreateCollection, retrieval_pb2.CollectionRequest(name=request.name)
+        )
+        return collection_object(created)
+
+    async def list_collections(self) -> dict[str, Any]:
+        reply = await self._call(self._clients.retrieval.ListCollections, retrieval_pb2.ListCollectionsRequest())
+        return {"object": "list", "data": [collection_object(c) for c in reply.collections]}
+
+    async def get_collection(self, name: str) -> dict[str, Any]:
+        reply = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))
+        return collection_object(reply)
+
+    async def delete_collection(self, name: str) -> dict[str, Any]:
+        reply = await self._call(self._clients.retrieval.DeleteCollection, retrieval_pb2.CollectionRequest(name=name))
+        return {"name": reply.name, "object": "collection.deleted", "deleted": True}
+
+    # --- documents and jobs ---------------------------------------------------------
+
+    async def add_documents(self, name: str, request: DocumentsRequest) -> dict[str, Any]:
+        """Queue validated documents for ingestion into collection `name` (202: a job to watch)."""
+        collection = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))
+        accepted = await self._publisher.submit(collection.name, collection.id, request)
+        return {
+            "job_id": accepted.job_id,
+            "object": "ingest.job",
+            "status": "queued",
+            "collection": collection.name,
+            "documents": accepted.documents,
+            "chunks": accepted.chunks,
+        }
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        try:
+            job = await self._jobs.get(job_id)
+        except (RedisError, OSError) as exc:
+            raise RagmeshError(ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.") from exc
+        if job is None:
+            raise RagmeshError(
+                ErrorKind.NOT_FOUND, f"Job '{job_id}' does not exist.", param="job_id", code="job_not_found"
+            )
+        return job
+
+    # --- search ---------------------------------------------------------
+
+    async def search(self, request: SearchRequest) -> dict[str, Any]:
+        reply = await self._call(
+            self._clients.retrieval.Search,
+            retrieval_pb2.SearchRequest(
+                collection=request.collection,
+                query=request.query,
+                top_k=request.top_k,
+                mode=SEARCH_MODES[request.mode],
+                no_cache=not request.cache,
+            ),
+        )
+        return {
+            "object": "list",
+            "collection": request.collection,
+            "mode": request.mode,
+            "index_version": reply.index_version,
+            "cached": reply.cached,
+            "results": [
+                {
+                    "document_id": hit.document_id,
+                    "chunk_id": hit.chunk_id,
+                    "score": hit.score,
+                    "text": hit.text,
+                    "title": hit.title,
+                    "metadata": MessageToDict(hit.metadata),
+                }
+                for hit in reply.hits
+            ],
+        }

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
+import subprocess
 import uuid
+from collections.abc import Sequence
 from urllib.parse import urlparse
 
+import aio_pika
 import pytest
+
+from ragmesh.amqp import Topology
 
 
 def free_port() -> int:
@@ -20,6 +27,47 @@ def free_port() -> int:
 def unique_namespace() -> str:
     """A queue/key prefix of its own, so tests never see another run's messages."""
     return f"test-{uuid.uuid4().hex[:10]}"
+
+
+async def delete_topology(amqp_url: str, namespace: str, replica_ids: Sequence[str] = ()) -> None:
+    """Remove a namespace's queues and exchanges from the shared broker: tests delete what they
+    (or the services they ran) declared. Names that do not exist are fine."""
+    topology = Topology(namespace)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        for kind, names in (("queue", topology.queues(tuple(replica_ids))), ("exchange", topology.exchanges())):
+            for name in names:
+                channel = await connection.channel()  # a failed delete closes its channel
+                with contextlib.suppress(Exception):
+                    if kind == "queue":
+                        await channel.queue_delete(name)
+                    else:
+                        await channel.exchange_delete(name)
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+
+def delete_topology_now(amqp_url: str, namespace: str, replica_ids: Sequence[str] = ()) -> None:
+    """delete_topology for synchronous fixtures."""
+    asyncio.run(delete_topology(amqp_url, namespace, replica_ids))
+
+
+def close_own_connections(namespace: str, reason: str = "closed by a test") -> int:
+    """Drop, broker side, the AMQP connections of one namespace's services (their client-given
+    names start with the namespace), never anyone else's; how many were closed."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    closed = 0
+    for line in listed.splitlines():
+        pid, _, properties = line.partition("\t")
+        if f'{{"connection_name","{namespace}.' in properties:
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, reason], capture_output=True, check=True)
+            closed += 1
+    return closed
 
 
 def _reachable(url: str, default_port: int) -> bool:

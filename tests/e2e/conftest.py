@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from ..conftest import free_port, unique_namespace
+from ..conftest import delete_topology_now, free_port, unique_namespace
 from ..rerank_models import build_tiny_cross_encoder
 from ..rerank_upstream import COHERE_MODEL, NIM_MODEL, RERANK_KEY, RerankUpstream, upstream_entry
 
@@ -46,6 +47,11 @@ class Mesh:
     def v1(self) -> str:
         return f"{self.gateway}/v1"
 
+    @property
+    def admin(self) -> str:
+        """The gateway's internal admin server (the admin API)."""
+        return f"http://127.0.0.1:{self.env['RAGMESH_GATEWAY_ADMIN_PORT']}"
+
     def openai(self, **kw: Any) -> OpenAI:
         return OpenAI(base_url=self.v1, api_key="not-needed", max_retries=0, **kw)
 
@@ -65,6 +71,8 @@ def mesh_env(run_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in (
         "PREPROCESS_HTTP",
+        "PREPROCESS_ADMIN",
+        "GATEWAY_ADMIN",
         "INFERENCE_HTTP",
         "RETRIEVAL_HTTP",
         "POSTPROCESS_HTTP",
@@ -109,6 +117,10 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
         )
     finally:
         stop_mesh(env)
+        # The mesh's queues and exchanges leave the shared broker with it.
+        replica = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+        amqp_url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], (replica,))
 
 
 @pytest.fixture(scope="session")

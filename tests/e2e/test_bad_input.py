@@ -59,6 +59,15 @@ CASES: list[tuple[str, bytes, dict[str, str], int, str | None]] = [
     ("wrong content type", b"model=x&messages=y", {"Content-Type": "application/x-www-form-urlencoded"}, 415, None),
     ("body over the limit", b'{"model": "x", "pad": "' + b"a" * (1024 * 1024 + 10) + b'"}', JSON, 413, None),
     ("empty body", b"", JSON, 400, None),
+    (
+        "json_schema that is not a JSON Schema",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "response_format": '
+        b'{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": "name"}}}}'
+        % MODEL.encode(),
+        JSON,
+        400,
+        "response_format.json_schema.schema",
+    ),
     ("json array body", b"[1, 2]", JSON, 400, None),
 ]
 

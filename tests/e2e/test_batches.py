@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from ..conftest import close_own_connections
 from .conftest import MODEL, Mesh
 
 pytestmark = pytest.mark.e2e
@@ -175,15 +176,14 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(mesh: Mesh) -> Non
     exactly_once(client, batch, n)
 
 
-def test_broker_restart_mid_batch_loses_and_duplicates_nothing(mesh: Mesh) -> None:
+def test_broker_connections_dropped_mid_batch_lose_and_duplicate_nothing(mesh: Mesh) -> None:
+    """The broker drops every connection of this mesh (its own only: the broker is shared) while
+    lines run: workers come back by themselves, unacked lines are delivered again."""
     client = mesh.openai()
     n = 24
     batch_id = submit(client, [chat_line(f"k{i}", "Tell me a story.", max_tokens=12) for i in range(n)])
     wait_until(lambda: client.batches.retrieve(batch_id).request_counts.completed >= 3)  # type: ignore[union-attr]
-    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
-    time.sleep(2)
-    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
-    subprocess.run(["rabbitmqctl", "await_startup", "--timeout", "60"], check=True, capture_output=True)
+    assert close_own_connections(mesh.env["RAGMESH_NAMESPACE"]) > 0
     batch = wait(client, batch_id)
     assert batch.status == "completed"
     exactly_once(client, batch, n)
@@ -218,3 +218,84 @@ def test_cli_batch_submit_waits_and_saves_results(mesh: Mesh, tmp_path: Path) ->
     assert "completed: 2 completed, 0 failed" in run.stderr
     saved = [json.loads(line) for line in (tmp_path / "lines.output.jsonl").read_text().splitlines()]
     assert [r["custom_id"] for r in saved] == ["cli-1", "cli-2"]
+
+
+def embedding_line(custom_id: str) -> dict[str, Any]:
+    body = {"model": "all-MiniLM-L6-v2", "input": f"text {custom_id}"}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body}
+
+
+def test_files_are_listed_in_pages_and_deleted(mesh: Mesh) -> None:
+    client = mesh.openai()
+    mine = [
+        client.files.create(file=(f"f{i}.jsonl", io.BytesIO(jsonl([embedding_line("x")]))), purpose="batch").id
+        for i in range(3)
+    ]
+    first = client.files.list(purpose="batch", limit=2)
+    assert len(first.data) == 2 and first.has_more
+    listed = [f.id for f in client.files.list(purpose="batch", limit=2)]  # every page, newest first
+    assert [i for i in listed if i in mine] == mine[::-1]
+    assert all(f.purpose == "batch" and f.expires_at for f in first.data)
+
+    deleted = client.files.delete(mine[1])
+    assert deleted.id == mine[1] and deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(mine[1])
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(mine[1])
+    assert mine[1] not in [f.id for f in client.files.list()]
+    missing = httpx.delete(f"{mesh.v1}/files/file-nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "file_not_found"
+
+
+def test_batches_are_listed_in_pages_newest_first(mesh: Mesh) -> None:
+    client = mesh.openai()
+    made = [submit(client, [embedding_line(f"p{i}")], "/v1/embeddings") for i in range(3)]
+    page = client.batches.list(limit=2)
+    assert len(page.data) == 2 and page.has_more
+    every = [b.id for b in client.batches.list(limit=2)]  # the client follows `after` page by page
+    assert [i for i in every if i in made] == made[::-1]
+    assert len(every) == len(set(every))
+
+
+def test_a_batch_past_its_completion_window_ends_expired(mesh: Mesh) -> None:
+    """A 1 s window for 100 chat lines on a 4-slot engine: the lines not done fail with
+    batch_expired, those done keep their result, and counts and files agree."""
+    client = mesh.openai()
+    lines = [chat_line(f"w{i}", "Write a long story.", max_tokens=64) for i in range(100)]
+    uploaded = client.files.create(file=("lines.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    created = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="1s",  # type: ignore[arg-type]
+    )
+    assert created.expires_at == created.created_at + 1
+    batch = wait(client, created.id)
+    assert batch.status == "expired" and batch.expired_at
+    out, errors = results(client, batch.output_file_id), results(client, batch.error_file_id)
+    assert sorted(r["custom_id"] for r in out + errors) == sorted(line["custom_id"] for line in lines)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(out), len(errors))
+    assert errors and {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+async def test_a_direct_request_that_cannot_be_read_is_answered_with_a_400(mesh: Mesh) -> None:
+    import aio_pika
+
+    url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    namespace = mesh.env["RAGMESH_NAMESPACE"]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        exchange = await channel.get_exchange(f"{namespace}.requests")
+        await exchange.publish(
+            aio_pika.Message(
+                b'{"v": 9, "url": "/v1/embeddings", "body": {}}', reply_to=replies.name, correlation_id="c1"
+            ),
+            routing_key="request",
+        )
+        message = await replies.iterator(timeout=60).__anext__()
+        await message.ack()
+    reply = json.loads(message.body)
+    assert message.correlation_id == "c1" and reply["v"] == 1 and reply["status_code"] == 400
+    assert "version" in reply["body"]["error"]["message"]

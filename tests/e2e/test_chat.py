@@ -151,6 +151,7 @@ def test_health_endpoints(http: httpx.Client, mesh: Mesh) -> None:
         "retrieval": "ok",
         "redis": "ok",
         "rabbitmq": "ok",
+        "batch_workers": "ok",
     }
     assert http.get("/v1/health/live").status_code == 200
     # Metrics are for the scraper inside, on each service's own port, not through the gateway.

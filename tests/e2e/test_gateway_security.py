@@ -119,7 +119,7 @@ ISSUED: list[str] = []  # every secret the tests saw, for the log check at the e
 
 def admin(mesh: Mesh, method: str, path: str, **kw: Any) -> httpx.Response:
     return httpx.request(
-        method, f"{mesh.v1}/admin/keys{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30, **kw
+        method, f"{mesh.admin}/v1/admin/keys{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30, **kw
     )
 
 
@@ -161,6 +161,14 @@ def test_bad_keys_are_401(mesh: Mesh, headers: dict[str, str]) -> None:
     assert reply.headers["www-authenticate"].startswith("Bearer")
 
 
+def test_forwarded_paths_need_a_key_like_every_route(mesh: Mesh) -> None:
+    for path in ("/ranking", "/audio/speech", "/anything/else"):
+        assert_error(httpx.post(f"{mesh.v1}{path}", json={"input": "x"}), 401, "authentication_error")
+    # With a key the request goes on to forwarding: no backend owns it here.
+    owned = httpx.post(f"{mesh.v1}/images/generations", json={"prompt": "x"}, headers=bearer(new_key(mesh)))
+    assert_error(owned, 404, "invalid_request_error")
+
+
 def test_the_openai_client_works_with_a_key_and_fails_cleanly_without(mesh: Mesh) -> None:
     key = new_key(mesh)
     client = openai.OpenAI(base_url=mesh.v1, api_key=key, max_retries=0)
@@ -200,8 +208,10 @@ def test_revoked_and_expired_keys_are_401(mesh: Mesh) -> None:
 
 def test_admin_api_needs_the_admin_key_and_never_shows_secrets(mesh: Mesh) -> None:
     secret = new_key(mesh, rpm=10, tpm=1000, models=[MODEL])
-    assert_error(httpx.get(f"{mesh.v1}/admin/keys"), 401, "authentication_error")
-    assert_error(httpx.get(f"{mesh.v1}/admin/keys", headers=bearer(secret)), 401, "authentication_error")
+    assert_error(httpx.get(f"{mesh.admin}/v1/admin/keys"), 401, "authentication_error")
+    assert_error(httpx.get(f"{mesh.admin}/v1/admin/keys", headers=bearer(secret)), 401, "authentication_error")
+    # Not on the public gateway at all, even with the admin key.
+    assert_error(httpx.get(f"{mesh.v1}/admin/keys", headers=bearer(ADMIN_KEY)), 404, "invalid_request_error")
     listed = admin(mesh, "GET", "")
     assert listed.status_code == 200
     assert not any(s in listed.text for s in ISSUED)
@@ -242,7 +252,7 @@ def test_rerank_takes_keys_model_limits_and_token_limits(mesh: Mesh) -> None:
 
 
 def test_the_cli_creates_lists_and_revokes_keys(mesh: Mesh) -> None:
-    env = {**os.environ, "RAGMESH_URL": mesh.gateway, "RAGMESH_ADMIN_KEY": ADMIN_KEY}
+    env = {**os.environ, "RAGMESH_URL": mesh.gateway, "RAGMESH_ADMIN_URL": mesh.admin, "RAGMESH_ADMIN_KEY": ADMIN_KEY}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(CLI), *args], env=env, capture_output=True, text=True, timeout=60, check=False)

@@ -112,7 +112,7 @@ def test_upstream_down_falls_back_and_garbage_is_a_502(mesh: Mesh, proxy: FaultP
 
 def test_reload_through_the_admin_endpoint(mesh: Mesh, routed_mesh: tuple[Mesh, Path], proxy: FaultProxy) -> None:
     _, backends = routed_mesh
-    url = f"{mesh.v1}/admin/reload-backends"
+    url = f"{mesh.admin}/v1/admin/reload-backends"
     assert httpx.post(url).status_code == 401
     assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = httpx.post(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)

@@ -145,7 +145,7 @@ async def _most_batch_choices_running(engine: LlamaCppEngine, work: Awaitable[ob
     task = asyncio.ensure_future(work)
     most = 0
     while not task.done():
-        most = max(most, engine._running[inference_pb2.PRIORITY_BATCH])
+        most = max(most, engine.scheduler.running(batch=True))
         await asyncio.sleep(0.005)
     await task
     return most
@@ -153,7 +153,7 @@ async def _most_batch_choices_running(engine: LlamaCppEngine, work: Awaitable[ob
 
 def _quiet(engine: LlamaCppEngine) -> None:
     """As if no interactive request came within the reservation window."""
-    engine._last_interactive = time.monotonic() - engine._settings.interactive_reserve_seconds - 1
+    engine.scheduler.quiet()
 
 
 async def test_batch_leaves_a_slot_to_recent_interactive_traffic_and_takes_all_otherwise(
@@ -186,7 +186,7 @@ async def test_interactive_request_preempts_a_batch_choice_which_then_starts_ove
     preempted_before = preemptions()
     lines = [batch_line("Write a long story about a ship.", 120), batch_line("Write a long story about a cat.", 120)]
     batch = asyncio.gather(*(collect(stub, r) for r in lines))
-    while engine._running[inference_pb2.PRIORITY_BATCH] < 2:
+    while engine.scheduler.running(batch=True) < 2:
         await asyncio.sleep(0.01)
     started = time.monotonic()
     interactive = await collect(stub, chat("Hi", max_tokens=4))

@@ -14,7 +14,7 @@ from ragmesh.errors import RagmeshError
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
 
-from ..conftest import free_port, unique_namespace
+from ..conftest import delete_topology, free_port, unique_namespace
 from .retrieval_harness import CORPUS, documents
 
 
@@ -42,7 +42,7 @@ async def test_accepted_job_is_on_the_durable_queue(redis_url: str, amqp_url: st
         assert {c.document_id for c in body.chunks} == {d[0] for d in CORPUS}
         assert all(c.title for c in body.chunks)
         await message.ack()
-        await queue.delete(if_unused=False, if_empty=False)
+    await delete_topology(amqp_url, namespace)
     await redis.aclose()
 
 

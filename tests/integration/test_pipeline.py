@@ -91,3 +91,32 @@ async def test_closing_a_stream_midway_frees_the_slot(clients: MeshClients, engi
     while engine.active_requests and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert engine.active_requests == 0
+
+
+class BrokenGeneration:
+    """A generation stream whose next read fails with something other than a gRPC error (a bug)."""
+
+    def __init__(self, call: object) -> None:
+        self._call = call
+
+    async def read(self) -> object:
+        raise RuntimeError("injected: reading the generation failed")
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())  # type: ignore[attr-defined]
+
+
+async def test_a_failure_forwarding_the_generation_ends_the_answer_at_once(
+    clients: MeshClients, engine: LlamaCppEngine
+) -> None:
+    """Not a wait for the request's deadline: the error reaches the caller as soon as it happens."""
+    p = pipeline(clients, "Write a long story about a fox.", stream=False, max_tokens=200, temperature=0)
+    await p.open()
+    p._gen = BrokenGeneration(p._gen)  # type: ignore[assignment]
+    with pytest.raises(RagmeshError) as info:
+        await asyncio.wait_for(p.collect(), timeout=20)  # the pipeline's own deadline is 60 s
+    assert info.value.http_status == 500 and "forwarding" in info.value.message
+    deadline = time.monotonic() + 5.0
+    while engine.active_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.active_requests == 0, "the generation was cancelled"

@@ -30,6 +30,7 @@ async def test_depths_of_declared_queues_are_polled_and_absent_ones_skipped(amqp
         cleanup = await connection.channel()
         for name in (topology.requests_queue, topology.retry_queue, topology.requests_dead_queue):
             await cleanup.queue_delete(name)
-        await cleanup.exchange_delete(topology.requests_exchange)
+        for name in (topology.requests_exchange, topology.requests_dead_exchange):
+            await cleanup.exchange_delete(name)
         await monitor.close()
         await connection.close()

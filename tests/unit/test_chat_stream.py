@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from prometheus_client import REGISTRY
 
-from preprocess.chat import ChatCompletions
 from preprocess.metrics import RequestClock
+from preprocess.serving.chat import ChatServing
 from preprocess.settings import PreprocessSettings
 from ragmesh.v1 import common_pb2, postprocess_pb2
 
@@ -43,12 +43,12 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def drain(chat: ChatCompletions, answer: Any, model: str) -> list[bytes]:
-    return [event async for event in chat._events(answer, RequestClock(model, "chat", True))]
+async def drain(chat: ChatServing, answer: Any, model: str) -> list[bytes]:
+    return [event async for event in chat.events(answer, RequestClock(model, "chat", True))]
 
 
 async def test_a_silent_stream_ends_with_an_error_event_and_is_cancelled() -> None:
-    chat = ChatCompletions(None, PreprocessSettings(stream_idle_timeout=0.2))  # type: ignore[arg-type]
+    chat = ChatServing(None, PreprocessSettings(stream_idle_timeout=0.2))  # type: ignore[arg-type]
     answer = FakeAnswer(chunks=2, stall=True)
     before = sample("ragmesh:requests_total", model="m-idle", endpoint="chat", stream="true", status="deadline")
     events = await asyncio.wait_for(drain(chat, answer, "m-idle"), 10)
@@ -61,7 +61,7 @@ async def test_a_silent_stream_ends_with_an_error_event_and_is_cancelled() -> No
 
 
 async def test_a_flowing_stream_is_not_cut_and_counts_its_tokens() -> None:
-    chat = ChatCompletions(None, PreprocessSettings(stream_idle_timeout=0.2))  # type: ignore[arg-type]
+    chat = ChatServing(None, PreprocessSettings(stream_idle_timeout=0.2))  # type: ignore[arg-type]
     before = sample("ragmesh:generation_tokens_total", model="m-flow")
     events = await drain(chat, FakeAnswer(chunks=5, stall=False), "m-flow")
     assert events[-1] == b"data: [DONE]\n\n" and len(events) == 6

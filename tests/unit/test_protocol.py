@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from preprocess.chat import to_generate_request, to_process_start
 from preprocess.protocol import parse_chat_request
+from preprocess.serving.chat import to_generate_request, to_process_start
 from ragmesh.errors import RagmeshError
 
 OK: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -32,7 +32,7 @@ def bad(body: Any) -> RagmeshError:
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages[0].content[0].text"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-            "messages[0].content[0].type",
+            "messages[0].content[0].image_url",
         ),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -48,6 +48,19 @@ def bad(body: Any) -> RagmeshError:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"model": 3}, "model"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "required": "name"}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 def test_bad_fields_name_their_parameter(patch: dict[str, Any], param: str) -> None:
@@ -56,6 +69,15 @@ def test_bad_fields_name_their_parameter(patch: dict[str, Any], param: str) -> N
     err = bad(body)
     assert err.param == param, err.message
     assert err.to_openai()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_valid_json_schema_passes() -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    request = parse_chat_request(
+        {**OK, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}, max_n=8
+    )
+    assert request.response_format is not None and request.response_format.json_schema is not None
+    assert request.response_format.json_schema.schema_ == schema
 
 
 def test_missing_model_and_messages() -> None:

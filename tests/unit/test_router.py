@@ -18,22 +18,48 @@ from ragmesh.errors import ErrorKind
 from ragmesh.v1 import common_pb2, inference_pb2
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_breaker_opens_after_failures_then_half_opens_for_one_trial() -> None:
-    breaker = Breaker(failures_to_open=2, reset_after=10)
-    assert breaker.allows(0)
-    breaker.failed(0)
-    assert breaker.allows(1) and breaker.state == "closed"
-    breaker.failed(1)
-    assert not breaker.allows(5)  # open
-    assert breaker.allows(11)  # half-open: one trial
-    breaker.started(11)
-    assert not breaker.allows(11.5)  # the trial is running: nobody else
-    breaker.failed(12)
-    assert not breaker.allows(13)  # the trial failed: open again
-    assert breaker.allows(22.5)
-    breaker.started(22.5)
+    clock = Clock()
+    breaker = Breaker(failures_to_open=2, reset_after=10, clock=clock)
+    assert breaker.allows()
+    breaker.failed()
+    clock.now = 1
+    assert breaker.allows() and breaker.state == "closed"
+    breaker.failed()
+    clock.now = 5
+    assert not breaker.allows() and breaker.open_value() == 1  # open
+    clock.now = 11
+    assert breaker.allows() and breaker.state == "half-open"  # one trial
+    assert breaker.started() is True
+    assert not breaker.allows()  # the trial is running: nobody else
+    clock.now = 12
+    breaker.failed()
+    clock.now = 13
+    assert not breaker.allows()  # the trial failed: open again
+    clock.now = 22.5
+    assert breaker.allows()
+    breaker.started()
     breaker.succeeded()
-    assert breaker.allows(22.6) and breaker.state == "closed"
+    assert breaker.allows() and breaker.state == "closed" and breaker.open_value() == 0
+
+
+def test_a_trial_that_ends_without_a_verdict_leaves_the_next_request_to_be_the_trial() -> None:
+    clock = Clock()
+    breaker = Breaker(failures_to_open=1, reset_after=10, clock=clock)
+    breaker.failed()
+    clock.now = 10
+    trial = breaker.started()
+    assert trial and not breaker.allows()
+    breaker.released(trial)
+    assert breaker.allows() and breaker.state == "half-open"
 
 
 def test_backoff_is_jittered_capped_and_honours_retry_after() -> None:

@@ -57,6 +57,19 @@ class Topology:
     def index_events_queue(self, replica_id: str) -> str:
         return self._name(f"index.events.{replica_id}")
 
+    def index_events_retry_queue(self, replica_id: str) -> str:
+        """A replica's events waiting out a backoff before they are tried again."""
+        return self._name(f"index.events.{replica_id}.retry")
+
+    @property
+    def index_events_dead_exchange(self) -> str:
+        return self._name("index.events.dlx")
+
+    @property
+    def index_events_dead_queue(self) -> str:
+        """Events a replica gave up on (every replica's), kept for inspection."""
+        return self._name("index.events.dead")
+
     @property
     def requests_exchange(self) -> str:
         """Where batch lines and direct-protocol requests are published (direct exchange)."""
@@ -72,8 +85,36 @@ class Topology:
         return self._name("batch.retry")
 
     @property
+    def requests_dead_exchange(self) -> str:
+        return self._name("batch.dlx")
+
+    @property
     def requests_dead_queue(self) -> str:
         return self._name("batch.dead")
+
+    def queues(self, replica_ids: tuple[str, ...] = ()) -> list[str]:
+        """Every queue of the mesh's topology (index.events queues for these replicas)."""
+        names = [
+            self.ingest_queue,
+            self.ingest_dead_queue,
+            self.requests_queue,
+            self.retry_queue,
+            self.requests_dead_queue,
+            self.index_events_dead_queue,
+        ]
+        for replica in replica_ids:
+            names += [self.index_events_queue(replica), self.index_events_retry_queue(replica)]
+        return names
+
+    def exchanges(self) -> list[str]:
+        """Every exchange of the mesh's topology."""
+        return [
+            self.ingest_dead_exchange,
+            self.index_events_exchange,
+            self.index_events_dead_exchange,
+            self.requests_exchange,
+            self.requests_dead_exchange,
+        ]
 
 
 # Routing key of the requests exchange that reaches the batch workers.
@@ -81,10 +122,16 @@ REQUEST_ROUTING_KEY = "request"
 
 
 async def declare_requests(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
-    """The requests exchange and queue, the retry (delay) queue and the dead-letter queue."""
+    """The requests exchange and queue, the retry (delay) queue, and the dead-letter exchange and
+    queue: a message rejected without requeue (poison, or out of retries) is moved to
+    `batch.dead` by the broker itself, so no republish can fail and lose it."""
     exchange = await channel.declare_exchange(topology.requests_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    dlx = await channel.declare_exchange(topology.requests_dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
     dead = await channel.declare_queue(topology.requests_dead_queue, durable=True)
-    queue = await channel.declare_queue(topology.requests_queue, durable=True)
+    await dead.bind(dlx)
+    queue = await channel.declare_queue(
+        topology.requests_queue, durable=True, arguments={"x-dead-letter-exchange": topology.requests_dead_exchange}
+    )
     await queue.bind(exchange, REQUEST_ROUTING_KEY)
     await channel.declare_queue(
         topology.retry_queue,
@@ -94,13 +141,13 @@ async def declare_requests(channel: AbstractChannel, topology: Topology) -> Abst
             "x-dead-letter-routing-key": REQUEST_ROUTING_KEY,
         },
     )
-    del dead  # declared so that it exists: failed messages are published to it by name
     return queue
 
 
-async def connect(url: str) -> AbstractRobustConnection:
-    """A robust connection: it reconnects by itself and restores its consumers."""
-    return await aio_pika.connect_robust(url, timeout=10, client_properties={"connection_name": "ragmesh"})
+async def connect(url: str, name: str = "ragmesh") -> AbstractRobustConnection:
+    """A robust connection: it reconnects by itself and restores its consumers. `name` shows in
+    the broker's connection list (and lets an operator, or a test, close that one connection)."""
+    return await aio_pika.connect_robust(url, timeout=10, client_properties={"connection_name": name})
 
 
 async def declare_ingest(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
@@ -117,6 +164,42 @@ async def declare_ingest(channel: AbstractChannel, topology: Topology) -> Abstra
 
 async def declare_index_events(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
     return await channel.declare_exchange(topology.index_events_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+
+
+# A replica gone for a week is gone for good: its queues go too.
+REPLICA_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
+
+
+async def declare_replica_events(channel: AbstractChannel, topology: Topology, replica_id: str) -> AbstractQueue:
+    """A replica's own durable queue on the index.events fanout, its retry (delay) queue, and the
+    dead-letter exchange and queue shared by every replica (events a replica gave up on)."""
+    events = await declare_index_events(channel, topology)
+    dlx = await channel.declare_exchange(
+        topology.index_events_dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead = await channel.declare_queue(topology.index_events_dead_queue, durable=True)
+    await dead.bind(dlx)
+    mine = topology.index_events_queue(replica_id)
+    queue = await channel.declare_queue(
+        mine,
+        durable=True,
+        arguments={
+            "x-expires": REPLICA_QUEUE_EXPIRES_MS,
+            "x-dead-letter-exchange": topology.index_events_dead_exchange,
+        },
+    )
+    await queue.bind(events)
+    await channel.declare_queue(
+        topology.index_events_retry_queue(replica_id),
+        durable=True,
+        # Expired messages go back to this replica's queue only (through the default exchange).
+        arguments={
+            "x-expires": REPLICA_QUEUE_EXPIRES_MS,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": mine,
+        },
+    )
+    return queue
 
 
 def message_headers() -> dict[str, Any]:
@@ -148,3 +231,57 @@ def consuming(message: AbstractIncomingMessage, name: str) -> Iterator[None]:
             yield
     finally:
         request_id_var.reset(token)
+
+
+# --- retries and settling ---------------------------------------------------------------
+
+# Times a message was tried again (published anew through a retry queue with this header).
+RETRY_HEADER = "x-ragmesh-retries"
+# Exceptions that say a dependency (the broker, Redis, a socket) failed, not the message.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    aio_pika.exceptions.AMQPError,
+)
+
+
+def retries_of(message: AbstractIncomingMessage) -> int:
+    """How many times this message was already retried (0 for a first delivery)."""
+    value = (message.headers or {}).get(RETRY_HEADER, 0)
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff for the `attempt`-th retry (1-based), at most `cap`."""
+    return float(min(cap, base * 2 ** (attempt - 1)))
+
+
+def retry_copy(message: AbstractIncomingMessage, attempt: int, delay: float) -> aio_pika.Message:
+    """A persistent copy of `message` for a retry queue: it expires after `delay` seconds (back
+    into its queue) and carries its retry count."""
+    return aio_pika.Message(
+        message.body,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        type=message.type,
+        headers={**(message.headers or {}), RETRY_HEADER: attempt},
+        expiration=max(delay, 0.001),
+    )
+
+
+async def settle(message: AbstractIncomingMessage, *, ack: bool = False, requeue: bool = False) -> None:
+    """Ack, requeue (nack) or dead-letter (reject) a delivery. A channel already gone settles it
+    for us (the broker requeues what was not acked), so that failure is only logged."""
+    try:
+        if ack:
+            await message.ack()
+        elif requeue:
+            await message.nack(requeue=True)
+        else:
+            await message.reject(requeue=False)
+    except Exception as exc:  # noqa: BLE001 - the broker requeues unsettled deliveries of a lost channel
+        log.info("delivery not settled: its channel is gone", extra={"error": repr(exc)})

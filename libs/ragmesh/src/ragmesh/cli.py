@@ -31,12 +31,14 @@ import httpx
 from tqdm import tqdm
 
 DEFAULT_URL = os.environ.get("RAGMESH_URL", "http://127.0.0.1:8080")
+# The gateway's internal admin server: the admin API is not on the public port.
+DEFAULT_ADMIN_URL = os.environ.get("RAGMESH_ADMIN_URL", "http://127.0.0.1:8081")
 
 
-def _client(args: argparse.Namespace, key: str | None = None) -> httpx.Client:
+def _client(args: argparse.Namespace, key: str | None = None, url: str | None = None) -> httpx.Client:
     key = key if key is not None else args.api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers)
+    return httpx.Client(base_url=url or args.url, timeout=args.timeout, headers=headers)
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -210,7 +212,7 @@ def keys_create(args: argparse.Namespace) -> int:
         "models": args.models or [],
         "expires_in": args.expires_in,
     }
-    with _client(args, args.admin_key) as client:
+    with _client(args, args.admin_key, args.admin_url) as client:
         created = _check(client.post("/v1/admin/keys", json=body))
     print(created.pop("key"))
     print(json.dumps(created, indent=2), file=sys.stderr)
@@ -218,7 +220,7 @@ def keys_create(args: argparse.Namespace) -> int:
 
 
 def keys_list(args: argparse.Namespace) -> int:
-    with _client(args, args.admin_key) as client:
+    with _client(args, args.admin_key, args.admin_url) as client:
         listed = _check(client.get("/v1/admin/keys"))["data"]
     print(f"{'id':22} {'name':20} {'rpm':>6} {'tpm':>9} {'expires':>20}  {'state':8} models")
     for key in listed:
@@ -233,7 +235,7 @@ def keys_list(args: argparse.Namespace) -> int:
 
 
 def keys_revoke(args: argparse.Namespace) -> int:
-    with _client(args, args.admin_key) as client:
+    with _client(args, args.admin_key, args.admin_url) as client:
         revoked = _check(client.delete(f"/v1/admin/keys/{args.key_id}"))
     print(f"revoked {revoked['id']} ({revoked['name']})")
     return 0
@@ -244,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="ragmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default=DEFAULT_URL, help="the gateway (default: %(default)s, or $RAGMESH_URL)")
+    parser.add_argument(
+        "--admin-url",
+        default=DEFAULT_ADMIN_URL,
+        help="the admin server, for `keys` (default: %(default)s, or $RAGMESH_ADMIN_URL)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--api-key", default=os.environ.get("RAGMESH_API_KEY", ""), help="default: $RAGMESH_API_KEY")
     parser.add_argument(

@@ -19,11 +19,13 @@ def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-async def _live(request: Request) -> Response:
+async def live(request: Request) -> Response:
+    """GET /v1/health/live: the process answers."""
     return _json({"status": "live"})
 
 
-async def _ready(request: Request) -> Response:
+async def ready(request: Request) -> Response:
+    """GET /v1/health/ready: 200 when every dependency answers, else 503 naming the ones that do not."""
     check: ReadyCheck | None = getattr(request.app.state, "ready_check", None)
     if check is None:
         return _json({"status": "starting"}, 503)
@@ -39,13 +41,16 @@ async def _metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def ops_routes() -> list[Route]:
-    """Routes for /v1/health/live, /v1/health/ready and /metrics.
+def ops_routes(health: bool = True) -> list[Route]:
+    """Routes for /v1/health/live, /v1/health/ready (unless `health` is off: an app declaring them
+    itself) and /metrics.
 
     Readiness calls `app.state.ready_check`, which the service sets once it started.
     """
-    return [
-        Route("/v1/health/live", _live, methods=["GET"]),
-        Route("/v1/health/ready", _ready, methods=["GET"]),
-        Route("/metrics", _metrics, methods=["GET"]),
-    ]
+    routes = [Route("/metrics", _metrics, methods=["GET"])]
+    if health:
+        routes[:0] = [
+            Route("/v1/health/live", live, methods=["GET"]),
+            Route("/v1/health/ready", ready, methods=["GET"]),
+        ]
+    return routes

@@ -25,6 +25,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What a model does, as model cards show it. `vision` lets image_url parts through,
+# `audio` input_audio parts; a model's capabilities are its own, else its backend's.
+CAPABILITIES = ("chat", "completion", "vision", "audio", "tools", "embedding", "rerank")
+Capability = Literal["chat", "completion", "vision", "audio", "tools", "embedding", "rerank"]
+
+
+class ModelEntry(_Strict):
+    """A listed model with what it does (a plain id takes its backend's capabilities)."""
+
+    id: str
+    capabilities: list[Capability] | None = None
+
+
+class Payload(_Strict):
+    """How requests to a backend are shaped on the way out (after the client's body)."""
+
+    # Top-level fields removed (an upstream that refuses `stream_options`, say).
+    drop: list[str] = Field(default_factory=list)
+    # Fields set whatever the client sent (JSON values).
+    force: dict[str, Any] = Field(default_factory=dict)
+    # False: the upstream is asked for whole answers; the mesh still streams to clients.
+    stream: bool = True
+
+
 class EmbeddedBackend(_Strict):
     """The in-process llama.cpp engine (its model and threads come from the inference settings)."""
 
@@ -67,10 +91,19 @@ class UpstreamBackend(_Strict):
     timeout: float = Field(default=120.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)
+    # Seconds a request waits for one of those slots; then 503 (overloaded) with Retry-After.
+    queue_timeout: float = Field(default=30.0, ge=0)
     # Tokens a request may use at this endpoint (prompt + completion), for RAG's prompt fitting.
     context_length: int = Field(default=8192, ge=256)
-    # Models: listed, or discovered from the endpoint's /models (filtered by the patterns).
-    models: list[str] = Field(default_factory=list)
+    # Models: listed (ids, or {id, capabilities}), or discovered from the endpoint's
+    # /models (filtered by the patterns).
+    models: list[str | ModelEntry] = Field(default_factory=list)
+    # What its models do unless a model says otherwise; empty: told by discovery,
+    # else guessed from the id ("embed" -> embedding, "rerank" -> rerank, else chat).
+    capabilities: list[Capability] = Field(default_factory=list)
+    # /v1 paths (globs, below /v1: "/ranking", "/audio/*") forwarded here when the body names no model.
+    paths: list[str] = Field(default_factory=list)
+    payload: Payload = Field(default_factory=Payload)
     discover: bool = False
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -92,6 +125,24 @@ class UpstreamBackend(_Strict):
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
         return self
+
+    def model_ids(self) -> list[str]:
+        return [m if isinstance(m, str) else m.id for m in self.models]
+
+    def listed_capabilities(self, model: str) -> list[str] | None:
+        """The capabilities the file gives `model` (its own, else the backend's); None: not said."""
+        for m in self.models:
+            if isinstance(m, ModelEntry) and m.id == model and m.capabilities is not None:
+                return list(m.capabilities)
+        return list(self.capabilities) or None
+
+    def takes_path(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in self.paths)
+
+    def key_source(self) -> str:
+        if self.api_key_env:
+            return f"env:{self.api_key_env}"
+        return "file" if self.api_key_file else "none"
 
     def wants(self, model: str) -> bool:
         """Whether a discovered model passes the include/exclude patterns."""

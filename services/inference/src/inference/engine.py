@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
 
+from inference.scheduler import Slot, SlotScheduler
 from inference.settings import InferenceSettings, apply_cpu_params
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, inference_pb2
@@ -31,13 +32,9 @@ log = logging.getLogger(__name__)
 
 TOKENS_GENERATED = Counter("ragmesh_inference_tokens_generated_total", "Completion tokens generated")
 PROMPT_TOKENS = Counter("ragmesh_inference_prompt_tokens_total", "Prompt tokens processed")
-ACTIVE_REQUESTS = Gauge("ragmesh_inference_active_requests", "Engine requests running or waiting for a slot")
 # Named after vLLM's vllm:num_requests_running / vllm:num_requests_waiting.
 RUNNING = Gauge("ragmesh:num_requests_running", "Choices generating in an engine slot", ["model"])
 WAITING = Gauge("ragmesh:num_requests_waiting", "Choices admitted and waiting for an engine slot", ["model"])
-PREEMPTIONS = Counter(
-    "ragmesh_inference_batch_preemptions_total", "Batch choices stopped to give their slot to an interactive request"
-)
 TTFT = Histogram(
     "ragmesh_inference_time_to_first_token_seconds",
     "Engine time from request to first token",
@@ -52,14 +49,6 @@ FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
 
 # Sentinel a worker thread puts on the queue when its choice is finished.
 _DONE = object()
-
-
-@dataclass
-class _BatchRun:
-    """A batch choice in an engine slot, which an interactive request may take over."""
-
-    cancelled: threading.Event
-    preempted: bool = False
 
 
 # A byte-level BPE token covers at least one byte of text, so a prompt's UTF-8
@@ -110,28 +99,19 @@ class LlamaCppEngine:
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
         self._executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_requests, thread_name_prefix="llama")
-        self._admitted = 0
-        self._admitted_lock = threading.Lock()
-        # Choices running, by priority (touched on the event loop only), and the
-        # batch requests waiting for a slot interactive traffic leaves free.
-        self._running = {inference_pb2.PRIORITY_INTERACTIVE: 0, inference_pb2.PRIORITY_BATCH: 0}
-        self._batch_waiters: list[asyncio.Future[None]] = []
-        # Batch choices in slots, oldest first, and preempted ones not yet out of their slot.
-        self._batch_runs: list[_BatchRun] = []
-        self._leaving = 0
-        self._last_interactive = -float("inf")
+        self.scheduler = SlotScheduler(
+            settings.n_parallel,
+            settings.max_concurrent_requests,
+            settings.interactive_reserved_slots,
+            settings.interactive_reserve_seconds,
+        )
         self.model_id = settings.served_model_name
         self.created = int(time.time())
 
     @property
     def active_requests(self) -> int:
         """Choices admitted and not yet finished (running or waiting for a slot)."""
-        with self._admitted_lock:
-            return self._admitted
-
-    def _in_slots(self) -> int:
-        # Choices past the slot count queue inside llama.cpp: they are waiting, not running.
-        return min(self._settings.n_parallel, sum(self._running.values()))
+        return self.scheduler.active
 
     @property
     def max_context(self) -> int:
@@ -155,8 +135,8 @@ class LlamaCppEngine:
         # llama.cpp's own HTTP server listens on a random loopback port; we use it
         # only for what xllamacpp has no direct call for (chat template, tokenizer).
         self._http = httpx.AsyncClient(base_url=self._server.listening_address, timeout=30.0)
-        RUNNING.labels(self.model_id).set_function(self._in_slots)
-        WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self._in_slots()))
+        RUNNING.labels(self.model_id).set_function(self.scheduler.in_slots)
+        WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self.scheduler.in_slots()))
         log.info(
             "model loaded",
             extra={
@@ -235,70 +215,6 @@ class LlamaCppEngine:
             )
 
     # --- generation -------------------------------------------------------------
-
-    def _admit(self, n: int) -> None:
-        with self._admitted_lock:
-            if self._admitted + n > self._settings.max_concurrent_requests:
-                raise RagmeshError(
-                    ErrorKind.UNAVAILABLE,
-                    "The engine is overloaded; retry shortly.",
-                    code="overloaded",
-                    retry_after=1,
-                )
-            self._admitted += n
-        ACTIVE_REQUESTS.inc(n)
-
-    def _release(self) -> None:
-        with self._admitted_lock:
-            self._admitted -= 1
-        ACTIVE_REQUESTS.dec()
-
-    def _batch_room(self) -> int:
-        """Slots batch work may take now. While interactive traffic is about (a request in the last
-        `interactive_reserve_seconds`), `interactive_reserved_slots` stay free for it (batch always
-        keeps one); on a mesh with no interactive traffic batch takes them all. An interactive
-        request finding no free slot takes one from a batch choice (`_preempt_for`), so the
-        reservation only spares a steady interactive stream from preempting at every request."""
-        recent = time.monotonic() - self._last_interactive < self._settings.interactive_reserve_seconds
-        reserved = self._reserved_slots() if recent else 0
-        busy = sum(self._running.values())
-        return self._settings.n_parallel - reserved - busy
-
-    def _reserved_slots(self) -> int:
-        return max(0, min(self._settings.interactive_reserved_slots, self._settings.n_parallel - 1))
-
-    async def _wait_for_batch_room(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._batch_room() < 1:
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._batch_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._batch_waiters:
-                    self._batch_waiters.remove(waiter)
-
-    def _preempt_for(self, n: int) -> None:
-        """Stop the newest batch choices (least work lost) until `n` interactive choices have slots.
-
-        A stopped batch choice has sent nothing to its caller (batch output is held back until it
-        is complete); it waits for a slot again and starts over.
-        """
-        free = self._settings.n_parallel - sum(self._running.values()) + self._leaving
-        while free < n and self._batch_runs:
-            victim = self._batch_runs.pop()
-            victim.preempted = True
-            victim.cancelled.set()
-            self._leaving += 1
-            free += 1
-            PREEMPTIONS.inc()
-
-    def _slots_changed(self, priority: inference_pb2.Priority.ValueType, delta: int) -> None:
-        self._running[priority] += delta
-        if delta < 0:
-            for waiter in self._batch_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
 
     def _body(self, request: inference_pb2.GenerateRequest, index: int) -> dict[str, Any]:
         sampling = request.sampling
@@ -405,7 +321,7 @@ class LlamaCppEngine:
             log.exception("engine call failed")
             emit(RagmeshError(ErrorKind.INTERNAL, f"engine failure: {type(exc).__name__}"))
         finally:
-            self._release()
+            self.scheduler.release()
             emit(_DONE)
 
     async def generate(
@@ -426,17 +342,19 @@ class LlamaCppEngine:
             async for chunk in self._generate_batch(request, n):
                 yield chunk
             return
-        self._last_interactive = time.monotonic()
-        self._admit(n)
-        self._preempt_for(n)
+        self.scheduler.interactive_arrived()
+        self.scheduler.admit(n)
+        self.scheduler.preempt_for(n)
         queue: asyncio.Queue[object] = asyncio.Queue()
-        cancelled = threading.Event()
+        slots: list[Slot] = []
         for index in range(n):
             try:
-                self._start_choice(request, index, inference_pb2.PRIORITY_INTERACTIVE, queue, cancelled)
+                slots.append(self._start_choice(request, index, False, queue))
             except RagmeshError:
                 for _ in range(n - index - 1):  # admitted, never started
-                    self._release()
+                    self.scheduler.release()
+                for slot in slots:
+                    self.scheduler.stop(slot)
                 raise
         running = n
         try:
@@ -450,35 +368,32 @@ class LlamaCppEngine:
                     assert isinstance(item, common_pb2.GenerationChunk)
                     yield item
         finally:
-            # Stops every choice at its next token; the threads then exit by themselves.
-            cancelled.set()
+            # Stops every choice still running at its next token; the threads then exit by themselves.
+            for slot in slots:
+                self.scheduler.stop(slot)
 
     def _start_choice(
-        self,
-        request: inference_pb2.GenerateRequest,
-        index: int,
-        priority: inference_pb2.Priority.ValueType,
-        queue: asyncio.Queue[object],
-        cancelled: threading.Event,
-    ) -> None:
-        """Run one admitted choice in a worker thread; its chunks, errors and end go to `queue`."""
+        self, request: inference_pb2.GenerateRequest, index: int, batch: bool, queue: asyncio.Queue[object]
+    ) -> Slot:
+        """Run one admitted choice in a worker thread, holding a slot; its chunks, errors and end go to `queue`."""
         loop = asyncio.get_running_loop()
-        self._slots_changed(priority, 1)
+        slot = self.scheduler.occupy(batch)
 
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
             if item is _DONE:  # the choice's thread is done with its slot
-                loop.call_soon_threadsafe(self._slots_changed, priority, -1)
+                loop.call_soon_threadsafe(self.scheduler.vacate, slot)
 
         chat = request.WhichOneof("input") == "chat"
         state = _ChoiceState(index=index, model=self.model_id)
         try:
-            self._executor.submit(self._run_choice, chat, self._body(request, index), state, emit, cancelled)
+            self._executor.submit(self._run_choice, chat, self._body(request, index), state, emit, slot.stop)
         except RuntimeError:  # executor shut down: the service is stopping
-            self._release()
-            self._slots_changed(priority, -1)
-            cancelled.set()
+            self.scheduler.release()
+            slot.stop.set()
+            self.scheduler.vacate(slot)
             raise RagmeshError(ErrorKind.UNAVAILABLE, "inference is shutting down") from None
+        return slot
 
     async def _generate_batch(
         self, request: inference_pb2.GenerateRequest, n: int
@@ -499,14 +414,13 @@ class LlamaCppEngine:
         """One batch choice's whole output, generated in a slot interactive traffic leaves free
         and started over as often as it is preempted."""
         while True:
-            await self._wait_for_batch_room()
-            self._admit(1)
-            run = _BatchRun(threading.Event())
+            await self.scheduler.wait_for_batch_room()
+            self.scheduler.admit(1)
             queue: asyncio.Queue[object] = asyncio.Queue()
-            self._start_choice(request, index, inference_pb2.PRIORITY_BATCH, queue, run.cancelled)
-            self._batch_runs.append(run)
+            slot = self._start_choice(request, index, True, queue)
             chunks: list[common_pb2.GenerationChunk] = []
             error: RagmeshError | None = None
+            ended = False
             try:
                 # Up to the thread's end, so that a preempted choice has left its slot when retried.
                 while (item := await queue.get()) is not _DONE:
@@ -515,13 +429,11 @@ class LlamaCppEngine:
                     else:
                         assert isinstance(item, common_pb2.GenerationChunk)
                         chunks.append(item)
+                ended = True
             finally:
-                run.cancelled.set()
-                if run in self._batch_runs:
-                    self._batch_runs.remove(run)
-                if run.preempted:
-                    self._leaving -= 1
-            if not run.preempted:
+                if not ended:  # cancelled: the choice leaves its slot at its next token
+                    self.scheduler.stop(slot)
+            if not slot.preempted:
                 if error is not None:
                     raise error
                 return chunks
@@ -547,7 +459,8 @@ def _merged(chunks: list[common_pb2.GenerationChunk]) -> list[common_pb2.Generat
 
 
 # What the engine sets itself, whatever the client's request said: the mesh
-# handles n (one call per choice), stop sequences (postprocess) and the input.
+# handles n (one call per choice), stop sequences (postprocess) and the input;
+# what a typed field of GenerateRequest carries comes from that field only.
 _ENGINE_OWNED = frozenset(
     {
         "model",
@@ -565,6 +478,10 @@ _ENGINE_OWNED = frozenset(
         "max_tokens",
         "max_completion_tokens",
         "seed",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
         "user",
     }
 )

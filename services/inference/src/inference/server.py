@@ -15,7 +15,7 @@ from inference.engine import LlamaCppEngine
 from inference.router import Registry, Router
 from inference.servicer import InferenceServicer
 from inference.settings import InferenceSettings
-from ragmesh.errors import invalid_request
+from ragmesh.errors import RagmeshError, invalid_request
 from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
 from ragmesh.tracing import setup_tracing
@@ -39,21 +39,31 @@ async def inference_service(settings: InferenceSettings) -> AsyncIterator[GrpcSe
     reload_lock = asyncio.Lock()
 
     async def reload() -> Registry:
-        """Read the file again; a bad file is refused and the running configuration stays."""
+        """Read the file again and build its engines; a file that cannot be used (its syntax, a
+        missing key variable, an unreadable key file) is refused with a 400 naming the problem,
+        logged, and the running configuration stays."""
         async with reload_lock:
             try:
-                fresh = load_backends(settings.backends_file)
-            except ConfigError as exc:
-                log.error("backends file refused; keeping the running configuration", extra={"error": str(exc)})
-                raise invalid_request(str(exc), param="backends_file") from None
-            return await router.load(fresh)
+                return await router.load(load_backends(settings.backends_file))
+            except (ConfigError, RagmeshError) as exc:
+                reason = exc.message if isinstance(exc, RagmeshError) else str(exc)
+                log.error("backends file refused; keeping the running configuration", extra={"error": reason})
+                raise invalid_request(reason, param="backends_file") from None
+            except Exception:
+                log.exception("backends reload failed; keeping the running configuration")
+                raise
+
+    reloads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:
         async def run() -> None:
-            with suppress(Exception):
+            with suppress(Exception):  # reload() logged why
                 await reload()
+                log.info("backends reloaded on SIGHUP")
 
-        asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, on_sighup)

@@ -72,6 +72,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise invalid_request("documents must not be empty.", param="documents")
         return await self._router.rerank(request)
 
+    async def Forward(  # noqa: N802
+        self, request: inference_pb2.ForwardRequest, context: ServicerContext
+    ) -> AsyncIterator[inference_pb2.ForwardChunk]:
+        stream = self._router.forward(request)
+        try:
+            async for status, headers, data in stream:
+                yield inference_pb2.ForwardChunk(status=status, headers=headers, data=data)
+        finally:
+            await stream.aclose()
+
+    async def ListBackends(  # noqa: N802
+        self, request: inference_pb2.ListBackendsRequest, context: ServicerContext
+    ) -> inference_pb2.ListBackendsResponse:
+        return inference_pb2.ListBackendsResponse(backends=self._router.backends())
+
+    async def SetBackendKey(  # noqa: N802
+        self, request: inference_pb2.SetBackendKeyRequest, context: ServicerContext
+    ) -> inference_pb2.BackendInfo:
+        return self._router.set_key(request.backend, request.api_key)
+
+    async def RevertBackendKey(  # noqa: N802
+        self, request: inference_pb2.RevertBackendKeyRequest, context: ServicerContext
+    ) -> inference_pb2.BackendInfo:
+        return self._router.revert_key(request.backend)
+
     async def ReloadBackends(  # noqa: N802
         self, request: inference_pb2.ReloadBackendsRequest, context: ServicerContext
     ) -> inference_pb2.ReloadBackendsResponse:

@@ -4,16 +4,20 @@ Requests always go upstream as streams (stream_options.include_usage), so the
 mesh streams tokens as they come whatever the client asked. The server-side
 key is added here; nothing of the client's credentials ever reaches this code.
 Upstream failures are sorted into what a retry may fix (connection errors,
-429, 5xx: `UpstreamError.retryable`) and what it may not.
+429, 5xx: `UpstreamError.retryable`) and what it may not, and into what says the
+backend is broken (`UpstreamError.backend_fault`) and what does not (a client's 4xx,
+a rate limit, every connection slot busy).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -33,15 +37,116 @@ FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
 }
 # Parameters the mesh itself owns on the way to an upstream.
 _MESH_FIELDS = ("stream", "stream_options", "model")
+# Response headers a forwarded answer keeps (hop-by-hop and the upstream's own cookies stay behind).
+_PASSED_HEADERS = frozenset({"content-type", "content-disposition", "cache-control", "retry-after"})
+# Words in a model id that say what it does, when neither the file nor the endpoint says.
+_GUESSES = (("rerank", "rerank"), ("ranking", "rerank"), ("embed", "embedding"), ("retriever", "embedding"))
+
+
+def shaped(body: dict[str, Any], config: UpstreamBackend) -> dict[str, Any]:
+    """The body after the backend's payload rules: fields dropped, then fields forced."""
+    for name in config.payload.drop:
+        body.pop(name, None)
+    body.update(config.payload.force)
+    return body
+
+
+def stated_capabilities(model: dict[str, Any]) -> list[str] | None:
+    """What a /models entry says its model does (a `capabilities` list, or a `type`/`task`), else None."""
+    caps = model.get("capabilities")
+    if isinstance(caps, list) and all(isinstance(c, str) for c in caps):
+        return list(caps)
+    kind = str(model.get("type") or model.get("task") or model.get("model_type") or "").lower()
+    if "embed" in kind:
+        return ["embedding"]
+    if "rerank" in kind or "ranking" in kind:
+        return ["rerank"]
+    if kind in ("vlm", "vision"):
+        return ["chat", "vision"]
+    if kind in ("chat", "llm", "text-generation"):
+        return ["chat"]
+    return None
+
+
+def guessed_capabilities(model: str) -> list[str]:
+    """What a model id suggests it does, as NVIDIA's clients guess too."""
+    lowered = model.lower()
+    for word, capability in _GUESSES:
+        if word in lowered:
+            return [capability]
+    return ["chat"]
+
+
+_Sampled = Literal["temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"]
+_SAMPLING: tuple[_Sampled, ...] = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+_MESSAGE_TYPED = ("role", "content", "name")
+
+
+def openai_request(request: inference_pb2.GenerateRequest, model: str) -> dict[str, Any]:
+    """The OpenAI request an upstream gets: the client's body for what no typed field carries
+    (tools, logprobs, a message's tool_calls, unknown parameters), the typed fields for the rest."""
+    body: dict[str, Any] = json.loads(request.openai_json) if request.openai_json else {}
+    for key in (*_MESH_FIELDS, "messages", "prompt"):
+        body.pop(key, None)
+    if request.WhichOneof("input") == "chat":
+        raw = json.loads(request.openai_json).get("messages") if request.openai_json else None
+        typed = request.chat.messages
+        # The client's message at the same place, for what ChatMessage has no field for.
+        extras = raw if isinstance(raw, list) and len(raw) == len(typed) else [{}] * len(typed)
+        body["messages"] = [_message(m, e if isinstance(e, dict) else {}) for m, e in zip(typed, extras, strict=True)]
+    else:
+        body["prompt"] = request.prompt
+    sampling = request.sampling
+    # The client's spelling of the limit is kept (some upstream models take only
+    # max_completion_tokens); its value is the typed one.
+    limit_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    body.pop("max_tokens", None)
+    body.pop("max_completion_tokens", None)
+    if sampling.HasField("max_tokens"):
+        body[limit_key] = sampling.max_tokens
+    for name in _SAMPLING:
+        body.pop(name, None)
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
+    body.pop("n", None)
+    if sampling.n > 1:
+        body["n"] = sampling.n
+    body.pop("response_format", None)
+    if request.response_format_json:
+        body["response_format"] = json.loads(request.response_format_json)
+    body.update({"model": model, "stream": True, "stream_options": {"include_usage": True}})
+    return body
+
+
+def _message(typed: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    message = {k: v for k, v in raw.items() if k not in _MESSAGE_TYPED}
+    message["role"] = typed.role
+    # ChatMessage cannot say null: an assistant turn with only tool calls keeps its null content.
+    message["content"] = None if typed.content == "" and raw.get("content") is None and raw else typed.content
+    if typed.name:
+        message["name"] = typed.name
+    return message
 
 
 class UpstreamError(RagmeshError):
-    """A failed upstream call, with whether trying again (here or elsewhere) may succeed."""
+    """A failed upstream call, with whether trying again (here or elsewhere) may succeed, and
+    whether it says the backend itself is broken (`backend_fault`: connection errors, timeouts,
+    5xx, answers that are not OpenAI's), which is all a circuit breaker counts."""
 
-    def __init__(self, kind: ErrorKind, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
-        super().__init__(kind, message, retry_after=int(retry_after) if retry_after is not None else None)
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        backend_fault: bool = False,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(kind, message, retry_after=int(retry_after) if retry_after is not None else None, code=code)
         self.retryable = retryable
         self.retry_after_seconds = retry_after
+        self.backend_fault = backend_fault
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -73,7 +178,10 @@ def status_error(backend: str, status: int, headers: Mapping[str, str], body: by
         )
     if status >= 500:
         return UpstreamError(
-            ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} failed ({status}): {detail}", retryable=True
+            ErrorKind.BAD_GATEWAY,
+            f"The upstream {backend!r} failed ({status}): {detail}",
+            retryable=True,
+            backend_fault=True,
         )
     if status in (401, 403):
         # The server-side key is wrong: the operator's problem, not the client's.
@@ -90,7 +198,22 @@ def status_error(backend: str, status: int, headers: Mapping[str, str], body: by
 
 
 def _bad_gateway(backend: str, what: str) -> UpstreamError:
-    return UpstreamError(ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} answered {what}.", retryable=False)
+    return UpstreamError(
+        ErrorKind.BAD_GATEWAY, f"The upstream {backend!r} answered {what}.", retryable=False, backend_fault=True
+    )
+
+
+def _timed_out(backend: str) -> UpstreamError:
+    return UpstreamError(ErrorKind.DEADLINE, f"The upstream {backend!r} timed out.", retryable=True, backend_fault=True)
+
+
+def _unreachable(backend: str, exc: BaseException) -> UpstreamError:
+    return UpstreamError(
+        ErrorKind.UNAVAILABLE,
+        f"The upstream {backend!r} is unreachable or dropped the connection: {exc!r}",
+        retryable=True,
+        backend_fault=True,
+    )
 
 
 @dataclass
@@ -111,12 +234,49 @@ class UpstreamEngine:
         self.config = config
         self._base = config.base_url.rstrip("/")
         self._headers = dict(config.headers)
-        key = config.api_key()
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
-        # sock_read bounds the wait for each read, as a stream may rightly run for long.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.timeout)
+        self._configured_key = config.api_key()
+        self._runtime_key: str | None = None
+        # sock_read bounds the wait for each read, as a stream may rightly run for long;
+        # sock_connect bounds connecting only (aiohttp's `connect` would also bound the wait for
+        # a pooled connection, and turn a busy backend into a "failing" one).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout, sock_read=config.timeout)
         self._session: aiohttp.ClientSession | None = None
+        # Requests in flight to this endpoint (the whole of a stream holds one).
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the endpoint's `max_concurrency` slots, waited for at most `queue_timeout`
+        seconds. A backend that is busy is not failing: the caller gets a 503 with Retry-After,
+        and the breaker counts nothing."""
+        try:
+            async with asyncio.timeout(self.config.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamError(
+                ErrorKind.UNAVAILABLE,
+                f"The upstream {self.name!r} has its {self.config.max_concurrency} requests in flight; retry shortly.",
+                retryable=False,
+                retry_after=1,
+                code="overloaded",
+            ) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def set_key(self, key: str | None) -> None:
+        """Use `key` from the next request on (None: back to the configured one)."""
+        self._runtime_key = key
+
+    @property
+    def key_source(self) -> str:
+        return "runtime" if self._runtime_key is not None else self.config.key_source()
+
+    def _auth(self) -> dict[str, str]:
+        # Per request, not per session: a key set at run time applies to the next call.
+        key = self._runtime_key if self._runtime_key is not None else self._configured_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the event loop it was made in.
@@ -124,7 +284,8 @@ class UpstreamEngine:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=self.config.max_concurrency),
+                # No pool limit: the slots above bound requests, and discovery never queues behind them.
+                connector=aiohttp.TCPConnector(limit=0),
                 # Room for one long SSE line (logprobs of a long choice) beyond aiohttp's 64 KiB.
                 read_bufsize=2**20,
                 raise_for_status=False,
@@ -135,48 +296,33 @@ class UpstreamEngine:
         if self._session is not None:
             await self._session.close()
 
-    async def discover(self) -> list[str]:
-        """Model ids from the endpoint's /models, filtered by include/exclude."""
+    async def discover(self) -> list[tuple[str, list[str] | None]]:
+        """(id, capabilities the endpoint states or None) from its /models, filtered by include/exclude."""
         try:
-            async with self._client().get(f"{self._base}/models") as reply:
+            async with self._client().get(f"{self._base}/models", headers=self._auth()) as reply:
                 body = await reply.read()
                 if reply.status != 200:
                     raise status_error(self.name, reply.status, reply.headers, body)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(ErrorKind.UNAVAILABLE, f"{self.name}: {exc!r}", retryable=True) from exc
+            raise _unreachable(self.name, exc) from exc
         try:
-            ids = [str(m["id"]) for m in json.loads(body)["data"]]
+            found = [(str(m["id"]), stated_capabilities(m)) for m in json.loads(body)["data"]]
         except (ValueError, KeyError, TypeError):
             raise _bad_gateway(self.name, "a /models list that is not OpenAI's shape") from None
-        return [m for m in ids if self.config.wants(m)]
+        return [(m, caps) for m, caps in found if self.config.wants(m)]
 
     def _body(self, request: inference_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body): the client's own request when preprocess passed it, else built from the fields."""
-        chat = request.WhichOneof("input") == "chat"
-        body: dict[str, Any] = json.loads(request.openai_json) if request.openai_json else {}
-        for key in _MESH_FIELDS:
-            body.pop(key, None)
-        if chat:
-            body["messages"] = (
-                [
-                    {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                    for m in request.chat.messages
-                ]
-                if not body.get("messages")
-                else body["messages"]
-            )
-        else:
-            body.setdefault("prompt", request.prompt)
-        sampling = request.sampling
-        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-            if sampling.HasField(name) and name not in body:
-                body[name] = getattr(sampling, name)
-        if sampling.n > 1:
-            body.setdefault("n", sampling.n)
-        if request.response_format_json and "response_format" not in body:
-            body["response_format"] = json.loads(request.response_format_json)
-        body.update({"model": model, "stream": True, "stream_options": {"include_usage": True}})
-        return ("/chat/completions" if chat else "/completions"), body
+        """(path, JSON body): the client's own request (every OpenAI parameter it sent), with the
+        typed fields as the authority wherever they say something (see GenerateRequest), then
+        the backend's payload rules."""
+        body = openai_request(request, model)
+        if not self.config.payload.stream:
+            # A backend that refuses streaming: asked for the whole answer, streamed to the client by the mesh.
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        return ("/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"), shaped(
+            body, self.config
+        )
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, model: str
@@ -184,22 +330,91 @@ class UpstreamEngine:
         """Stream the upstream's answer as GenerationChunks; the first one comes once it answered 200
         and sent something (an error status fails the call before any chunk)."""
         path, body = self._body(request, model)
+        async with self._slot():
+            try:
+                async with self._client().post(f"{self._base}{path}", json=body, headers=self._auth()) as response:
+                    if response.status != 200:
+                        raise status_error(self.name, response.status, response.headers, await response.read())
+                    if not self.config.payload.stream:
+                        for chunk in self._whole(await response.read(), model):
+                            yield chunk
+                        return
+                    async for chunk in self._chunks(response, model):
+                        yield chunk
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
+            except ValueError as exc:  # aiohttp's refusal of a line past read_bufsize
+                raise _bad_gateway(self.name, f"a stream line too long to read ({exc})") from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
+
+    def _whole(self, raw: bytes, model: str) -> list[common_pb2.GenerationChunk]:
+        """A non-streamed answer (payload.stream false) as the chunks a stream would have given."""
         try:
-            async with self._client().post(f"{self._base}{path}", json=body) as response:
-                if response.status != 200:
-                    raise status_error(self.name, response.status, response.headers, await response.read())
-                async for chunk in self._chunks(response, model):
-                    yield chunk
-        except TimeoutError as exc:
-            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=True) from exc
-        except ValueError as exc:  # aiohttp's refusal of a line past read_bufsize
-            raise _bad_gateway(self.name, f"a stream line too long to read ({exc})") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                ErrorKind.UNAVAILABLE,
-                f"The upstream {self.name!r} is unreachable or dropped the connection: {exc!r}",
-                retryable=True,
-            ) from exc
+            answer = json.loads(raw)
+            choices = answer["choices"]
+            assert isinstance(choices, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise _bad_gateway(self.name, "an answer that is not OpenAI's shape") from None
+        usage = answer.get("usage") or {}
+        chunks = []
+        for i, raw_choice in enumerate(sorted(choices, key=lambda c: int(c.get("index", 0))) or [{}]):
+            index = int(raw_choice.get("index", 0))
+            message = raw_choice.get("message") or {}
+            text = message.get("content") or raw_choice.get("text") or ""
+            extras = {k: v for k, v in message.items() if k not in ("content", "role") and v is not None}
+            if raw_choice.get("logprobs"):
+                extras["logprobs"] = raw_choice["logprobs"]
+            finish = raw_choice.get("finish_reason") or "stop"
+            if text or extras:
+                chunks.append(
+                    common_pb2.GenerationChunk(
+                        index=index, text=text, model=model, extra_json=json.dumps(extras) if extras else ""
+                    )
+                )
+            chunks.append(
+                common_pb2.GenerationChunk(
+                    index=index,
+                    model=model,
+                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                    completion_tokens=int(usage.get("completion_tokens", 0)) if i == 0 else 0,
+                    finish_reason=FINISH_REASONS.get(finish, common_pb2.FINISH_REASON_STOP),
+                    extra_json=json.dumps({"finish_reason": finish}) if finish not in FINISH_REASONS else "",
+                )
+            )
+        return chunks
+
+    async def forward(
+        self, method: str, path: str, query: str, body: bytes, headers: dict[str, str]
+    ) -> AsyncGenerator[tuple[int, dict[str, str], bytes], None]:
+        """Pass a request through: (status, headers, first bytes), then (0, {}, more bytes) as they come.
+
+        A JSON body is shaped like every request to this backend (payload drop/force);
+        anything else goes as sent. Nothing is retried: the call may not be idempotent."""
+        if body and headers.get("Content-Type", "").startswith("application/json"):
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict) and (self.config.payload.drop or self.config.payload.force):
+                body = json.dumps(shaped(parsed, self.config)).encode()
+        url = f"{self._base}{path}" + (f"?{query}" if query else "")
+        async with self._slot():
+            try:
+                async with self._client().request(
+                    method, url, data=body or None, headers={**headers, **self._auth()}
+                ) as response:
+                    passed = {k.lower(): v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+                    first = True
+                    async for data in response.content.iter_any():
+                        yield (response.status if first else 0), (passed if first else {}), data
+                        first = False
+                    if first:
+                        yield response.status, passed, b""
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, model: str
@@ -227,6 +442,7 @@ class UpstreamEngine:
                     ErrorKind.BAD_GATEWAY,
                     f"The upstream {self.name!r} failed mid-answer: {_error_message(data.encode())}",
                     retryable=False,
+                    backend_fault=True,
                 )
             if event.get("usage"):
                 usage = event["usage"]
@@ -246,7 +462,10 @@ class UpstreamEngine:
                     )
         if not done and not usage and not any(c.finish for c in choices.values()):
             raise UpstreamError(
-                ErrorKind.BAD_GATEWAY, f"The upstream {self.name!r} ended the stream early.", retryable=False
+                ErrorKind.BAD_GATEWAY,
+                f"The upstream {self.name!r} ended the stream early.",
+                retryable=False,
+                backend_fault=True,
             )
         # Finish every choice once the usage is known (it comes after the finish reasons).
         prompt_tokens = int(usage.get("prompt_tokens", 0))
@@ -279,19 +498,18 @@ class UpstreamEngine:
         """Every document's scores from the upstream reranker, best first, in both scales."""
         assert self.config.rerank is not None
         url = f"{self._base}{self.config.rerank.url_path()}"
-        try:
-            async with self._client().post(url, json=self._rerank_body(request, model)) as response:
-                body = await response.read()
-                if response.status != 200:
-                    raise status_error(self.name, response.status, response.headers, body)
-        except TimeoutError as exc:
-            raise UpstreamError(ErrorKind.DEADLINE, f"The upstream {self.name!r} timed out.", retryable=True) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                ErrorKind.UNAVAILABLE,
-                f"The upstream {self.name!r} is unreachable or dropped the connection: {exc!r}",
-                retryable=True,
-            ) from exc
+        async with self._slot():
+            try:
+                async with self._client().post(
+                    url, json=self._rerank_body(request, model), headers=self._auth()
+                ) as response:
+                    body = await response.read()
+                    if response.status != 200:
+                        raise status_error(self.name, response.status, response.headers, body)
+            except TimeoutError as exc:
+                raise _timed_out(self.name) from exc
+            except aiohttp.ClientError as exc:
+                raise _unreachable(self.name, exc) from exc
         return self._rerank_answer(body, model, len(request.documents))
 
     def _rerank_answer(self, body: bytes, model: str, documents: int) -> common_pb2.RerankResponse:

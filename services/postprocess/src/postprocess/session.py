@@ -95,7 +95,8 @@ class ProcessSession:
             raise invalid_request("stop accepts at most 4 sequences", param="stop")
         guards = guards or GuardConfig()
         self._start = start
-        self._chat = start.object == postprocess_pb2.OBJECT_KIND_CHAT_COMPLETION
+        # UNSPECIFIED is a chat completion (see ObjectKind).
+        self._chat = start.object != postprocess_pb2.OBJECT_KIND_TEXT_COMPLETION
         self._choices = [
             _Choice(i, StopMatcher(start.stop), StreamGuard(guards.pii, guards.blocklist, guards.stop_on_block))
             for i in range(max(1, start.n))
@@ -175,6 +176,11 @@ class ProcessSession:
                 jsonschema.validate(value, json.loads(self._start.response_format.schema_json))
             except jsonschema.ValidationError as exc:
                 raise _format_error(f"the answer does not match the schema: {exc.message}") from None
+            except jsonschema.SchemaError as exc:  # preprocess refuses these up front; a client's error all the same
+                raise invalid_request(
+                    f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}.",
+                    param="response_format.json_schema.schema",
+                ) from None
 
     # --- cache --------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The preprocess HTTP app: OpenAI-compatible routes, health, metrics."""
+"""The preprocess HTTP app: serving objects built at start, the API routers, middleware, health, metrics."""
 
 from __future__ import annotations
 
@@ -6,40 +6,57 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from preprocess.auth import AuthMiddleware, api_key_of, check_model_allowed, owner_of
+from preprocess.api import admin, batches, chat, embeddings, health, models, rerank, retrieval
+from preprocess.api.auth import AuthMiddleware
+from preprocess.api.errors import install_error_handlers
+from preprocess.api.forward import forwarding_router
+from preprocess.api.index import index_router
+from preprocess.api.listener import Listener
+from preprocess.api.openapi import DocumentedApp
 from preprocess.batches import Batches
-from preprocess.chat import ChatCompletions
 from preprocess.clients import MeshClients
 from preprocess.documents import Chunker, load_tokenizer
 from preprocess.files import FileStore
-from preprocess.http_errors import install_error_handlers
-from preprocess.http_io import read_json, read_upload
 from preprocess.ingest import IngestPublisher
 from preprocess.keys import KeyStore
-from preprocess.models import check_admin, model_detail, models_page, reload_inference_backends
 from preprocess.queue_depth import QueueDepthMonitor
-from preprocess.rerank_api import RankingBody, RerankBody, RerankServing, parse_body
 from preprocess.reranking import Reranking
-from preprocess.retrieval_api import RetrievalApi, runner
+from preprocess.serving.admin import AdminServing
+from preprocess.serving.chat import ChatServing
+from preprocess.serving.embeddings import EmbeddingsServing
+from preprocess.serving.forward import ForwardServing
+from preprocess.serving.models import ModelsServing
+from preprocess.serving.operations import OperationRunner
+from preprocess.serving.rerank import RerankServing
+from preprocess.serving.retrieval import RetrievalServing
+from preprocess.serving.services import Serving
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import Topology
 from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
-from ragmesh.errors import invalid_request
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
-from ragmesh.service import run_http
+from ragmesh.service import drain_hooks, run_http
 from ragmesh.tracing import set_error, setup_tracing, span
+
+# One router per API family of the public listener, in the order /openapi.json lists them
+# (then GET / and the forwarding catch-all). The admin router is on the admin listener.
+PUBLIC_ROUTERS: list[APIRouter] = [
+    chat.router,
+    embeddings.router,
+    models.router,
+    retrieval.router,
+    rerank.router,
+    batches.router,
+    health.router,
+]
 
 
 class RequestIdMiddleware:
@@ -76,12 +93,8 @@ class RequestIdMiddleware:
                 request_id_var.reset(token)
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
 def create_app(settings: PreprocessSettings) -> FastAPI:
-    """Build the app; gRPC channels open in its lifespan."""
+    """Build the app; the serving objects and gRPC channels are made in its lifespan."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,26 +105,37 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         chunker = Chunker(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
         keys = KeyStore(redis, settings.namespace, settings.rate_limit_window)
+        forward = ForwardServing(clients, settings)
         reranking = Reranking(clients, settings)
-        chat = ChatCompletions(clients, settings, keys, reranking)
-        retrieval = RetrievalApi(clients, settings, publisher, jobs, reranking)
+        serving = Serving(
+            settings=settings,
+            clients=clients,
+            keys=keys,
+            chat=ChatServing(clients, settings, keys, reranking),
+            embeddings=EmbeddingsServing(clients, settings, forward),
+            retrieval=RetrievalServing(clients, settings, publisher, jobs, reranking),
+            models=ModelsServing(clients, settings.model_aliases),
+            admin=AdminServing(clients, keys),
+            forward=forward,
+            rerank=RerankServing(reranking, settings, keys, forward),
+        )
         batches = Batches(
             settings,
             redis,
-            FileStore(redis, Path(settings.files_dir), settings.namespace),
-            runner(settings, chat, retrieval),
+            FileStore(redis, Path(settings.files_dir), settings.namespace, settings.batch_retention),
+            OperationRunner(serving),
         )
         batches.start_workers()
         queue_depth = QueueDepthMonitor(
             settings.amqp_url, Topology(settings.namespace), settings.queue_metrics_interval
         )
         queue_depth.start()
-        app.state.clients = clients
-        app.state.chat = chat
-        app.state.retrieval = retrieval
-        app.state.rerank = RerankServing(reranking, settings, keys)
+        app.state.serving = serving
         app.state.batches = batches
-        app.state.keys = keys
+        admin_app.state.serving = serving
+        admin_listener = Listener(admin_app, settings.admin_host, settings.admin_port, settings.shutdown_grace)
+        if settings.admin_port:
+            await admin_listener.start()
 
         async def ready() -> dict[str, str]:
             deps = await clients.ready()
@@ -121,167 +145,47 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
             except (RedisError, OSError) as exc:
                 deps["redis"] = f"unavailable: {exc}"
             deps["rabbitmq"] = await publisher.check()
+            deps.update(batches.ready())
             return deps
 
         app.state.ready_check = ready
+        # SIGTERM: batch workers take no new lines at once; the HTTP side then lets
+        # requests in flight (open SSE streams too) finish within the grace.
+        drain_hooks(app).append(batches.stop_consuming)
         try:
             yield
         finally:
+            await admin_listener.close()
             await queue_depth.close()
             await batches.close()
             await publisher.close()
             await clients.close()
             await redis.aclose()
 
-    app = FastAPI(title="ragmesh", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = DocumentedApp(
+        title="ragmesh",
+        description="OpenAI-compatible LLM + RAG gateway. Errors are OpenAI's envelope.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     install_error_handlers(app)
-    app.router.routes.extend(ops_routes())
+    for router in PUBLIC_ROUTERS:
+        app.include_router(router)
+    forwarding = forwarding_router([*PUBLIC_ROUTERS, admin.router])
+    app.include_router(index_router([*PUBLIC_ROUTERS, forwarding]))
+    app.include_router(forwarding)  # last: the mesh's own routes win
+    app.router.routes.extend(ops_routes(health=False))
+    admin_app = create_admin_app()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        chat: ChatCompletions = request.app.state.chat
-        return await chat.create(request)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        chat: ChatCompletions = request.app.state.chat
-        return await chat.create_completion(request)
-
-    @app.post("/v1/admin/keys")
-    async def create_key(request: Request) -> Response:
-        check_admin(request, settings.admin_key)
-        payload = await body(request)
-        if not isinstance(payload, dict):
-            raise invalid_request("The request body must be a JSON object.")
-        secret, key = await request.app.state.keys.create(
-            str(payload.get("name", "")),
-            expires_in=_int_or_none(payload.get("expires_in"), "expires_in"),
-            models=[str(m) for m in payload.get("models") or []],
-            rpm=_int_or_none(payload.get("rpm"), "rpm") or 0,
-            tpm=_int_or_none(payload.get("tpm"), "tpm") or 0,
-        )
-        return _json({**key.public(), "key": secret}, 201)
-
-    @app.get("/v1/admin/keys")
-    async def list_keys(request: Request) -> Response:
-        check_admin(request, settings.admin_key)
-        return _json({"object": "list", "data": [k.public() for k in await request.app.state.keys.list()]})
-
-    @app.delete("/v1/admin/keys/{key_id}")
-    async def revoke_key(key_id: str, request: Request) -> Response:
-        check_admin(request, settings.admin_key)
-        return _json((await request.app.state.keys.revoke(key_id)).public())
-
-    @app.post("/v1/admin/reload-backends")
-    async def reload_backends(request: Request) -> Response:
-        check_admin(request, settings.admin_key)
-        return _json(await reload_inference_backends(request.app.state.clients))
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> Response:
-        page = await models_page(request.app.state.clients, settings.model_aliases)
-        key = api_key_of(request)
-        if key is not None and key.models:
-            page["data"] = [card for card in page["data"] if card["id"] in key.models]
-        return _json(page)
-
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, request: Request) -> Response:
-        check_model_allowed(api_key_of(request), model)
-        return _json(await model_detail(request.app.state.clients, settings.model_aliases, model))
-
-    def api(request: Request) -> RetrievalApi:
-        return request.app.state.retrieval  # type: ignore[no-any-return]
-
-    async def body(request: Request) -> Any:
-        return await read_json(request, settings.max_body_bytes)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        payload = await body(request)
-        if isinstance(payload, dict):
-            check_model_allowed(api_key_of(request), str(payload.get("model", "")))
-        return _json(await api(request).embeddings(payload))
-
-    @app.post("/v1/collections")
-    async def create_collection(request: Request) -> Response:
-        return _json(await api(request).create_collection(await body(request)), 201)
-
-    @app.get("/v1/collections")
-    async def list_collections(request: Request) -> Response:
-        return _json(await api(request).list_collections())
-
-    @app.get("/v1/collections/{name}")
-    async def get_collection(name: str, request: Request) -> Response:
-        return _json(await api(request).get_collection(name))
-
-    @app.patch("/v1/collections/{name}")
-    async def update_collection(name: str, request: Request) -> Response:
-        return _json(await api(request).update_collection(name, await body(request)))
-
-    @app.delete("/v1/collections/{name}")
-    async def delete_collection(name: str, request: Request) -> Response:
-        return _json(await api(request).delete_collection(name))
-
-    @app.post("/v1/collections/{name}/documents")
-    async def add_documents(name: str, request: Request) -> Response:
-        return _json(await api(request).add_documents(name, await body(request)), 202)
-
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request) -> Response:
-        return _json(await api(request).get_job(job_id))
-
-    def batch_api(request: Request) -> Batches:
-        return request.app.state.batches  # type: ignore[no-any-return]
-
-    @app.post("/v1/files")
-    async def upload_file(request: Request) -> Response:
-        data, filename, purpose = await read_upload(request, settings.max_file_bytes)
-        return _json(await batch_api(request).upload(data, filename, purpose, owner_of(request)))
-
-    @app.get("/v1/files/{file_id}")
-    async def get_file(file_id: str, request: Request) -> Response:
-        return _json(await batch_api(request).files.info(file_id, owner_of(request)))
-
-    @app.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str, request: Request) -> Response:
-        content = await batch_api(request).files.content(file_id, owner_of(request))
-        return Response(content, media_type="application/jsonl")
-
-    @app.post("/v1/batches")
-    async def create_batch(request: Request) -> Response:
-        return _json(await batch_api(request).create(await body(request), owner_of(request)))
-
-    @app.get("/v1/batches")
-    async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> Response:
-        return _json(await batch_api(request).list(max(1, min(limit, 100)), after, owner_of(request)))
-
-    @app.get("/v1/batches/{batch_id}")
-    async def get_batch(batch_id: str, request: Request) -> Response:
-        return _json(await batch_api(request).get(batch_id, owner_of(request)))
-
-    @app.post("/v1/batches/{batch_id}/cancel")
-    async def cancel_batch(batch_id: str, request: Request) -> Response:
-        return _json(await batch_api(request).cancel(batch_id, owner_of(request)))
-
-    @app.post("/v1/search")
-    async def search(request: Request) -> Response:
-        return _json(await api(request).search(await body(request)))
-
-    @app.post("/v1/rerank")
-    async def rerank(request: Request) -> Response:
-        serving: RerankServing = request.app.state.rerank
-        return _json(await serving.rerank(parse_body(RerankBody, await body(request)), api_key_of(request)))
-
-    @app.post("/v1/ranking")
-    async def ranking(request: Request) -> Response:
-        serving: RerankServing = request.app.state.rerank
-        return _json(await serving.ranking(parse_body(RankingBody, await body(request)), api_key_of(request)))
+    def current_keys() -> KeyStore | None:
+        serving = getattr(app.state, "serving", None)
+        return serving.keys if isinstance(serving, Serving) else None
 
     # Outermost last: the request id is set before authentication logs anything.
     app.add_middleware(
         AuthMiddleware,
-        keys=lambda: getattr(app.state, "keys", None),
+        keys=current_keys,
         enabled=settings.auth == "on",
         models_public=settings.models_public,
     )
@@ -289,12 +193,19 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     return app
 
 
-def _int_or_none(value: Any, param: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid_request(f"'{param}' must be an integer.", param=param)
-    return value
+def create_admin_app() -> FastAPI:
+    """The admin API alone, for the admin listener (the public app's lifespan gives it its state)."""
+    app = DocumentedApp(
+        title="ragmesh admin",
+        description="Admin API (admin key as a bearer token). Not exposed by the public gateway.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestIdMiddleware)
+    return app
 
 
 def serve(settings: PreprocessSettings) -> None:

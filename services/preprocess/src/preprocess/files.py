@@ -1,113 +1,124 @@
 """OpenAI Files: batch input files uploaded by clients, and the output files batches write.
 
-Contents live in a folder every preprocess replica can read (a shared volume
-in a cluster); their descriptions live in Redis, so any replica answers for
-any file. A file is written to a temporary name and renamed, so a reader never
-sees half of one. An upload is validated whole before anything is kept.
+Contents live in a folder every preprocess replica can read (a shared volume in a cluster);
+their descriptions live in Redis, so any replica answers for any file, with indexes per
+owner (GET /v1/files) and by expiry. A file is written to a temporary name and renamed, so a
+reader never sees half of one. Every file expires `retention` seconds after it was made:
+the sweeper deletes its description and its contents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
 
-from ragmesh.durable import write_atomic
+from ragmesh.durable import fsync_dir, write_atomic
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 PURPOSES = ("batch", "batch_output")
+# Descriptions read per round trip while a listing filters by purpose.
+_LIST_CHUNK = 200
 
 
-@dataclass(frozen=True)
-class BatchLine:
-    custom_id: str
-    url: str
-    body: dict[str, Any]
-
-
-def parse_batch_lines(data: bytes, max_lines: int) -> list[BatchLine]:
-    """The lines of a batch input file; 400 naming the line of the first problem."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid_request("The file is not UTF-8 text.", param="file") from None
-    lines: list[BatchLine] = []
-    seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise invalid_request(f"Line {number} is not JSON: the file must be JSONL.", param="file") from None
-        if not isinstance(item, dict):
-            raise invalid_request(f"Line {number} is not a JSON object.", param="file")
-        custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise invalid_request(f"Line {number} has no custom_id.", param="file")
-        if custom_id in seen:
-            raise invalid_request(f"Line {number}: custom_id {custom_id!r} appears twice.", param="file")
-        seen.add(custom_id)
-        if item.get("method", "POST") != "POST":
-            raise invalid_request(f"Line {number}: method must be POST.", param="file")
-        url = item.get("url")
-        if url not in BATCH_URLS:
-            raise invalid_request(f"Line {number}: url {url!r} is not one of {', '.join(BATCH_URLS)}.", param="file")
-        if not isinstance(item.get("body"), dict):
-            raise invalid_request(f"Line {number}: body must be a JSON object.", param="file")
-        lines.append(BatchLine(custom_id, url, item["body"]))
-        if len(lines) > max_lines:
-            raise RagmeshError(
-                ErrorKind.PAYLOAD_TOO_LARGE, f"A batch file holds at most {max_lines} lines.", param="file"
-            )
-    if not lines:
-        raise invalid_request("The file has no lines.", param="file")
-    return lines
+def not_found(file_id: str) -> RagmeshError:
+    return RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {file_id}.", param="file_id", code="file_not_found")
 
 
 class FileStore:
-    def __init__(self, redis: aioredis.Redis, directory: Path, namespace: str) -> None:
+    def __init__(self, redis: aioredis.Redis, directory: Path, namespace: str, retention: float = 30 * 24 * 3600):
         self._redis = redis
         self._dir = directory
-        self._prefix = f"{namespace or 'ragmesh'}:file:"
+        self._prefix = f"{namespace or 'ragmesh'}:"
+        self._retention = retention
 
     def path(self, file_id: str) -> Path:
         return self._dir / f"{file_id}.jsonl"
 
-    async def put(self, data: bytes, filename: str, purpose: str, lines: int, owner: str | None) -> dict[str, Any]:
+    def temp_path(self, file_id: str) -> Path:
+        """Where a file is written before `put_path` renames it into place (same folder, same disk)."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        return self._dir / f".{file_id}.tmp-{os.getpid()}"
+
+    def _key(self, file_id: str) -> str:
+        return f"{self._prefix}file:{file_id}"
+
+    def _index(self, owner: str | None) -> str:
+        return f"{self._prefix}files:" + (f"owner:{owner}" if owner is not None else "all")
+
+    @property
+    def _expiry(self) -> str:
+        return f"{self._prefix}files:expiry"
+
+    async def put(
+        self,
+        data: bytes,
+        filename: str,
+        purpose: str,
+        lines: int,
+        owner: str | None,
+        *,
+        file_id: str | None = None,
+        now: float | None = None,
+    ) -> dict[str, Any]:
         """Keep a file (contents first, then its description) and return OpenAI's file object.
 
-        `owner`: the API key id that uploaded it (None with auth off); only that key sees it."""
-        file_id = f"file-{uuid.uuid4().hex}"
+        `owner`: the API key id that uploaded it (None with auth off); only that key sees it.
+        `file_id`: a fixed id (a batch's output), so writing it again replaces it."""
+        file_id = file_id or f"file-{uuid.uuid4().hex}"
         await asyncio.to_thread(write_atomic, self.path(file_id), data)
+        return await self._describe(file_id, len(data), filename, purpose, lines, owner, now)
+
+    async def put_path(
+        self, source: Path, file_id: str, filename: str, purpose: str, lines: int, owner: str | None, now: float
+    ) -> dict[str, Any]:
+        """Keep a file already written (completely) at `source`: renamed into place, then described."""
+        size = await asyncio.to_thread(_move_into_place, source, self.path(file_id))
+        return await self._describe(file_id, size, filename, purpose, lines, owner, now)
+
+    async def _describe(
+        self, file_id: str, size: int, filename: str, purpose: str, lines: int, owner: str | None, now: float | None
+    ) -> dict[str, Any]:
+        created = now if now is not None else time.time()
         info = {
             "id": file_id,
             "object": "file",
-            "bytes": len(data),
-            "created_at": int(time.time()),
+            "bytes": size,
+            "created_at": int(created),
+            "expires_at": int(created + self._retention),
             "filename": filename,
             "purpose": purpose,
             "status": "processed",
+            "status_details": None,
             "lines": lines,
             "owner": owner,
         }
-        await self._redis.set(self._prefix + file_id, orjson.dumps(info))
+        score = int(created * 1000)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(file_id), orjson.dumps(info))
+            pipe.zadd(self._index(None), {file_id: score})
+            if owner is not None:
+                pipe.zadd(self._index(owner), {file_id: score})
+            pipe.zadd(self._expiry, {file_id: int(created + self._retention)})
+            await pipe.execute()
         return _public(info)
+
+    async def _stored(self, file_id: str, owner: str | None) -> dict[str, Any]:
+        raw = await self._redis.get(self._key(file_id))
+        info: dict[str, Any] | None = orjson.loads(raw) if raw is not None else None
+        if info is None or (owner is not None and info.get("owner") != owner):
+            raise not_found(file_id)
+        return info
 
     async def info(self, file_id: str, owner: str | None) -> dict[str, Any]:
         """The file object; a file another key owns is absent (`owner` None: no check, auth is off)."""
-        raw = await self._redis.get(self._prefix + file_id)
-        info = orjson.loads(raw) if raw is not None else None
-        if info is None or (owner is not None and info.get("owner") != owner):
-            raise RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {file_id}.", param="file_id", code="file_not_found")
-        return _public(info)
+        return _public(await self._stored(file_id, owner))
 
     async def content(self, file_id: str, owner: str | None) -> bytes:
         await self.info(file_id, owner)
@@ -118,6 +129,85 @@ class FileStore:
                 ErrorKind.NOT_FOUND, f"The contents of {file_id} are gone.", param="file_id", code="file_not_found"
             ) from None
 
+    async def list(
+        self,
+        owner: str | None,
+        *,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10_000,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> dict[str, Any]:
+        """OpenAI's file list: the owner's files by creation time, after the id `after`, of one purpose."""
+        if purpose is not None and purpose not in PURPOSES:
+            raise invalid_request(f"purpose must be one of {', '.join(PURPOSES)}.", param="purpose")
+        index = self._index(owner)
+        rank_of = self._redis.zrevrank if order == "desc" else self._redis.zrank
+        span = self._redis.zrevrange if order == "desc" else self._redis.zrange
+        start = 0
+        if after:
+            rank: Any = await rank_of(index, after)
+            if rank is None:
+                return _page([], False)
+            start = int(rank) + 1
+        found: list[dict[str, Any]] = []
+        while len(found) <= limit:
+            ids = [_text(i) for i in await span(index, start, start + _LIST_CHUNK - 1)]
+            if not ids:
+                break
+            start += len(ids)
+            for raw in await self._redis.mget([self._key(i) for i in ids]):
+                info = orjson.loads(raw) if raw is not None else None
+                if info is not None and (purpose is None or info["purpose"] == purpose):
+                    found.append(_public(info))
+        return _page(found[:limit], len(found) > limit)
+
+    async def delete(self, file_id: str, owner: str | None) -> dict[str, Any]:
+        """Delete a file the owner can see: description, index entries, then contents."""
+        await self._forget(await self._stored(file_id, owner))
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    async def _forget(self, info: dict[str, Any]) -> None:
+        file_id = info["id"]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(file_id))
+            pipe.zrem(self._index(None), file_id)
+            if info.get("owner") is not None:
+                pipe.zrem(self._index(info["owner"]), file_id)
+            pipe.zrem(self._expiry, file_id)
+            await pipe.execute()
+        await asyncio.to_thread(self.path(file_id).unlink, missing_ok=True)
+
+    async def sweep(self, now: float, limit: int = 500) -> int:
+        """Delete files past their expiry (at most `limit` per call); how many went."""
+        due = [_text(i) for i in await self._redis.zrangebyscore(self._expiry, "-inf", now, start=0, num=limit)]
+        for file_id in due:
+            raw = await self._redis.get(self._key(file_id))
+            info = orjson.loads(raw) if raw is not None else {"id": file_id, "owner": None}
+            await self._forget(info)
+        return len(due)
+
+
+def _move_into_place(source: Path, target: Path) -> int:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.replace(target)
+    fsync_dir(target.parent)
+    return target.stat().st_size
+
+
+def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
 
 def _public(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k not in ("lines", "owner")}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import AMQPError
 from google.protobuf.struct_pb2 import Struct
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -25,7 +24,8 @@ from redis.exceptions import RedisError
 from preprocess.documents import Chunker, clean_text
 from preprocess.protocol import validation_error
 from preprocess.settings import PreprocessSettings
-from ragmesh.amqp import Topology, connect, declare_ingest, persistent_message
+from ragmesh.amqp import Topology, declare_ingest, persistent_message
+from ragmesh.amqp_client import LazyChannel
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
@@ -95,30 +95,19 @@ class IngestPublisher:
         self._chunker = chunker
         self._jobs = jobs
         self._topology = Topology(settings.namespace)
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._lock = asyncio.Lock()
-
-    async def _ready_channel(self) -> AbstractChannel:
-        async with self._lock:
-            if self._connection is None:
-                self._connection = await connect(self._settings.amqp_url)
-            if self._channel is None or self._channel.is_closed:
-                self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-                await declare_ingest(self._channel, self._topology)
-            return self._channel
+        self._channel = LazyChannel(
+            settings.amqp_url,
+            name=f"{settings.namespace or 'ragmesh'}.preprocess.ingest",
+            declare=lambda channel: declare_ingest(channel, self._topology),
+            on_return_raises=True,
+        )
 
     async def check(self) -> str:
         """Readiness: "ok" once the broker answered (connecting on first use)."""
-        try:
-            await asyncio.wait_for(self._ready_channel(), timeout=self._settings.publish_timeout)
-        except (TimeoutError, AMQPError, aio_pika.exceptions.AMQPException, OSError, ConnectionError) as exc:
-            return f"unavailable: {exc!r}"
-        return "ok"
+        return await self._channel.check(self._settings.publish_timeout)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        await self._channel.close()
 
     def build_job(
         self, job_id: str, collection: str, collection_id: str, request: DocumentsRequest
@@ -151,7 +140,7 @@ class IngestPublisher:
         except (RedisError, OSError) as exc:
             raise RagmeshError(ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.") from exc
         try:
-            channel = await asyncio.wait_for(self._ready_channel(), timeout=self._settings.publish_timeout)
+            channel = await asyncio.wait_for(self._channel.get(), timeout=self._settings.publish_timeout)
             await channel.default_exchange.publish(
                 persistent_message(job.SerializeToString(), message_id=job_id, type_="ingest.job"),
                 routing_key=self._topology.ingest_queue,

@@ -264,3 +264,14 @@ def rate_limit_headers(requests: Usage | None, tokens: Usage | None) -> dict[str
             headers[f"x-ratelimit-remaining-{kind}"] = str(usage.remaining)
             headers[f"x-ratelimit-reset-{kind}"] = f"{max(0, usage.reset_ms) / 1000:.3f}s"
     return headers
+
+
+def check_model_allowed(key: ApiKey | None, model: str) -> None:
+    """A key limited to some models sees the others as absent (404, as OpenAI does)."""
+    if key is not None and key.models and model not in key.models:
+        raise RagmeshError(
+            ErrorKind.NOT_FOUND,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )

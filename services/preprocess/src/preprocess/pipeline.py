@@ -88,7 +88,8 @@ class GenerationPipeline:
                 call.cancel()
 
     async def _pump(self) -> None:
-        """Forward generation chunks to postprocess until generation ends."""
+        """Forward generation chunks to postprocess until generation ends. Whatever fails here
+        ends the answer at once: the reader is never left waiting for the deadline."""
         assert self._proc is not None and self._first is not None
         try:
             chunk: object = self._first
@@ -107,6 +108,19 @@ class GenerationPipeline:
             await self._proc.done_writing()
         except grpc.aio.AioRpcError:
             pass  # postprocess failed: the reader gets its status
+        except Exception as exc:
+            log.exception("forwarding the generation to postprocess failed")
+            self._gen_error = RagmeshError(
+                ErrorKind.INTERNAL, f"forwarding the generation failed: {type(exc).__name__}"
+            )
+            if self._gen is not None:
+                self._gen.cancel()  # the engine frees the slot
+            try:
+                # As when inference fails: postprocess learns the generation ended unfinished,
+                # and the reader reports this error.
+                await self._proc.done_writing()
+            except Exception:  # noqa: BLE001 - then postprocess goes too; the reader still raises this error
+                self._proc.cancel()
 
     async def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
         """Client-ready output, in order, until every choice finished."""
@@ -120,6 +134,11 @@ class GenerationPipeline:
                     response = await self._proc.read()
                 except grpc.aio.AioRpcError as exc:
                     raise (self._gen_error or from_rpc_error(exc)) from None
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._gen_error is None or (task is not None and task.cancelling()):
+                        raise
+                    raise self._gen_error from None  # the pump cancelled the call, not our caller
                 if response is grpc.aio.EOF:
                     if self._gen_error is not None:
                         raise self._gen_error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from ragmesh.errors import RagmeshError, invalid_request
@@ -20,12 +21,16 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-# Content part types OpenAI defines that a text-only model cannot take.
-NON_TEXT_PARTS = frozenset({"image_url", "input_audio", "file", "refusal"})
+# Content parts that carry text; any other part (image_url, input_audio, ...) passes
+# unchanged to a model with the matching capability (inference checks which).
+TEXT_PARTS = frozenset({"text", "refusal"})
+# A data: URL in a content part larger than this is refused (the body limit is for the whole request).
+DEFAULT_MAX_DATA_URL_BYTES = 20 * 1024 * 1024
 # Segments pydantic adds to an error location for a union's branches; not field names.
 _UNION_BRANCHES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
-Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+# "context": grounding documents (NVIDIA's QA models, ChatNVIDIA), kept apart from instructions.
+Role = Literal["system", "developer", "user", "assistant", "tool", "function", "context"]
 
 
 class ChatMessage(_Lenient):
@@ -106,13 +111,23 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
 
     def text_of(self, index: int) -> str:
-        """The text of message `index`, content parts joined (parts were checked in parsing)."""
+        """The text of message `index`: its text parts joined (images and other parts left out)."""
         content = self.messages[index].content
         if content is None:
             return ""
         if isinstance(content, str):
             return content
-        return "".join(part["text"] for part in content)
+        return "".join(part["text"] for part in content if part.get("type") == "text")
+
+    def content_parts(self) -> list[tuple[str, str]]:
+        """(type, param) of every part that is not text: what the model must be able to take."""
+        return [
+            (str(part["type"]), f"messages[{i}].content[{j}]")
+            for i, message in enumerate(self.messages)
+            if isinstance(message.content, list)
+            for j, part in enumerate(message.content)
+            if part.get("type") not in TEXT_PARTS
+        ]
 
     def completion_limit(self) -> int | None:
         """max_completion_tokens wins over the deprecated max_tokens, as in OpenAI's API."""
@@ -132,6 +147,55 @@ class CompletionRequest(SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingsRequest(BaseModel):
+    """POST /v1/embeddings (OpenAI's fields; others pass to an upstream embedding model as sent)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: StrictStr | list[StrictStr] | list[int] | list[list[int]]
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: StrictStr | None = None
+    # NVIDIA's: "query" or "passage" (asymmetric models embed them differently).
+    input_type: StrictStr | None = None
+    # NVIDIA's: past the model's limit, NONE refuses the input, START or END cuts it there.
+    truncate: Literal["NONE", "START", "END"] | None = None
+
+
+class CreateCollectionRequest(BaseModel):
+    """POST /v1/collections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    reranker: StrictStr | None = None  # the default reranking model of its searches
+
+
+class UpdateCollectionRequest(BaseModel):
+    """PATCH /v1/collections/{name}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reranker: StrictStr | None  # null: no default reranker
+
+
+class SearchRequest(BaseModel):
+    """POST /v1/search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: StrictStr = Field(min_length=1)
+    query: StrictStr = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    cache: bool = True
+    # A reranking model, true (the collection's default), false (none); unset: the collection's default.
+    rerank: StrictBool | StrictStr | None = None
+    rerank_candidates: int | None = Field(default=None, ge=1)
+    rerank_required: StrictBool = False
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -168,7 +232,8 @@ def validation_error(exc: ValidationError) -> RagmeshError:
     )
 
 
-def _validated(model: type[RequestT], body: Any) -> RequestT:
+def validated(model: type[RequestT], body: Any) -> RequestT:
+    """`body` as a `model`: 400 when it is not a JSON object or does not validate."""
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     try:
@@ -191,7 +256,7 @@ def _check_sampling(request: SamplingRequest, max_n: int) -> None:
 
 def parse_completion_request(body: Any, max_n: int) -> CompletionRequest:
     """Validate a legacy completion request (400 on any problem)."""
-    request = _validated(CompletionRequest, body)
+    request = validated(CompletionRequest, body)
     _check_sampling(request, max_n)
     if isinstance(request.prompt, list) and len(request.prompt) != 1:
         raise invalid_request("Send one prompt per request (a list of prompts is not supported).", param="prompt")
@@ -204,21 +269,25 @@ def parse_completion_request(body: Any, max_n: int) -> CompletionRequest:
     return request
 
 
-def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
+def parse_chat_request(
+    body: Any, max_n: int, max_data_url_bytes: int = DEFAULT_MAX_DATA_URL_BYTES
+) -> ChatCompletionRequest:
     """Validate a decoded JSON body as a chat completion request (400 on any problem)."""
-    request = _validated(ChatCompletionRequest, body)
+    request = validated(ChatCompletionRequest, body)
     _check_sampling(request, max_n)
     if request.top_logprobs and not request.logprobs:
         raise invalid_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     fmt = request.response_format
-    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or not fmt.json_schema.schema_):
-        raise invalid_request(
-            "response_format of type 'json_schema' needs json_schema.schema.", param="response_format.json_schema"
-        )
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or not fmt.json_schema.schema_:
+            raise invalid_request(
+                "response_format of type 'json_schema' needs json_schema.schema.", param="response_format.json_schema"
+            )
+        check_json_schema(fmt.json_schema.schema_)
     for i, message in enumerate(request.messages):
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
-                _check_part(part, f"messages[{i}].content[{j}]")
+                _check_part(part, f"messages[{i}].content[{j}]", max_data_url_bytes)
         elif message.content is None and message.role != "assistant":
             raise invalid_request(
                 f"Missing required parameter: 'messages[{i}].content'.",
@@ -228,14 +297,43 @@ def parse_chat_request(body: Any, max_n: int) -> ChatCompletionRequest:
     return request
 
 
-def _check_part(part: dict[str, Any], param: str) -> None:
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """400 before any generation when a response_format schema is not a valid JSON Schema (checked
+    against the metaschema it names, draft 2020-12 by default): the answer could never be checked."""
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise invalid_request(
+            f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}"
+            + (f" (at {where})" if where else "")
+            + ".",
+            param="response_format.json_schema.schema",
+            code="invalid_json_schema",
+        ) from None
+
+
+def _check_part(part: dict[str, Any], param: str, max_data_url_bytes: int) -> None:
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise invalid_request(f"Invalid value for '{param}.text': must be a string.", param=f"{param}.text")
-    elif kind in NON_TEXT_PARTS:
+    elif not isinstance(kind, str) or not kind:
         raise invalid_request(
-            f"Content parts of type '{kind}' are not supported by this model; send text.", param=f"{param}.type"
+            f"Invalid content part type {kind!r}: expected 'text' or 'image_url'.", param=f"{param}.type"
         )
-    else:
-        raise invalid_request(f"Invalid content part type {kind!r}: expected 'text'.", param=f"{param}.type")
+    elif kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise invalid_request(
+                f"Invalid value for '{param}.image_url': an object with a 'url' (http(s) or data:).",
+                param=f"{param}.image_url",
+            )
+        if url.startswith("data:") and len(url) > max_data_url_bytes:
+            raise invalid_request(
+                f"The data URL in '{param}.image_url.url' is {len(url)} bytes; at most {max_data_url_bytes} are "
+                "accepted (send a smaller image, or an http(s) URL).",
+                param=f"{param}.image_url.url",
+                code="data_url_too_large",
+            )

@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import logging
 
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
 from prometheus_client import Gauge
 
-from ragmesh.amqp import Topology, connect
+from ragmesh.amqp import Topology
+from ragmesh.amqp_client import LazyChannel
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +28,16 @@ def watched_queues(topology: Topology) -> dict[str, str]:
         "batch.requests": topology.requests_queue,
         "batch.retry": topology.retry_queue,
         "batch.dead": topology.requests_dead_queue,
+        "index.events.dead": topology.index_events_dead_queue,
     }
 
 
 class QueueDepthMonitor:
     def __init__(self, amqp_url: str, topology: Topology, interval: float) -> None:
-        self._url = amqp_url
+        self._broker = LazyChannel(amqp_url, name=f"{topology.namespace or 'ragmesh'}.preprocess.queue-depth")
         self._queues = watched_queues(topology)
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
-        self._connection: AbstractRobustConnection | None = None
 
     def start(self) -> None:
         if self._interval > 0:
@@ -47,18 +48,16 @@ class QueueDepthMonitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._connection is not None:
-            await self._connection.close()
+        await self._broker.close()
 
     async def poll(self) -> dict[str, int]:
         """Read every queue's depth once (a queue not declared yet is skipped) and set the gauges."""
-        if self._connection is None:
-            self._connection = await connect(self._url)
+        connection = await self._broker.connection()
         depths: dict[str, int] = {}
         channel: AbstractChannel | None = None
         for label, name in self._queues.items():
             if channel is None or channel.is_closed:
-                channel = await self._connection.channel()
+                channel = await connection.channel()
             try:
                 queue = await channel.declare_queue(name, passive=True)
             except Exception:  # noqa: BLE001 - absent queue: the broker closed the channel; the next gets a new one

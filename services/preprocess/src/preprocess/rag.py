@@ -23,7 +23,6 @@ import grpc
 
 from preprocess.clients import MeshClients
 from preprocess.reranking import Reranking, RerankOption
-from preprocess.retrieval_api import SEARCH_MODES
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2, retrieval_pb2
@@ -33,6 +32,11 @@ INSTRUCTIONS = (
     "sources it comes from by their numbers in square brackets, like [1] or [2]. If the sources "
     "do not contain the answer, say that you do not know."
 )
+SEARCH_MODES = {
+    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
+    "dense": retrieval_pb2.SEARCH_MODE_DENSE,
+    "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
+}
 NO_SOURCES_ANSWER = "No sources were found in collection '{collection}' for this question."
 
 # A last user turn this short, or with a word pointing back, needs the turn before it.

@@ -43,6 +43,14 @@ _RERANKER_FAILURES = frozenset(
 )
 
 
+class ForwardOnlyError(RagmeshError):
+    """An upstream model that reranks but that inference's Rerank does not serve: forward the request."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(ErrorKind.NOT_FOUND, f"The reranking model `{model}` is served by forwarding only.")
+        self.model = model
+
+
 def model_not_found(model: str) -> RagmeshError:
     return RagmeshError(
         ErrorKind.NOT_FOUND,
@@ -174,7 +182,12 @@ class Reranking:
         try:
             reply: common_pb2.RerankResponse = await stub.Rerank(request, timeout=deadline, metadata=call_metadata())
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            err = from_rpc_error(exc)
+            if where == "inference" and err.kind is ErrorKind.NOT_FOUND:
+                # Listed as a reranker (stated or guessed from its id) without a `rerank:` API in the
+                # backends file: only its owner's own endpoint can answer it.
+                raise ForwardOnlyError(model) from None
+            raise err from None
         return reply
 
     def candidates(self, option: RerankOption, top_k: int) -> int:

@@ -32,6 +32,9 @@ class PreprocessSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGMESH_PREPROCESS_", extra="ignore")
 
     http_port: int = 8000
+    # Peers: one address, a comma list of every replica's IP:port (what `make up`
+    # passes), or a gRPC target such as dns:///inference-headless:50051 (a cluster's
+    # headless Service). Calls are balanced over every replica (round_robin).
     inference_addr: str = "127.0.0.1:50051"
     retrieval_addr: str = "127.0.0.1:50052"
     postprocess_addr: str = "127.0.0.1:50053"
@@ -44,6 +47,8 @@ class PreprocessSettings(ServiceSettings):
     stream_idle_timeout: float = 120.0
     # Bodies over this get 413 (nginx enforces the same limit in front).
     max_body_bytes: int = 32 * 1024 * 1024
+    # A data: URL in a content part (a base64 image) larger than this is a 400.
+    max_data_url_bytes: int = 20 * 1024 * 1024
     # Largest n (choices per request) accepted.
     max_n: int = 8
     # Deadline of retrieval calls (search, collections, embeddings).
@@ -104,6 +109,11 @@ class PreprocessSettings(ServiceSettings):
     batch_max_retries: int = 3
     batch_backoff_base: float = 1.0
     batch_backoff_max: float = 30.0
+    # Seconds batches (their state and results) and files (inputs and outputs) are kept after
+    # they ended or were made: 30 days.
+    batch_retention: float = Field(default=30 * 24 * 3600, gt=0)
+    # Seconds between rounds of the time-driven batch work (expiry, stuck endings, retention); 0: off.
+    batch_sweep_interval: float = Field(default=15.0, ge=0)
 
     # API keys on /v1 ("on"; "off" is the loopback dev mode `make up` picks when
     # the gateway listens on 127.0.0.1 only). GET /v1/models without a key when public.
@@ -114,5 +124,9 @@ class PreprocessSettings(ServiceSettings):
     # Length of the per-key rate-limit window: a key's rpm and tpm are per window.
     rate_limit_window: float = Field(default=60.0, gt=0)
 
-    # Bearer key of the admin endpoints (POST /v1/admin/reload-backends); empty: they are off.
+    # Bearer key of the admin API (keys, backends); empty: it is off.
     admin_key: str = ""
+    # The admin API's own listener (never the public port; the gateway's internal admin
+    # server proxies to it). 0: no admin listener.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8004

@@ -151,6 +151,26 @@ class Embedder:
         tokenizer = self._models[INTERACTIVE].tokenizer
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
+    def truncate(self, texts: list[str], keep_end: bool) -> list[str]:
+        """Each text cut to what the model reads: its end dropped (or, `keep_end`, its start) (blocking)."""
+        tokenizer = self._models[INTERACTIVE].tokenizer
+        room = self.max_tokens - 2  # [CLS] and [SEP]
+        out = []
+        for text in texts:
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            if len(offsets) <= room:
+                out.append(text)
+            elif keep_end:
+                out.append(text[offsets[len(offsets) - room][0] :])
+            else:
+                out.append(text[: offsets[room - 1][1]])
+        return out
+
+    async def truncate_async(self, texts: list[str], keep_end: bool) -> list[str]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executors[INTERACTIVE], self.truncate, texts, keep_end
+        )
+
     async def count_tokens_async(self, texts: list[str]) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(self._executors[INTERACTIVE], self.count_tokens, texts)
 

@@ -7,7 +7,13 @@ redelivered job that was already applied (the replica died before its ack) is
 recognised by its id and only re-announced, never indexed twice.
 
 Every replica consumes `index.events` through a durable queue of its own, so
-changes made while it was down are applied when it comes back.
+changes made while it was down are applied when it comes back. An event that fails to apply
+is tried again after a backoff (through the replica's retry queue, with a retry count), up to
+`index_event_max_retries` times; then it is dead-lettered to `index.events.dead` with an error
+logged, instead of blocking the replica's queue for ever.
+
+A replica that lacks collections the registry lists (new, or its data lost) declares its
+events queue first, copies them from a peer (retrieval/catchup.py), and only then consumes.
 """
 
 from __future__ import annotations
@@ -18,20 +24,29 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelNotFoundEntity
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from ragmesh.amqp import Topology, connect, consuming, declare_index_events, declare_ingest, persistent_message
+from ragmesh.amqp import (
+    Topology,
+    backoff_seconds,
+    consuming,
+    declare_index_events,
+    declare_ingest,
+    declare_replica_events,
+    persistent_message,
+    retries_of,
+    retry_copy,
+    settle,
+)
+from ragmesh.amqp_client import LazyChannel, SupervisedConsumer
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
+from retrieval.catchup import CatchUp
 from retrieval.embedder import Embedder
 from retrieval.index import ChunkRecord, Snapshot, bm25_tokens, embedding_text
 from retrieval.settings import RetrievalSettings
@@ -42,6 +57,11 @@ log = logging.getLogger(__name__)
 JOBS = Counter("ragmesh_retrieval_ingest_jobs_total", "Ingestion jobs by outcome", ["outcome"])
 CHUNKS_INDEXED = Counter("ragmesh_retrieval_chunks_indexed_total", "Chunks indexed by this replica")
 EVENTS_APPLIED = Counter("ragmesh_retrieval_index_events_applied_total", "index.events changes applied", ["change"])
+EVENTS_FAILED = Counter(
+    "ragmesh_retrieval_index_events_failed_total", "index.events changes that failed to apply", ["outcome"]
+)
+# Longest wait before an event is tried again.
+EVENT_BACKOFF_MAX = 60.0
 
 # Seconds to wait before a job that hit a transient failure goes back to the queue.
 RETRY_DELAY = 1.0
@@ -70,69 +90,125 @@ def records_from(chunks: Sequence[ingest_pb2.Chunk]) -> list[ChunkRecord]:
 
 class Ingestion:
     def __init__(
-        self, settings: RetrievalSettings, store: CollectionStore, embedder: Embedder, jobs: JobStore | None
+        self,
+        settings: RetrievalSettings,
+        store: CollectionStore,
+        embedder: Embedder,
+        jobs: JobStore | None,
+        catch_up: CatchUp | None = None,
     ) -> None:
+        """`catch_up`: copy missing collections from peers once this replica's events queue
+        exists, before consuming events or jobs (`wait_caught_up` returns when done)."""
         self._settings = settings
         self._store = store
         self._embedder = embedder
         self._jobs = jobs
         self._topology = Topology(settings.namespace)
-        self._connection: AbstractRobustConnection | None = None
-        self._publish_channel: AbstractChannel | None = None
-        self._events: AbstractExchange | None = None
+        name = f"{settings.namespace or 'ragmesh'}.retrieval.{settings.replica_id}"
+        self._publisher = LazyChannel(
+            settings.amqp_url, name=f"{name}.publisher", declare=lambda ch: declare_index_events(ch, self._topology)
+        )
+        # Embedding is CPU-bound: one job at a time.
+        self._job_consumer = SupervisedConsumer(
+            settings.amqp_url,
+            name=f"{name}.ingest",
+            prefetch=1,
+            declare=lambda ch: declare_ingest(ch, self._topology),
+            handle=self._on_job,
+        )
+        self._event_consumer = SupervisedConsumer(
+            settings.amqp_url,
+            name=f"{name}.events",
+            prefetch=16,
+            declare=lambda ch: declare_replica_events(ch, self._topology, settings.replica_id),
+            handle=self._on_event,
+        )
+        self._catch_up = catch_up
         self._starter: asyncio.Task[None] | None = None
-        self.ready = False
+        self._caught_up = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect in the background (retrying until the broker answers), then consume."""
-        self._starter = asyncio.create_task(self._connect_and_consume())
+        """Consume the ingest queue and this replica's index.events queue (each supervised:
+        (re)connecting until the broker answers); first catch up, when there is a catch-up."""
+        if self._catch_up is None:
+            self._begin_consuming()
+            return
+        self._starter = asyncio.create_task(self._catch_up_then_consume(self._catch_up), name="catch-up")
 
-    async def _connect_and_consume(self) -> None:
+    def _begin_consuming(self) -> None:
+        self._caught_up.set()
+        self._job_consumer.start()
+        self._event_consumer.start()
+
+    async def _catch_up_then_consume(self, catch_up: CatchUp) -> None:
         while True:
             try:
-                self._connection = await connect(self._settings.amqp_url)
+                new_replica = await self._declare_own_queue()
                 break
-            except (TimeoutError, OSError, ConnectionError) as exc:
-                log.warning("RabbitMQ unavailable, retrying", extra={"error": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - the broker may come later
+                log.warning("catch-up waiting for RabbitMQ", extra={"error": repr(exc)})
                 await asyncio.sleep(2.0)
-        self._publish_channel = await self._connection.channel(publisher_confirms=True)
-        self._events = await declare_index_events(self._publish_channel, self._topology)
+        # Changes wait in this replica's queue from now on: what came before is copied from a peer.
+        try:
+            await catch_up.run(new_replica)
+        except Exception:
+            log.exception("catching up failed; serving the collections this replica has")
+        self._begin_consuming()
 
-        jobs_channel = await self._connection.channel()
-        await jobs_channel.set_qos(prefetch_count=1)  # embedding is CPU-bound: one job at a time
-        ingest_queue = await declare_ingest(jobs_channel, self._topology)
-        await ingest_queue.consume(self._on_job)
+    async def _declare_own_queue(self) -> bool:
+        """Declare this replica's events queue; whether it is new (did not exist before)."""
+        connection = await self._publisher.connection()
+        probe = await connection.channel()  # a failed passive declare closes its channel
+        try:
+            await probe.declare_queue(self._topology.index_events_queue(self._settings.replica_id), passive=True)
+            existed = True
+        except ChannelNotFoundEntity:
+            existed = False
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        channel = await connection.channel()
+        try:
+            await declare_replica_events(channel, self._topology, self._settings.replica_id)
+        finally:
+            await channel.close()
+        return not existed
 
-        events_channel = await self._connection.channel()
-        await events_channel.set_qos(prefetch_count=16)
-        events = await declare_index_events(events_channel, self._topology)
-        mine = await events_channel.declare_queue(
-            self._topology.index_events_queue(self._settings.replica_id),
-            durable=True,
-            # A replica gone for a week is gone for good: its queue goes too.
-            arguments={"x-expires": 7 * 24 * 3600 * 1000},
-        )
-        await mine.bind(events)
-        await mine.consume(self._on_event)
-        self.ready = True
-        log.info("consuming", extra={"queue": ingest_queue.name, "events": mine.name})
+    async def wait_caught_up(self) -> None:
+        """Until the collections this replica lacked are copied from a peer (see CatchUp)."""
+        await self._caught_up.wait()
+
+    async def stop_consuming(self) -> None:
+        """SIGTERM: take no new jobs or events; the ones in hand go on until `close`."""
+        await asyncio.gather(self._job_consumer.pause(), self._event_consumer.pause())
+
+    def state(self) -> str:
+        """Readiness: "ok" while both consumers consume, else what is wrong."""
+        states = {"ingest": self._job_consumer.state, "index.events": self._event_consumer.state}
+        bad = {k: v for k, v in states.items() if v != "ok"}
+        return "ok" if not bad else "; ".join(f"{k}: {v}" for k, v in bad.items())
 
     async def close(self) -> None:
+        """Stop consuming; the job in hand gets the grace (counted from the first pause) to finish,
+        and is not acked if it does not: the broker gives it to another replica."""
         if self._starter is not None:
             self._starter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._starter
-        if self._connection is not None:
-            await self._connection.close()
+        await asyncio.gather(
+            self._job_consumer.stop(self._settings.shutdown_grace),
+            self._event_consumer.stop(self._settings.shutdown_grace),
+        )
+        await self._publisher.close()
 
     async def announce(self, event: ingest_pb2.IndexEvent) -> None:
         """Publish a change this replica made to every other replica (confirmed)."""
-        if self._events is None:
-            raise ConnectionError("not connected to RabbitMQ yet")
         event.origin = self._settings.replica_id
-        await self._events.publish(
+        channel = await self._publisher.get()
+        exchange = await channel.get_exchange(self._topology.index_events_exchange, ensure=False)
+        await exchange.publish(
             persistent_message(event.SerializeToString(), message_id=f"{event.collection_id}", type_="index.event"),
             routing_key="",
         )
@@ -230,20 +306,45 @@ class Ingestion:
         try:
             event = ingest_pb2.IndexEvent.FromString(message.body)
         except DecodeError:
-            log.error("undecodable index event dropped")
-            await message.reject(requeue=False)
+            log.error("undecodable index event dead-lettered", extra={"message_id": message.message_id})
+            EVENTS_FAILED.labels("poison").inc()
+            await settle(message)
             return
         if event.origin == self._settings.replica_id:
-            await message.ack()
+            await settle(message, ack=True)
             return
         try:
             await self._apply(event)
-        except Exception:
-            log.exception("index event not applied; retrying", extra={"collection": event.collection})
-            await asyncio.sleep(RETRY_DELAY)
-            await message.nack(requeue=True)
+        except Exception as exc:  # noqa: BLE001 - retried, then dead-lettered; the queue moves on
+            await self._retry_or_dead_letter(message, event, exc)
             return
-        await message.ack()
+        await settle(message, ack=True)
+
+    async def _retry_or_dead_letter(
+        self, message: AbstractIncomingMessage, event: ingest_pb2.IndexEvent, exc: Exception
+    ) -> None:
+        attempt = retries_of(message) + 1
+        where = {"collection": event.collection, "attempt": attempt, "error": repr(exc)}
+        if attempt > self._settings.index_event_max_retries:
+            log.error("index event dead-lettered: this replica misses the change", extra=where)
+            EVENTS_FAILED.labels("dead_lettered").inc()
+            await settle(message)
+            return
+        log.warning("index event not applied; retrying later", extra=where)
+        EVENTS_FAILED.labels("retried").inc()
+        delay = backoff_seconds(attempt, self._settings.index_event_backoff, EVENT_BACKOFF_MAX)
+        try:
+            channel = await self._publisher.get()
+            await channel.default_exchange.publish(
+                retry_copy(message, attempt, delay),
+                routing_key=self._topology.index_events_retry_queue(self._settings.replica_id),
+            )
+        except Exception as publish_error:  # noqa: BLE001 - the broker is away: the event goes back as it is
+            log.warning("index event requeued", extra={"error": repr(publish_error)})
+            await asyncio.sleep(RETRY_DELAY)
+            await settle(message, requeue=True)
+            return
+        await settle(message, ack=True)
 
     async def _apply(self, event: ingest_pb2.IndexEvent) -> None:
         change = event.WhichOneof("change")

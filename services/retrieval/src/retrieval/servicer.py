@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import numpy as np
 from google.protobuf.struct_pb2 import Struct
@@ -11,6 +12,7 @@ from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.grpc_server import ServicerContext
 from ragmesh.rerank import ranked
 from ragmesh.v1 import common_pb2, ingest_pb2, retrieval_pb2, retrieval_pb2_grpc
+from retrieval.catchup import export_parts
 from retrieval.embedder import Embedder
 from retrieval.index import Snapshot
 from retrieval.ingestion import Ingestion
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 INTERACTIVE_EMBED_INPUTS = 16
 
 MODE_NAMES = {
+    retrieval_pb2.SEARCH_MODE_UNSPECIFIED: "hybrid",  # the default
     retrieval_pb2.SEARCH_MODE_HYBRID: "hybrid",
     retrieval_pb2.SEARCH_MODE_DENSE: "dense",
     retrieval_pb2.SEARCH_MODE_SPARSE: "sparse",
@@ -107,16 +110,23 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             raise invalid_request("input must not be empty.", param="input")
         if len(inputs) > self._settings.max_embed_inputs:
             raise invalid_request(f"input accepts at most {self._settings.max_embed_inputs} items.", param="input")
+        truncate = (request.truncate or "NONE").upper()
+        if truncate not in ("NONE", "START", "END"):
+            raise invalid_request("truncate must be NONE, START or END.", param="truncate")
         counts = await self._embedder.count_tokens_async(inputs)
         for i, (text, count) in enumerate(zip(inputs, counts, strict=True)):
             if not text:
                 raise invalid_request(f"input[{i}] must not be an empty string.", param="input")
-            if count > self._embedder.max_tokens:
+            if count > self._embedder.max_tokens and truncate == "NONE":
                 raise invalid_request(
-                    f"input[{i}] is {count} tokens long; this model reads at most {self._embedder.max_tokens}.",
+                    f"input[{i}] is {count} tokens long; this model reads at most {self._embedder.max_tokens} "
+                    "(truncate START or END cuts it).",
                     param="input",
                     code="context_length_exceeded",
                 )
+        if truncate != "NONE" and any(count > self._embedder.max_tokens for count in counts):
+            inputs = await self._embedder.truncate_async(inputs, keep_end=truncate == "START")
+            counts = [min(count, self._embedder.max_tokens) for count in counts]
         vectors = await self._embedder.embed(inputs, bulk=len(inputs) > INTERACTIVE_EMBED_INPUTS)
         return retrieval_pb2.EmbedResponse(
             vectors=np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
@@ -188,6 +198,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             max_context=self._embedder.max_tokens,
             backend="embedded",
             capabilities=["embedding"],
+            backend_type="embedded",
         )
         return common_pb2.ListModelsResponse(models=[card, *self._rerankers.cards()])
 
@@ -211,6 +222,17 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             model=request.model,
             prompt_tokens=scores.tokens,
         )
+
+    async def ExportCollection(  # noqa: N802
+        self, request: retrieval_pb2.ExportCollectionRequest, context: ServicerContext
+    ) -> AsyncIterator[retrieval_pb2.ExportCollectionResponse]:
+        """This replica's copy of a collection, for a peer catching up (the snapshot is immutable:
+        the copy is consistent even while changes are applied)."""
+        snapshot = self._store.local(request.name)
+        if snapshot is None:
+            raise RagmeshError(ErrorKind.NOT_FOUND, f"This replica has no copy of '{request.name}'.", param="name")
+        for part in export_parts(snapshot):
+            yield part
 
     async def _announce(self, event: ingest_pb2.IndexEvent) -> None:
         try:

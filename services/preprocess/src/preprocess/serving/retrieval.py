@@ -1,70 +1,23 @@
-"""HTTP endpoints backed by retrieval: collections, documents, jobs, search, embeddings."""
+"""Collections, documents, ingestion jobs and search: the retrieval service's API, in OpenAI's style."""
 
 from __future__ import annotations
 
-import array
-import base64
-import sys
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 import grpc
-import orjson
 from google.protobuf.json_format import MessageToDict
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
-from preprocess.ingest import IngestPublisher, parse_documents
-from preprocess.protocol import parse_chat_request, parse_completion_request, validation_error
+from preprocess.ingest import DocumentsRequest, IngestPublisher
+from preprocess.protocol import CreateCollectionRequest, SearchRequest, UpdateCollectionRequest
+from preprocess.rag import SEARCH_MODES
 from preprocess.reranking import Reranking, RerankOption
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error, invalid_request
 from ragmesh.grpc_client import call_metadata
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import retrieval_pb2
-
-SEARCH_MODES = {
-    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
-    "dense": retrieval_pb2.SEARCH_MODE_DENSE,
-    "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
-}
-
-
-class CreateCollection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: StrictStr
-    reranker: StrictStr | None = None  # the default reranking model of its searches
-
-
-class UpdateCollection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    reranker: StrictStr | None  # null: no default reranker
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    collection: StrictStr = Field(min_length=1)
-    query: StrictStr = Field(min_length=1)
-    top_k: int = Field(default=5, ge=1, le=100)
-    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
-    cache: bool = True
-    # A reranking model, true (the collection's default), false (none); unset: the collection's default.
-    rerank: StrictBool | StrictStr | None = None
-    rerank_candidates: int | None = Field(default=None, ge=1)
-    rerank_required: StrictBool = False
-
-    def option(self) -> RerankOption:
-        return RerankOption(self.rerank, self.rerank_candidates, self.rerank_required)
-
-
-class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    input: StrictStr | list[StrictStr] | list[int] | list[list[int]]
-    model: StrictStr
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: StrictStr | None = None
 
 
 def collection_object(collection: retrieval_pb2.Collection) -> dict[str, Any]:
@@ -81,16 +34,9 @@ def collection_object(collection: retrieval_pb2.Collection) -> dict[str, Any]:
     }
 
 
-def _validated(model: type[BaseModel], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise invalid_request("The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+class RetrievalServing:
+    """Collections, documents, jobs and search, each a call to the retrieval service."""
 
-
-class RetrievalApi:
     def __init__(
         self,
         clients: MeshClients,
@@ -117,8 +63,7 @@ class RetrievalApi:
         if model:
             await self._reranking.catalog.locate(model)  # 404 unknown, 400 not a reranker
 
-    async def create_collection(self, body: Any) -> dict[str, Any]:
-        request = _validated(CreateCollection, body)
+    async def create_collection(self, request: CreateCollectionRequest) -> dict[str, Any]:
         await self._check_reranker(request.reranker)
         created = await self._call(
             self._clients.retrieval.CreateCollection,
@@ -126,9 +71,8 @@ class RetrievalApi:
         )
         return collection_object(created)
 
-    async def update_collection(self, name: str, body: Any) -> dict[str, Any]:
+    async def update_collection(self, name: str, request: UpdateCollectionRequest) -> dict[str, Any]:
         """PATCH /v1/collections/{name}: its default reranker."""
-        request = _validated(UpdateCollection, body)
         await self._check_reranker(request.reranker)
         updated = await self._call(
             self._clients.retrieval.UpdateCollection,
@@ -150,8 +94,8 @@ class RetrievalApi:
 
     # --- documents and jobs ---------------------------------------------------------
 
-    async def add_documents(self, name: str, body: Any) -> dict[str, Any]:
-        request = parse_documents(body, self._settings)
+    async def add_documents(self, name: str, request: DocumentsRequest) -> dict[str, Any]:
+        """Queue validated documents for ingestion into collection `name` (202: a job to watch)."""
         collection = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))
         accepted = await self._publisher.submit(collection.name, collection.id, request)
         return {
@@ -174,10 +118,9 @@ class RetrievalApi:
             )
         return job
 
-    # --- search and embeddings ---------------------------------------------------------
+    # --- search ---------------------------------------------------------
 
-    async def search(self, body: Any) -> dict[str, Any]:
-        request = _validated(SearchRequest, body)
+    async def search(self, request: SearchRequest) -> dict[str, Any]:
         if request.rerank_candidates is not None and request.rerank_candidates > self._settings.max_rerank_candidates:
             raise invalid_request(
                 f"'rerank_candidates' must be at most {self._settings.max_rerank_candidates}.",
@@ -191,7 +134,7 @@ class RetrievalApi:
                 mode=SEARCH_MODES[request.mode],
                 no_cache=not request.cache,
             ),
-            request.option(),
+            RerankOption(request.rerank, request.rerank_candidates, request.rerank_required),
             self._settings.retrieval_timeout,
         )
         results = []
@@ -216,54 +159,3 @@ class RetrievalApi:
             **reranked.summary(),
             "results": results,
         }
-
-    async def embeddings(self, body: Any) -> dict[str, Any]:
-        request = _validated(EmbeddingsRequest, body)
-        inputs = [request.input] if isinstance(request.input, str) else request.input
-        if not inputs:
-            raise invalid_request("'input' must not be empty.", param="input")
-        if not all(isinstance(item, str) for item in inputs):
-            raise invalid_request("Token arrays are not supported as 'input'; send text.", param="input")
-        if request.dimensions is not None:
-            raise invalid_request("'dimensions' is not supported by this model.", param="dimensions")
-        reply = await self._call(
-            self._clients.retrieval.Embed, retrieval_pb2.EmbedRequest(model=request.model, inputs=inputs)
-        )
-        # Little-endian float32 rows, as OpenAI's base64 encoding is too: sliced, not decoded, for base64.
-        row = 4 * reply.dimensions
-        data = []
-        for i in range(len(inputs)):
-            raw = reply.vectors[i * row : (i + 1) * row]
-            embedding: Any = base64.b64encode(raw).decode() if request.encoding_format == "base64" else _floats(raw)
-            data.append({"object": "embedding", "index": i, "embedding": embedding})
-        return {
-            "object": "list",
-            "data": data,
-            "model": reply.model,
-            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
-        }
-
-
-def _floats(raw: bytes) -> list[float]:
-    values = array.array("f", raw)
-    if sys.byteorder == "big":
-        values.byteswap()
-    return values.tolist()
-
-
-def runner(
-    settings: PreprocessSettings, chat: Any, retrieval: RetrievalApi
-) -> Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]:
-    """How a batch line or a direct-protocol request runs: the same path as over HTTP."""
-
-    async def run(url: str, body: dict[str, Any]) -> dict[str, Any]:
-        if url == "/v1/embeddings":
-            return await retrieval.embeddings(body)
-        if url == "/v1/chat/completions":
-            request: Any = parse_chat_request(body, settings.max_n)
-        else:
-            request = parse_completion_request(body, settings.max_n)
-        result: dict[str, Any] = orjson.loads(await chat.complete(request))
-        return result
-
-    return run

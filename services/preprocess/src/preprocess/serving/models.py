@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import grpc
-from starlette.requests import Request
 
 from preprocess.clients import MeshClients
+from preprocess.keys import ApiKey, check_model_allowed
 from preprocess.settings import ModelAlias
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
-from ragmesh.v1 import common_pb2, inference_pb2
+from ragmesh.v1 import common_pb2
 
 
 def model_object(card: common_pb2.ModelCard) -> dict[str, Any]:
-    """OpenAI's model object plus vLLM's max_model_len and, where known, what the model does."""
-    body: dict[str, Any] = {
+    """OpenAI's model object, vLLM's max_model_len, and what the model does and where it runs."""
+    return {
         "id": card.id,
         "object": "model",
         "created": card.created,
         "owned_by": card.owned_by,
         "max_model_len": card.max_context,
+        "capabilities": list(card.capabilities),
+        "backend_type": card.backend_type or "embedded",
     }
-    if card.capabilities:
-        body["capabilities"] = list(card.capabilities)
-    return body
 
 
 async def list_models(clients: MeshClients, deadline: float = 10.0) -> list[common_pb2.ModelCard]:
@@ -68,34 +66,25 @@ async def all_models(clients: MeshClients, aliases: dict[str, ModelAlias]) -> li
     return models
 
 
-async def models_page(clients: MeshClients, aliases: dict[str, ModelAlias]) -> dict[str, Any]:
-    return {"object": "list", "data": await all_models(clients, aliases)}
+class ModelsServing:
+    """GET /v1/models and /v1/models/{model}: what a key may use, as OpenAI's model objects."""
 
+    def __init__(self, clients: MeshClients, aliases: dict[str, ModelAlias]) -> None:
+        self._clients = clients
+        self._aliases = aliases
 
-async def model_detail(clients: MeshClients, aliases: dict[str, ModelAlias], model: str) -> dict[str, Any]:
-    for card in await all_models(clients, aliases):
-        if card["id"] == model:
-            return card
-    raise RagmeshError(
-        ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", param="model", code="model_not_found"
-    )
+    async def page(self, key: ApiKey | None) -> dict[str, Any]:
+        """The model list; a key limited to some models sees only those."""
+        models = await all_models(self._clients, self._aliases)
+        if key is not None and key.models:
+            models = [card for card in models if card["id"] in key.models]
+        return {"object": "list", "data": models}
 
-
-def check_admin(request: Request, admin_key: str) -> None:
-    """Admin endpoints need the configured admin key as a bearer token (and are off without one)."""
-    if not admin_key:
-        raise RagmeshError(ErrorKind.NOT_FOUND, "Admin endpoints are off (RAGMESH_PREPROCESS_ADMIN_KEY is not set).")
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), admin_key.encode()):
-        raise RagmeshError(ErrorKind.AUTHENTICATION, "A valid admin key is required.")
-
-
-async def reload_inference_backends(clients: MeshClients) -> dict[str, Any]:
-    """Ask inference to read its backends file again (a bad file is refused, naming the line)."""
-    try:
-        reply = await clients.inference.ReloadBackends(
-            inference_pb2.ReloadBackendsRequest(), timeout=60, metadata=call_metadata()
+    async def detail(self, model: str, key: ApiKey | None) -> dict[str, Any]:
+        check_model_allowed(key, model)
+        for card in await all_models(self._clients, self._aliases):
+            if card["id"] == model:
+                return card
+        raise RagmeshError(
+            ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", param="model", code="model_not_found"
         )
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-    return {"object": "backends.reloaded", "backends": list(reply.backends), "models": list(reply.models)}

@@ -1,4 +1,4 @@
-"""HTTP plumbing for OpenAI endpoints: JSON bodies, client disconnects, SSE."""
+"""HTTP plumbing for OpenAI endpoints: JSON bodies, uploads, client disconnects."""
 
 from __future__ import annotations
 
@@ -68,21 +68,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def sse_event(data: str | bytes) -> bytes:
-    """One server-sent event carrying `data`."""
-    if isinstance(data, str):
-        data = data.encode()
-    return b"data: " + data + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse_error(err: RagmeshError) -> bytes:
-    """The tail of a stream that failed after it started: an error event, then [DONE]."""
-    return sse_event(orjson.dumps(err.to_openai())) + SSE_DONE
-
-
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str, str]:
     """(contents, filename, purpose) of a multipart upload with `file` and `purpose` fields."""
     content_type = request.headers.get("content-type", "")
@@ -104,3 +89,16 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str, str
     if len(data) > max_bytes:
         raise _too_large(max_bytes)
     return data, upload.filename or "upload.jsonl", purpose
+
+
+async def read_raw(request: Request, max_bytes: int) -> bytes:
+    """The body as sent (any content type, maybe empty); 413 over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    return bytes(body)

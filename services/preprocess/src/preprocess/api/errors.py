@@ -7,6 +7,8 @@ import logging
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -73,6 +75,14 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """Redis away or slow (a timeout, a pause): the client may retry, it is no server bug."""
+    log.warning("request failed: Redis unavailable", extra={"error": repr(exc)})
+    return error_response(
+        RagmeshError(ErrorKind.UNAVAILABLE, "The state store (Redis) is unavailable; retry shortly.", retry_after=2)
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error")
     return error_response(RagmeshError(ErrorKind.INTERNAL, "The server had an error while processing your request."))
@@ -83,4 +93,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RagmeshError, _ragmesh_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RedisConnectionError, _store_unavailable)
+    app.add_exception_handler(RedisTimeoutError, _store_unavailable)
     app.add_exception_handler(Exception, _unhandled)

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from redis.exceptions import RedisError
 
-from preprocess.auth import check_model_allowed
-from preprocess.keys import ApiKey, KeyStore
+from preprocess.keys import ApiKey, KeyStore, check_model_allowed
 from preprocess.metrics import RequestClock
-from preprocess.protocol import validation_error
-from preprocess.reranking import Reranking
+from preprocess.reranking import ForwardOnlyError, Reranking
+from preprocess.serving.forward import ForwardServing
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2
@@ -49,9 +48,6 @@ class RerankBody(_Lenient):
     truncation: StrictBool = False
 
 
-BodyT = TypeVar("BodyT", bound=BaseModel)
-
-
 class RankingBody(_Lenient):
     """POST /v1/ranking: NVIDIA NIM's reranking request."""
 
@@ -61,23 +57,27 @@ class RankingBody(_Lenient):
     truncate: Literal["NONE", "END"] = "NONE"
 
 
-def parse_body(model: type[BodyT], body: Any) -> BodyT:
-    """A request body as `model` (400 naming the parameter on any problem)."""
-    if not isinstance(body, dict):
-        raise invalid_request("The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
 class RerankServing:
     """The two reranking endpoints over the mesh's reranking models (no HTTP here: bodies in, dicts out)."""
 
-    def __init__(self, reranking: Reranking, settings: PreprocessSettings, keys: KeyStore | None) -> None:
+    def __init__(
+        self,
+        reranking: Reranking,
+        settings: PreprocessSettings,
+        keys: KeyStore | None,
+        forward: ForwardServing | None = None,
+    ) -> None:
         self._reranking = reranking
         self._settings = settings
         self._keys = keys
+        self._forward = forward
+
+    async def _forwarded(self, path: str, body: BaseModel, err: ForwardOnlyError) -> dict[str, Any]:
+        """The request as the client sent it, to the upstream that owns the model (its own API)."""
+        if self._forward is None:
+            raise err
+        sent = body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+        return await self._forward.json(path, err.model, sent)
 
     def _check(self, query: str, documents: list[str], param: str) -> None:
         if not query.strip():
@@ -135,7 +135,10 @@ class RerankServing:
     async def rerank(self, body: RerankBody, key: ApiKey | None) -> dict[str, Any]:
         """POST /v1/rerank."""
         documents = [d if isinstance(d, str) else d.text for d in body.documents]
-        reply = await self._scored(key, "rerank", body.model, body.query, documents, body.truncation)
+        try:
+            reply = await self._scored(key, "rerank", body.model, body.query, documents, body.truncation)
+        except ForwardOnlyError as err:
+            return await self._forwarded("/rerank", body, err)
         results: list[dict[str, Any]] = []
         for scored in reply.results[: body.top_n]:
             result: dict[str, Any] = {"index": scored.index, "relevance_score": scored.relevance_score}
@@ -152,7 +155,10 @@ class RerankServing:
     async def ranking(self, body: RankingBody, key: ApiKey | None) -> dict[str, Any]:
         """POST /v1/ranking."""
         documents = [p.text for p in body.passages]
-        reply = await self._scored(key, "ranking", body.model, body.query.text, documents, body.truncate == "END")
+        try:
+            reply = await self._scored(key, "ranking", body.model, body.query.text, documents, body.truncate == "END")
+        except ForwardOnlyError as err:
+            return await self._forwarded("/ranking", body, err)
         return {
             "rankings": [{"index": r.index, "logit": r.logit} for r in reply.results],
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},

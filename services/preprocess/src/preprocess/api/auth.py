@@ -88,17 +88,6 @@ def api_key_of(scope_or_request: Any) -> ApiKey | None:
     return key if isinstance(key, ApiKey) else None
 
 
-def check_model_allowed(key: ApiKey | None, model: str) -> None:
-    """A key limited to some models sees the others as absent (404, as OpenAI does)."""
-    if key is not None and key.models and model not in key.models:
-        raise RagmeshError(
-            ErrorKind.NOT_FOUND,
-            f"The model `{model}` does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
-
-
 def owner_of(request: Any) -> str | None:
     """Whose files and batches a request may see: its key's id (None when auth is off: everyone's)."""
     key = api_key_of(request)

@@ -18,15 +18,21 @@ STUBS_DIR := libs/ragmesh/src/ragmesh/v1
 PROTO_STAMP := $(STUBS_DIR)/__init__.py
 PROTOS := $(wildcard $(PROTO_DIR)/ragmesh/v1/*.proto)
 PYPROJECTS := libs/ragmesh/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
+# buf, for the proto gate: the npm package ships the binary.
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
 
-.PHONY: help up down test lint proto logs install nginx clean
+.PHONY: help up down rollout test lint proto buf logs install nginx clean
 
 help:
 	@echo "make up     install what is missing, start the mesh, wait until it is ready"
 	@echo "make down   stop everything make up started"
+	@echo "make rollout SERVICE=inference|retrieval|postprocess|preprocess|all"
+	@echo "            restart a service's replicas one at a time, without dropping a request"
 	@echo "make test   run the test suite (unit, integration, end-to-end)"
 	@echo "make lint   ruff + mypy"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
+	@echo "make buf    the proto gate: buf lint, buf breaking against the last commit of main"
 	@echo "make logs   follow the service logs"
 
 $(INSTALL_STAMP): constraints.txt requirements-dev.txt $(PYPROJECTS)
@@ -57,10 +63,21 @@ up: install
 down:
 	@$(PYTHON) scripts/mesh.py down
 
+rollout:
+	@test -n "$(SERVICE)" || { echo "usage: make rollout SERVICE=inference|retrieval|postprocess|preprocess|all"; exit 2; }
+	$(BIN)/python scripts/rollout.py $(SERVICE)
+
 logs:
 	@$(PYTHON) scripts/mesh.py logs
 
-test: install
+$(BUF):
+	npm install --prefix .tools --no-save --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+
+# A contract a running peer cannot read never passes: see scripts/proto-gate.
+buf: $(BUF)
+	scripts/proto-gate
+
+test: install buf
 	$(BIN)/python -m pytest
 
 lint: $(INSTALL_STAMP) $(PROTO_STAMP)

@@ -8,6 +8,13 @@ ready. Standard library only, so `make down` works even without the venv.
 
 Ports and addresses come from the same RAGMESH_* variables the services read
 (see .env.example); a `.env` file at the repository root is loaded first.
+
+Replicas: RAGMESH_REPLICAS="inference=2,retrieval=2,postprocess=2,preprocess=2"
+runs that many processes of each service (one if unnamed). The first replica
+listens on the configured ports, the others on free ports picked at `up` and kept
+in run/mesh.json. Every service gets the address list of its peers' replicas and
+nginx balances over the preprocess replicas. scripts/rollout.py (`make rollout`)
+restarts a service's replicas one at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -31,7 +39,33 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
+# Backends first, the front after them: the order of `up` and of `rollout all`.
 SERVICES = ("inference", "retrieval", "postprocess", "preprocess")
+GRPC_SERVICES = ("inference", "retrieval", "postprocess")
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One process of a service: its supervisord program and its ports."""
+
+    service: str
+    index: int
+    count: int
+    http_port: int
+    grpc_port: int | None
+
+    @property
+    def program(self) -> str:
+        """The supervisord program: the service's name, or name-<index> when there are several."""
+        return self.service if self.count == 1 else f"{self.service}-{self.index}"
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1/health/ready"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/metrics"
 
 
 @dataclass(frozen=True)
@@ -43,6 +77,7 @@ class Plan:
     gateway_host: str
     gateway_port: int
     ports: dict[str, int]
+    replicas: dict[str, list[Replica]]
 
     @property
     def log_dir(self) -> Path:
@@ -51,6 +86,10 @@ class Plan:
     @property
     def gateway_url(self) -> str:
         return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    def grpc_addresses(self, service: str) -> str:
+        """Every replica's gRPC address, as the peers' settings take it (a comma list)."""
+        return ",".join(f"127.0.0.1:{r.grpc_port}" for r in self.replicas[service])
 
 
 def load_dotenv(path: Path, env: dict[str, str]) -> None:
@@ -65,7 +104,59 @@ def load_dotenv(path: Path, env: dict[str, str]) -> None:
         env.setdefault(key.strip(), value.strip().strip("'\""))
 
 
-def make_plan(env: dict[str, str], run_dir: Path) -> Plan:
+def replica_counts(env: dict[str, str]) -> dict[str, int]:
+    """RAGMESH_REPLICAS="inference=2,retrieval=2": processes per service (1 when unnamed)."""
+    counts = dict.fromkeys(SERVICES, 1)
+    for item in env.get("RAGMESH_REPLICAS", "").replace(" ", "").split(","):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if name not in counts or not value.isdigit() or int(value) < 1:
+            sys.exit(f"RAGMESH_REPLICAS: {item!r} is not <service>=<count> with a service of {', '.join(SERVICES)}")
+        counts[name] = int(value)
+    return counts
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def plan_replicas(ports: dict[str, int], counts: dict[str, int]) -> dict[str, list[Replica]]:
+    """Replica 0 on the configured ports, the others on free ones."""
+    replicas: dict[str, list[Replica]] = {}
+    for service in SERVICES:
+        count = counts[service]
+        listed = []
+        for index in range(count):
+            if index == 0:
+                http, grpc_port = ports[f"{service}_http"], ports.get(f"{service}_grpc")
+            else:
+                http, grpc_port = free_port(), free_port() if service in GRPC_SERVICES else None
+            listed.append(Replica(service, index, count, http, grpc_port))
+        replicas[service] = listed
+    return replicas
+
+
+def saved_replicas(run_dir: Path) -> dict[str, list[Replica]] | None:
+    """The replicas of the mesh `up` started in this run folder (run/mesh.json), if any."""
+    try:
+        saved = json.loads((run_dir / "mesh.json").read_text())["replicas"]
+        return {
+            service: [
+                Replica(service, index, len(saved[service]), int(r["http"]), r["grpc"])
+                for index, r in enumerate(saved[service])
+            ]
+            for service in SERVICES
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def make_plan(env: dict[str, str], run_dir: Path, running: bool = False) -> Plan:
+    """The plan from the environment; for a running mesh, its replicas as `up` saved them."""
+
     def port(name: str, default: int) -> int:
         return int(env.get(name, default))
 
@@ -81,13 +172,26 @@ def make_plan(env: dict[str, str], run_dir: Path) -> Plan:
         "postprocess_grpc": port("RAGMESH_POSTPROCESS_GRPC_PORT", 50053),
     }
     python = Path(env.get("RAGMESH_PYTHON", str(ROOT / ".venv" / "bin" / "python")))
+    replicas = saved_replicas(run_dir) if running else None
     return Plan(
         run_dir=run_dir,
         python=python,
         gateway_host=env.get("RAGMESH_GATEWAY_HOST", "127.0.0.1"),
         gateway_port=port("RAGMESH_GATEWAY_PORT", 8080),
         ports=ports,
+        replicas=replicas or plan_replicas(ports, replica_counts(env)),
     )
+
+
+def save_plan(plan: Plan) -> None:
+    """Where every replica listens (read back by rollout, and by whoever needs a replica's port)."""
+    replicas = {
+        service: [{"program": r.program, "http": r.http_port, "grpc": r.grpc_port} for r in listed]
+        for service, listed in plan.replicas.items()
+    }
+    body = {"gateway": plan.gateway_url, "replicas": replicas}
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "mesh.json").write_text(json.dumps(body, indent=2) + "\n")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -101,11 +205,19 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
         out.setdefault(f"RAGMESH_{name.upper()}_HTTP_PORT", str(p[f"{name}_http"]))
         if f"{name}_grpc" in p:
             out.setdefault(f"RAGMESH_{name.upper()}_GRPC_PORT", str(p[f"{name}_grpc"]))
-    out.setdefault("RAGMESH_PREPROCESS_INFERENCE_ADDR", f"127.0.0.1:{p['inference_grpc']}")
-    out.setdefault("RAGMESH_PREPROCESS_RETRIEVAL_ADDR", f"127.0.0.1:{p['retrieval_grpc']}")
-    out.setdefault("RAGMESH_PREPROCESS_POSTPROCESS_ADDR", f"127.0.0.1:{p['postprocess_grpc']}")
+    # Peers: every replica's address; the clients balance over them.
+    out.setdefault("RAGMESH_PREPROCESS_INFERENCE_ADDR", plan.grpc_addresses("inference"))
+    out.setdefault("RAGMESH_PREPROCESS_RETRIEVAL_ADDR", plan.grpc_addresses("retrieval"))
+    out.setdefault("RAGMESH_PREPROCESS_POSTPROCESS_ADDR", plan.grpc_addresses("postprocess"))
+    out.setdefault("RAGMESH_RETRIEVAL_PEERS", plan.grpc_addresses("retrieval"))
     out.setdefault("RAGMESH_PREPROCESS_ADMIN_PORT", str(p["preprocess_admin"]))
     out.setdefault("RAGMESH_DATA_DIR", str(plan.run_dir / "data"))
+    # Engines share the machine's cores: with several inference replicas, each gets its share.
+    engines = len(plan.replicas["inference"])
+    if engines > 1:
+        threads = str(max(1, (os.cpu_count() or 2) // engines))
+        out.setdefault("RAGMESH_INFERENCE_N_THREADS", threads)
+        out.setdefault("RAGMESH_INFERENCE_N_THREADS_BATCH", threads)
     # Dev mode: a gateway only this machine can reach needs no API keys. Anything
     # else (RAGMESH_GATEWAY_HOST=0.0.0.0, a LAN address) keeps auth on.
     if plan.gateway_host in LOOPBACK:
@@ -119,7 +231,14 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
 # --- rendering -----------------------------------------------------------------
 
 
-def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
+def nginx_servers(plan: Plan, down: str | None = None) -> str:
+    """The preprocess upstream's server lines; `down` (a program) is taken out of rotation."""
+    return "\n        ".join(
+        f"server 127.0.0.1:{r.http_port}{' down' if r.program == down else ''};" for r in plan.replicas["preprocess"]
+    )
+
+
+def render_nginx(plan: Plan, env: dict[str, str], down: str | None = None) -> Path:
     nginx_dir = plan.run_dir / "nginx"
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (nginx_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -134,7 +253,7 @@ def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
         "NGINX_CLIENT_TIMEOUT": env.get("RAGMESH_GATEWAY_CLIENT_TIMEOUT", "30s"),
         "NGINX_RATE": env.get("RAGMESH_GATEWAY_RATE", "200r/s"),
         "NGINX_BURST": env.get("RAGMESH_GATEWAY_BURST", "400"),
-        "NGINX_PREPROCESS_ADDR": f"127.0.0.1:{plan.ports['preprocess_http']}",
+        "NGINX_PREPROCESS_SERVERS": nginx_servers(plan, down),
         "NGINX_LISTEN": f"{plan.gateway_host}:{plan.gateway_port}",
         # The admin server: loopback unless told otherwise, whatever the public listener is.
         "NGINX_ADMIN_LISTEN": f"{env.get('RAGMESH_GATEWAY_ADMIN_HOST', '127.0.0.1')}:{plan.ports['gateway_admin']}",
@@ -146,12 +265,34 @@ def render_nginx(plan: Plan, env: dict[str, str]) -> Path:
     return conf
 
 
-def render_supervisord(plan: Plan, nginx_conf: Path) -> Path:
+def replica_env(replica: Replica, data_root: str) -> dict[str, str]:
+    """What one replica sets on top of the mesh's environment: its ports (and, for retrieval,
+    its own data folder and events queue)."""
+    if replica.count == 1:
+        return {}
+    prefix = f"RAGMESH_{replica.service.upper()}"
+    env = {f"{prefix}_HTTP_PORT": str(replica.http_port)}
+    if replica.grpc_port is not None:
+        env[f"{prefix}_GRPC_PORT"] = str(replica.grpc_port)
+    if replica.service == "preprocess" and replica.index > 0:
+        # The admin listener is on the first replica only (the gateway's admin server proxies to it).
+        env["RAGMESH_PREPROCESS_ADMIN_PORT"] = "0"
+    if replica.service == "retrieval" and replica.index > 0:
+        # The first replica keeps the single-replica layout (and its data) as it was.
+        env["RAGMESH_RETRIEVAL_REPLICA_ID"] = f"{socket.gethostname()}-{replica.index}"
+        env["RAGMESH_RETRIEVAL_DATA_DIR"] = str(Path(data_root) / f"retrieval-{replica.index}")
+    return env
+
+
+def stop_wait_seconds(env: dict[str, str], service: str) -> int:
+    """How long supervisord waits for a replica's drain before SIGKILL: its grace, and some."""
+    prefix = f"RAGMESH_{service.upper()}"
+    grace = float(env.get(f"{prefix}_SHUTDOWN_GRACE", 25)) + float(env.get(f"{prefix}_DRAIN_DELAY", 1))
+    return int(grace) + 10
+
+
+def render_supervisord(plan: Plan, nginx_conf: Path, env: dict[str, str]) -> Path:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    programs = {name: f"{plan.python} -m {name}" for name in SERVICES}
-    programs["nginx"] = (
-        f"{nginx} -p {nginx_conf.parent} -c {nginx_conf} -e {plan.log_dir}/nginx-error.log -g 'daemon off;'"
-    )
     lines = [
         "[supervisord]",
         f"logfile={plan.log_dir}/supervisord.log",
@@ -171,25 +312,40 @@ def render_supervisord(plan: Plan, nginx_conf: Path) -> Path:
     ]
     # Backends first, the front (preprocess) after them, the gateway last.
     priority = {"inference": 10, "retrieval": 10, "postprocess": 10, "preprocess": 20, "nginx": 30}
-    for name, command in programs.items():
+    programs: list[tuple[str, str, int, dict[str, str], int]] = [
+        (
+            r.program,
+            f"{plan.python} -m {r.service}",
+            priority[r.service],
+            replica_env(r, env.get("RAGMESH_DATA_DIR") or str(plan.run_dir / "data")),
+            stop_wait_seconds(env, r.service),
+        )
+        for service in SERVICES
+        for r in plan.replicas[service]
+    ]
+    nginx_command = f"{nginx} -p {nginx_conf.parent} -c {nginx_conf} -e {plan.log_dir}/nginx-error.log -g 'daemon off;'"
+    programs.append(("nginx", nginx_command, priority["nginx"], {}, 20))
+    for name, command, order, extra_env, stop_wait in programs:
         lines += [
             f"[program:{name}]",
             f"command={command}",
-            f"priority={priority[name]}",
+            f"priority={order}",
             "autostart=true",
             "autorestart=true",
             "startsecs=1",
             "startretries=100",
             "stopsignal=TERM",
-            "stopwaitsecs=20",
+            f"stopwaitsecs={stop_wait}",
             "stopasgroup=true",
             "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={plan.log_dir}/{name}.log",
             "stdout_logfile_maxbytes=20MB",
             "stdout_logfile_backups=2",
-            "",
         ]
+        if extra_env:
+            lines.append("environment=" + ",".join(f'{k}="{v}"' for k, v in extra_env.items()))
+        lines.append("")
     conf = plan.run_dir / "supervisord.conf"
     conf.write_text("\n".join(lines))
     return conf
@@ -351,10 +507,18 @@ def up(plan: Plan, env: dict[str, str], timeout: float) -> int:
             return 1
         ensure_redis(env, plan)
         ensure_rabbitmq(env, plan)
-        supervisord_conf = render_supervisord(plan, render_nginx(plan, env))
+        supervisord_conf = render_supervisord(plan, render_nginx(plan, env), env)
+        save_plan(plan)
         supervisord = plan.python.parent / "supervisord"
         subprocess.run([str(supervisord), "-c", str(supervisord_conf)], check=True, env=service_env(plan, env))
         print(f"started the mesh (logs in {plan.log_dir}); waiting for {plan.gateway_url}/v1/health/ready", flush=True)
+        for service in SERVICES:
+            listed = plan.replicas[service]
+            if len(listed) > 1:
+                where = ", ".join(
+                    f"{r.program} http:{r.http_port}" + (f" grpc:{r.grpc_port}" if r.grpc_port else "") for r in listed
+                )
+                print(f"  {service}: {where}", flush=True)
     else:
         print("the mesh is already running; waiting until it is ready", flush=True)
     started = time.monotonic()
@@ -362,7 +526,8 @@ def up(plan: Plan, env: dict[str, str], timeout: float) -> int:
         wait_for(lambda: gateway_ready(plan), timeout, "the gateway")
     except TimeoutError as exc:
         print(f"{exc}. Last log lines:", file=sys.stderr)
-        for name in (*SERVICES, "nginx"):
+        programs = [r.program for service in SERVICES for r in plan.replicas[service]]
+        for name in (*programs, "nginx"):
             print(f"--- {name}\n{tail(plan.log_dir / f'{name}.log')}", file=sys.stderr)
         print("the mesh is left running for inspection: `make down` stops it", file=sys.stderr)
         return 1
@@ -375,7 +540,8 @@ def down(plan: Plan) -> int:
     if pid is None:
         print("the mesh is not running", flush=True)
     else:
-        stop_pid(pid, "supervisord and the mesh")
+        # Each service drains first (up to its SHUTDOWN_GRACE), the front after the backends.
+        stop_pid(pid, "supervisord and the mesh", timeout=150.0)
     stop_started_dependencies(plan)
     return 0
 
@@ -400,7 +566,7 @@ def main() -> int:
     load_dotenv(ROOT / ".env", env)
     run_dir = Path(args.run_dir or env.get("RAGMESH_RUN_DIR") or ROOT / "run").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(env, run_dir)
+    plan = make_plan(env, run_dir, running=read_pid(run_dir / "supervisord.pid") is not None)
     if args.command == "up":
         return up(plan, env, args.timeout)
     if args.command == "down":
@@ -408,7 +574,7 @@ def main() -> int:
     if args.command == "logs":
         return logs(plan)
     plan.log_dir.mkdir(parents=True, exist_ok=True)
-    print(render_supervisord(plan, render_nginx(plan, env)))
+    print(render_supervisord(plan, render_nginx(plan, env), env))
     return 0
 
 

@@ -34,12 +34,13 @@ async def engine() -> AsyncIterator[LlamaCppEngine]:
 
 
 @asynccontextmanager
-async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[grpc.aio.Channel]:
-    """A real gRPC server on a free loopback port (with the mesh's interceptor and health), and a channel to it."""
+async def serving(register: Callable[[grpc.aio.Server], None], port: int = 0) -> AsyncIterator[grpc.aio.Channel]:
+    """A real gRPC server on a loopback port (free unless given; with the mesh's interceptor and
+    health), and a channel to it."""
     server = create_server()
     register(server)
     await add_health(server, [])
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     channel = create_channel(f"127.0.0.1:{port}")
     try:

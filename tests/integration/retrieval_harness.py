@@ -21,6 +21,7 @@ from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval.server import retrieval_service
 from retrieval.settings import RetrievalSettings
 
+from ..conftest import free_port
 from .conftest import serving
 
 
@@ -28,6 +29,7 @@ from .conftest import serving
 class Replica:
     stub: retrieval_pb2_grpc.RetrievalAsyncStub
     settings: RetrievalSettings
+    address: str = ""
 
     async def search(
         self, collection: str, query: str, mode: int = 0, top_k: int = 5, **kw: bool
@@ -40,8 +42,10 @@ class Replica:
 async def run_replica(
     data_dir: Path, replica_id: str, namespace: str, redis_url: str, amqp_url: str, **overrides: Any
 ) -> AsyncIterator[Replica]:
+    port = free_port()
     settings = RetrievalSettings.model_validate(
         {
+            "grpc_port": port,
             "data_dir": str(data_dir),
             "replica_id": replica_id,
             "namespace": namespace,
@@ -57,8 +61,8 @@ async def run_replica(
         while (await service.ready_check())["rabbitmq"] != "ok":
             assert time.monotonic() < deadline, "replica not ready"
             await asyncio.sleep(0.05)
-        async with serving(service.register) as channel:
-            yield Replica(retrieval_pb2_grpc.RetrievalStub(channel), settings)
+        async with serving(service.register, port) as channel:
+            yield Replica(retrieval_pb2_grpc.RetrievalStub(channel), settings, f"127.0.0.1:{port}")
 
 
 @asynccontextmanager

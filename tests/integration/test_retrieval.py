@@ -285,3 +285,42 @@ async def test_delete_during_ingestion_is_immediate_and_nothing_comes_back(
         listed = await restarted.stub.ListCollections(retrieval_pb2.ListCollectionsRequest())
         assert "doomed" not in [c.name for c in listed.collections]
     assert not (data / "collections" / "doomed").exists()
+
+
+async def test_an_empty_replica_catches_up_from_its_peers(
+    tmp_path: Path, namespace: str, redis_url: str, amqp_url: str, publisher: tuple[object, JobStore], replica: Replica
+) -> None:
+    collection = await create(replica, "catch-up")
+    await ingest(publisher, collection, *CORPUS[:2])
+    await ingest(publisher, collection, *CORPUS[2:])
+
+    async def indexed() -> bool:
+        info = await replica.stub.GetCollection(retrieval_pb2.CollectionRequest(name="catch-up"))
+        return bool(info.chunks == 4 and info.index_version == 2)
+
+    await eventually(indexed)
+    # A new replica, its data folder empty: ready only once it has copied what it lacked.
+    async with run_replica(tmp_path / "empty", "fresh", namespace, redis_url, amqp_url, peers=replica.address) as fresh:
+        request = retrieval_pb2.CollectionRequest(name="catch-up")
+        mine, theirs = await replica.stub.GetCollection(request), await fresh.stub.GetCollection(request)
+        assert (theirs.id, theirs.chunks, theirs.documents, theirs.index_version) == (
+            mine.id,
+            mine.chunks,
+            mine.documents,
+            mine.index_version,
+        )
+        for query in ("rocket propellant thrust", "what makes bread rise", "moon and tides"):
+            for mode in (DENSE, SPARSE, HYBRID):
+                a = await replica.search("catch-up", query, mode, top_k=4, no_cache=True)
+                b = await fresh.search("catch-up", query, mode, top_k=4, no_cache=True)
+                assert b.hits and [(h.chunk_id, round(h.score, 5)) for h in b.hits] == [
+                    (h.chunk_id, round(h.score, 5)) for h in a.hits
+                ]
+        # Changes after the copy reach it through its events queue, once.
+        await ingest(publisher, collection, ("volcano", "Volcano", "Lava erupts from a volcano when magma rises."))
+
+        async def both_have_five() -> bool:
+            infos = [await r.stub.GetCollection(request) for r in (replica, fresh)]
+            return all(i.chunks == 5 and i.index_version == 3 for i in infos)
+
+        await eventually(both_have_five)

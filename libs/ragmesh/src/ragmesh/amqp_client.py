@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -120,6 +121,8 @@ class SupervisedConsumer:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        # Set once the service drains (SIGTERM): nothing new is consumed, even after a reconnect.
+        self._paused_at: float | None = None
         self.state = "starting"
 
     def start(self) -> None:
@@ -147,6 +150,8 @@ class SupervisedConsumer:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         self._queue = await self._declare(channel)
+        if self._paused_at is not None:
+            return  # draining: declared, never consumed
         self._tag = await self._queue.consume(self._dispatch)
         self.state = "ok"
         log.info("consuming", extra={"consumer": self._name, "queue": self._queue.name, "prefetch": self._prefetch})
@@ -173,21 +178,37 @@ class SupervisedConsumer:
             with contextlib.suppress(Exception):
                 await connection.close()
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Take no more messages, give the handlers in hand `grace` seconds, then cancel them (their
-        messages go back to the queue with the connection) and close."""
-        if self._queue is not None and self._tag is not None:
+    async def pause(self) -> None:
+        """Take no more messages (basic.cancel); the handlers in hand go on, their channel open."""
+        if self._paused_at is None:
+            self._paused_at = time.monotonic()
+        queue, tag = self._queue, self._tag
+        self._tag = None
+        if queue is not None and tag is not None:
             with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag)
+                await queue.cancel(tag)
+        self.state = "draining"
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Take no more messages, give the handlers in hand `grace` seconds (counted from `pause`,
+        when it came first) to finish and settle their messages, then cancel them (their messages
+        go back to the queue with the connection) and close."""
+        await self.pause()
+        assert self._paused_at is not None
+        remaining = self._paused_at + grace - time.monotonic()
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=max(0.0, remaining))
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "messages in hand at the end of the grace go back to their queue",
+                    extra={"consumer": self._name, "messages": len(pending)},
+                )
+                await asyncio.wait(pending, timeout=1.0)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._handlers:
-            _, pending = await asyncio.wait(set(self._handlers), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
         await self._drop_connection()
         self.state = "stopped"

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from opentelemetry.trace import SpanKind
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from ragmesh.errors import ErrorKind, RagmeshError
@@ -36,6 +36,11 @@ GRPC_LATENCY = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 
+# Every balanced client channel watches the health of each replica it is connected
+# to: this counts the channels that can send calls here (`make rollout` waits for
+# them to come back before it restarts the next replica).
+HEALTH_WATCHERS = Gauge("ragmesh_grpc_health_watchers", "Client channels watching this server's gRPC health")
+
 # Large enough for embedding batches and long prompts; nginx limits the public body size.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = (
@@ -50,12 +55,36 @@ GRPC_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # The server's own pings find clients that vanished (a killed pod) and free their calls.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 )
+
+# Told to a client that must not retry a call elsewhere: the server did the work
+# and answered with a domain error (see grpc_client.RETRY_POLICY).
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
+def server_options(max_connection_age: float, max_connection_age_grace: float) -> tuple[tuple[str, Any], ...]:
+    """GRPC_OPTIONS plus a bounded connection age.
+
+    After `max_connection_age` seconds (gRPC adds +-10% jitter) a connection gets
+    a GOAWAY: its calls in flight go on for up to `max_connection_age_grace`, new
+    calls open a new connection, and the client resolves its target again. That is
+    how clients spread to replicas added since they connected. 0 turns it off.
+    """
+    if max_connection_age <= 0:
+        return GRPC_OPTIONS
+    return (
+        *GRPC_OPTIONS,
+        ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace * 1000)),
+    )
 
 
 async def abort_with(context: ServicerContext, err: RagmeshError) -> None:
     """End the call with the status and metadata of a domain error."""
-    context.set_trailing_metadata(err.grpc_trailing_metadata())
+    context.set_trailing_metadata((*err.grpc_trailing_metadata(), NO_RETRY))
     await context.abort(err.row.grpc_status, err.message)
 
 
@@ -162,15 +191,33 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(_wrap_streaming(method, md, handler.stream_stream), deser, ser)
 
 
-def create_server() -> grpc.aio.Server:
+def create_server(options: tuple[tuple[str, Any], ...] = GRPC_OPTIONS) -> grpc.aio.Server:
     """A grpc.aio server with the ragmesh interceptor and message limits."""
-    return grpc.aio.server(interceptors=[ContextInterceptor()], options=GRPC_OPTIONS)
+    return grpc.aio.server(interceptors=[ContextInterceptor()], options=options)
 
 
-async def add_health(server: grpc.aio.Server, service_names: list[str]) -> HealthServicer:
-    """Register the standard gRPC health service; every listed service starts SERVING."""
-    health = HealthServicer()
+class WatchedHealth(HealthServicer):  # type: ignore[misc]  # grpc_health ships no types
+    """The standard health service, counting the clients that watch it."""
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802
+        HEALTH_WATCHERS.inc()
+        try:
+            await super().Watch(request, context)
+        finally:
+            HEALTH_WATCHERS.dec()
+
+
+async def add_health(server: grpc.aio.Server, service_names: list[str], serving: bool = True) -> HealthServicer:
+    """Register the standard gRPC health service; every listed service (and "") starts
+    SERVING, or NOT_SERVING when the caller will say when it is ready (`set_serving`)."""
+    health = WatchedHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in ["", *service_names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await set_serving(health, service_names, serving)
     return health
+
+
+async def set_serving(health: HealthServicer, service_names: list[str], serving: bool) -> None:
+    """Set the server's health ("" and every listed service): clients balance only over SERVING replicas."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        await health.set(name, status)

@@ -32,5 +32,15 @@ class ServiceSettings(BaseSettings):
     # Prefix for every queue, exchange and Redis key, so that several meshes (or
     # test runs) can share one Redis and one RabbitMQ without seeing each other.
     namespace: str = Field(default="", validation_alias=AliasChoices("RAGMESH_NAMESPACE"))
-    # Seconds a stopping service waits for in-flight calls before it cancels them.
-    shutdown_grace: float = 5.0
+    # Draining on SIGTERM: health goes NOT_SERVING at once (clients stop sending new
+    # calls), `drain_delay` seconds later new calls are refused, and calls, streams
+    # and queue messages in flight get `shutdown_grace` seconds to finish before
+    # they are cancelled (messages not acked by then go back to their queue).
+    # Kubernetes' terminationGracePeriodSeconds must be longer than both together.
+    shutdown_grace: float = 25.0
+    drain_delay: float = 1.0
+    # gRPC servers close each connection after about this many seconds (GOAWAY;
+    # calls in flight go on for up to the grace), so clients resolve their target
+    # again and spread to replicas added since. 0: never.
+    grpc_max_connection_age: float = 30.0
+    grpc_max_connection_age_grace: float = 600.0

@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -75,6 +75,60 @@ def guessed_capabilities(model: str) -> list[str]:
         if word in lowered:
             return [capability]
     return ["chat"]
+
+
+_Sampled = Literal["temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"]
+_SAMPLING: tuple[_Sampled, ...] = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+_MESSAGE_TYPED = ("role", "content", "name")
+
+
+def openai_request(request: inference_pb2.GenerateRequest, model: str) -> dict[str, Any]:
+    """The OpenAI request an upstream gets: the client's body for what no typed field carries
+    (tools, logprobs, a message's tool_calls, unknown parameters), the typed fields for the rest."""
+    body: dict[str, Any] = json.loads(request.openai_json) if request.openai_json else {}
+    for key in (*_MESH_FIELDS, "messages", "prompt"):
+        body.pop(key, None)
+    if request.WhichOneof("input") == "chat":
+        raw = json.loads(request.openai_json).get("messages") if request.openai_json else None
+        typed = request.chat.messages
+        # The client's message at the same place, for what ChatMessage has no field for.
+        extras = raw if isinstance(raw, list) and len(raw) == len(typed) else [{}] * len(typed)
+        body["messages"] = [_message(m, e if isinstance(e, dict) else {}) for m, e in zip(typed, extras, strict=True)]
+    else:
+        body["prompt"] = request.prompt
+    sampling = request.sampling
+    # The client's spelling of the limit is kept (some upstream models take only
+    # max_completion_tokens); its value is the typed one.
+    limit_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    body.pop("max_tokens", None)
+    body.pop("max_completion_tokens", None)
+    if sampling.HasField("max_tokens"):
+        body[limit_key] = sampling.max_tokens
+    for name in _SAMPLING:
+        body.pop(name, None)
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
+    body.pop("n", None)
+    if sampling.n > 1:
+        body["n"] = sampling.n
+    body.pop("response_format", None)
+    if request.response_format_json:
+        body["response_format"] = json.loads(request.response_format_json)
+    body.update({"model": model, "stream": True, "stream_options": {"include_usage": True}})
+    return body
+
+
+def _message(typed: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    message = {k: v for k, v in raw.items() if k not in _MESSAGE_TYPED}
+    message["role"] = typed.role
+    # ChatMessage cannot say null: an assistant turn with only tool calls keeps its null content.
+    message["content"] = None if typed.content == "" and raw.get("content") is None and raw else typed.content
+    if typed.parts_json:
+        # Content parts (text and images, say) as the client sent them: a vision model reads them all.
+        message["content"] = json.loads(typed.parts_json)
+    if typed.name:
+        message["name"] = typed.name
+    return message
 
 
 class UpstreamError(RagmeshError):
@@ -261,34 +315,14 @@ class UpstreamEngine:
         return [(m, caps) for m, caps in found if self.config.wants(m)]
 
     def _body(self, request: inference_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body): the client's own request when preprocess passed it, else built from the fields."""
-        chat = request.WhichOneof("input") == "chat"
-        body: dict[str, Any] = json.loads(request.openai_json) if request.openai_json else {}
-        for key in _MESH_FIELDS:
-            body.pop(key, None)
-        if chat:
-            body["messages"] = (
-                [
-                    {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                    for m in request.chat.messages
-                ]
-                if not body.get("messages")
-                else body["messages"]
-            )
-        else:
-            body.setdefault("prompt", request.prompt)
-        sampling = request.sampling
-        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-            if sampling.HasField(name) and name not in body:
-                body[name] = getattr(sampling, name)
-        if sampling.n > 1:
-            body.setdefault("n", sampling.n)
-        if request.response_format_json and "response_format" not in body:
-            body["response_format"] = json.loads(request.response_format_json)
-        body["model"] = model
-        if self.config.payload.stream:
-            body.update({"stream": True, "stream_options": {"include_usage": True}})
-        return ("/chat/completions" if chat else "/completions"), shaped(body, self.config)
+        """(path, JSON body): the client's own request (every OpenAI parameter it sent), with the
+        typed fields as the authority wherever they say something (see GenerateRequest)."""
+        body = openai_request(request, model)
+        if not self.config.payload.stream:
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        path = "/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"
+        return path, shaped(body, self.config)
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, model: str

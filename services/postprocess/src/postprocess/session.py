@@ -95,7 +95,8 @@ class ProcessSession:
             raise invalid_request("stop accepts at most 4 sequences", param="stop")
         guards = guards or GuardConfig()
         self._start = start
-        self._chat = start.object == postprocess_pb2.OBJECT_KIND_CHAT_COMPLETION
+        # UNSPECIFIED is a chat completion (see ObjectKind).
+        self._chat = start.object != postprocess_pb2.OBJECT_KIND_TEXT_COMPLETION
         self._choices = [
             _Choice(i, StopMatcher(start.stop), StreamGuard(guards.pii, guards.blocklist, guards.stop_on_block))
             for i in range(max(1, start.n))

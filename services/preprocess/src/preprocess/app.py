@@ -41,7 +41,7 @@ from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
-from ragmesh.service import run_http
+from ragmesh.service import drain_hooks, run_http
 from ragmesh.tracing import set_error, setup_tracing, span
 
 # One router per API family of the public listener, in the order /openapi.json lists them
@@ -144,6 +144,9 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
             return deps
 
         app.state.ready_check = ready
+        # SIGTERM: batch workers take no new lines at once; the HTTP side then lets
+        # requests in flight (open SSE streams too) finish within the grace.
+        drain_hooks(app).append(batches.stop_consuming)
         try:
             yield
         finally:

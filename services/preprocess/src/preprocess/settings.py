@@ -28,6 +28,9 @@ class PreprocessSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGMESH_PREPROCESS_", extra="ignore")
 
     http_port: int = 8000
+    # Peers: one address, a comma list of every replica's IP:port (what `make up`
+    # passes), or a gRPC target such as dns:///inference-headless:50051 (a cluster's
+    # headless Service). Calls are balanced over every replica (round_robin).
     inference_addr: str = "127.0.0.1:50051"
     retrieval_addr: str = "127.0.0.1:50052"
     postprocess_addr: str = "127.0.0.1:50053"

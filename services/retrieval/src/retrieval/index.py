@@ -142,6 +142,14 @@ class Snapshot:
         )
         return Snapshot(meta, chunks, vectors, faiss_index, _build_bm25(chunks))
 
+    @classmethod
+    def build(cls, meta: Meta, chunks: Sequence[ChunkRecord], vectors: np.ndarray, params: IndexParams) -> Snapshot:
+        """A snapshot of exactly these chunks and vectors (another replica's copy, imported whole)."""
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        return cls(meta, tuple(chunks), vectors, _build_faiss(vectors, params), _build_bm25(chunks))
+
     # --- searching ------------------------------------------------------------
 
     def dense(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -11,16 +11,21 @@ changes made while it was down are applied when it comes back. An event that fai
 is tried again after a backoff (through the replica's retry queue, with a retry count), up to
 `index_event_max_retries` times; then it is dead-lettered to `index.events.dead` with an error
 logged, instead of blocking the replica's queue for ever.
+
+A replica that lacks collections the registry lists (new, or its data lost) declares its
+events queue first, copies them from a peer (retrieval/catchup.py), and only then consumes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelNotFoundEntity
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
@@ -41,6 +46,7 @@ from ragmesh.amqp import (
 from ragmesh.amqp_client import LazyChannel, SupervisedConsumer
 from ragmesh.jobs import JobStore
 from ragmesh.v1 import ingest_pb2
+from retrieval.catchup import CatchUp
 from retrieval.embedder import Embedder
 from retrieval.index import ChunkRecord, Snapshot, bm25_tokens, embedding_text
 from retrieval.settings import RetrievalSettings
@@ -84,8 +90,15 @@ def records_from(chunks: Sequence[ingest_pb2.Chunk]) -> list[ChunkRecord]:
 
 class Ingestion:
     def __init__(
-        self, settings: RetrievalSettings, store: CollectionStore, embedder: Embedder, jobs: JobStore | None
+        self,
+        settings: RetrievalSettings,
+        store: CollectionStore,
+        embedder: Embedder,
+        jobs: JobStore | None,
+        catch_up: CatchUp | None = None,
     ) -> None:
+        """`catch_up`: copy missing collections from peers once this replica's events queue
+        exists, before consuming events or jobs (`wait_caught_up` returns when done)."""
         self._settings = settings
         self._store = store
         self._embedder = embedder
@@ -110,14 +123,66 @@ class Ingestion:
             declare=lambda ch: declare_replica_events(ch, self._topology, settings.replica_id),
             handle=self._on_event,
         )
+        self._catch_up = catch_up
+        self._starter: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
         """Consume the ingest queue and this replica's index.events queue (each supervised:
-        (re)connecting until the broker answers)."""
+        (re)connecting until the broker answers); first catch up, when there is a catch-up."""
+        if self._catch_up is None:
+            self._begin_consuming()
+            return
+        self._starter = asyncio.create_task(self._catch_up_then_consume(self._catch_up), name="catch-up")
+
+    def _begin_consuming(self) -> None:
+        self._caught_up.set()
         self._job_consumer.start()
         self._event_consumer.start()
+
+    async def _catch_up_then_consume(self, catch_up: CatchUp) -> None:
+        while True:
+            try:
+                new_replica = await self._declare_own_queue()
+                break
+            except Exception as exc:  # noqa: BLE001 - the broker may come later
+                log.warning("catch-up waiting for RabbitMQ", extra={"error": repr(exc)})
+                await asyncio.sleep(2.0)
+        # Changes wait in this replica's queue from now on: what came before is copied from a peer.
+        try:
+            await catch_up.run(new_replica)
+        except Exception:
+            log.exception("catching up failed; serving the collections this replica has")
+        self._begin_consuming()
+
+    async def _declare_own_queue(self) -> bool:
+        """Declare this replica's events queue; whether it is new (did not exist before)."""
+        connection = await self._publisher.connection()
+        probe = await connection.channel()  # a failed passive declare closes its channel
+        try:
+            await probe.declare_queue(self._topology.index_events_queue(self._settings.replica_id), passive=True)
+            existed = True
+        except ChannelNotFoundEntity:
+            existed = False
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        channel = await connection.channel()
+        try:
+            await declare_replica_events(channel, self._topology, self._settings.replica_id)
+        finally:
+            await channel.close()
+        return not existed
+
+    async def wait_caught_up(self) -> None:
+        """Until the collections this replica lacked are copied from a peer (see CatchUp)."""
+        await self._caught_up.wait()
+
+    async def stop_consuming(self) -> None:
+        """SIGTERM: take no new jobs or events; the ones in hand go on until `close`."""
+        await asyncio.gather(self._job_consumer.pause(), self._event_consumer.pause())
 
     def state(self) -> str:
         """Readiness: "ok" while both consumers consume, else what is wrong."""
@@ -126,8 +191,16 @@ class Ingestion:
         return "ok" if not bad else "; ".join(f"{k}: {v}" for k, v in bad.items())
 
     async def close(self) -> None:
-        await self._job_consumer.stop(self._settings.shutdown_grace)
-        await self._event_consumer.stop(self._settings.shutdown_grace)
+        """Stop consuming; the job in hand gets the grace (counted from the first pause) to finish,
+        and is not acked if it does not: the broker gives it to another replica."""
+        if self._starter is not None:
+            self._starter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starter
+        await asyncio.gather(
+            self._job_consumer.stop(self._settings.shutdown_grace),
+            self._event_consumer.stop(self._settings.shutdown_grace),
+        )
         await self._publisher.close()
 
     async def announce(self, event: ingest_pb2.IndexEvent) -> None:

@@ -17,6 +17,7 @@ from ragmesh.logs import setup_logging
 from ragmesh.service import GrpcService, run_grpc_service
 from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval.catchup import CatchUp
 from retrieval.embedder import Embedder
 from retrieval.ingestion import Ingestion
 from retrieval.rerankers import Rerankers
@@ -29,6 +30,10 @@ from retrieval.store import CollectionStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
+
+
+async def _now() -> None:
+    return None
 
 
 @asynccontextmanager
@@ -44,7 +49,12 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         asyncio.to_thread(embedder.load), asyncio.to_thread(store.load_all), asyncio.to_thread(rerankers.load)
     )
     await store.reconcile()
-    ingestion = Ingestion(settings, store, embedder, JobStore(redis, settings.namespace))
+    catch_up = CatchUp(settings, store) if settings.peers else None
+    # Missing collections: this replica serves only once it has copied them from a peer.
+    missing = await catch_up.missing() if catch_up is not None else []
+    if missing:
+        log.info("catching up from peers before serving", extra={"collections": [w.name for w in missing]})
+    ingestion = Ingestion(settings, store, embedder, JobStore(redis, settings.namespace), catch_up)
     ingestion.start()
     servicer = RetrievalServicer(settings, store, Searcher(settings, embedder, redis), embedder, ingestion, rerankers)
 
@@ -60,7 +70,13 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         return {"model": "ok", "redis": redis_state, "rabbitmq": ingestion.state()}
 
     try:
-        yield GrpcService(register=register, service_names=[SERVICE_NAME], ready_check=ready)
+        yield GrpcService(
+            register=register,
+            service_names=[SERVICE_NAME],
+            ready_check=ready,
+            until_serving=ingestion.wait_caught_up if missing else _now,
+            on_drain=[ingestion.stop_consuming],
+        )
     finally:
         await ingestion.close()
         rerankers.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import numpy as np
 from google.protobuf.struct_pb2 import Struct
@@ -11,6 +12,7 @@ from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.grpc_server import ServicerContext
 from ragmesh.rerank import ranked
 from ragmesh.v1 import common_pb2, ingest_pb2, retrieval_pb2, retrieval_pb2_grpc
+from retrieval.catchup import export_parts
 from retrieval.embedder import Embedder
 from retrieval.index import Snapshot
 from retrieval.ingestion import Ingestion
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 INTERACTIVE_EMBED_INPUTS = 16
 
 MODE_NAMES = {
+    retrieval_pb2.SEARCH_MODE_UNSPECIFIED: "hybrid",  # the default
     retrieval_pb2.SEARCH_MODE_HYBRID: "hybrid",
     retrieval_pb2.SEARCH_MODE_DENSE: "dense",
     retrieval_pb2.SEARCH_MODE_SPARSE: "sparse",
@@ -219,6 +222,17 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             model=request.model,
             prompt_tokens=scores.tokens,
         )
+
+    async def ExportCollection(  # noqa: N802
+        self, request: retrieval_pb2.ExportCollectionRequest, context: ServicerContext
+    ) -> AsyncIterator[retrieval_pb2.ExportCollectionResponse]:
+        """This replica's copy of a collection, for a peer catching up (the snapshot is immutable:
+        the copy is consistent even while changes are applied)."""
+        snapshot = self._store.local(request.name)
+        if snapshot is None:
+            raise RagmeshError(ErrorKind.NOT_FOUND, f"This replica has no copy of '{request.name}'.", param="name")
+        for part in export_parts(snapshot):
+            yield part
 
     async def _announce(self, event: ingest_pb2.IndexEvent) -> None:
         try:

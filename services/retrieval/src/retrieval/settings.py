@@ -38,6 +38,13 @@ class RetrievalSettings(ServiceSettings):
     # Names this replica's index.events queue; must be stable across restarts.
     # Empty: the host name (a StatefulSet pod's name is stable).
     replica_id: str = ""
+    # The retrieval replicas (this one may be among them): an address list or a gRPC
+    # target such as dns:///retrieval-headless:50052. A replica that starts without
+    # some collection the registry lists copies it from one of them before it
+    # serves. Empty: no catch-up (a single replica).
+    peers: str = ""
+    # Seconds one collection's copy may take to arrive.
+    catch_up_timeout: float = 300.0
     # Keep this replica's collections in data_dir/<replica_id>: replicas sharing one volume.
     data_per_replica: bool = False
 

@@ -175,6 +175,22 @@ class CollectionStore:
 
     # --- collections --------------------------------------------------------------
 
+    async def registry(self) -> dict[str, RegistryEntry]:
+        """Every collection the registry lists (RegistryUnavailableError when Redis does not answer)."""
+        return await self._registry_all()
+
+    async def global_version(self, collection_id: str) -> int:
+        """The version of the latest change any replica made to a collection."""
+        if self._redis is None:
+            raise RegistryUnavailableError()
+        version = await self._redis_call(self._redis.get(self._version_key(collection_id)))
+        return int(version) if version else 0  # type: ignore[call-overload]
+
+    async def install(self, snapshot: Snapshot) -> None:
+        """Save and serve a whole copy of a collection, replacing this replica's (call under its lock)."""
+        await asyncio.to_thread(snapshot.save, self._root / snapshot.meta.name)
+        self._snapshots[snapshot.meta.name] = snapshot
+
     def lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 

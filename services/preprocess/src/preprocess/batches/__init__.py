@@ -60,8 +60,13 @@ class Batches:
             self._workers_started = True
         self.sweeper.start()
 
+    async def stop_consuming(self) -> None:
+        """SIGTERM: take no new lines; the ones in hand go on (until `close`)."""
+        if self._workers_started:
+            await self.worker.pause()
+
     async def close(self) -> None:
-        """Stop taking lines, let the ones in hand finish (a grace), then close."""
+        """Stop taking lines, let the ones in hand finish (the grace, from the first stop), close."""
         await self.sweeper.close()
         if self._workers_started:
             await self.worker.stop(self._settings.shutdown_grace)

@@ -112,7 +112,12 @@ class BatchWorker:
         """ "ok" while consuming, else why not (readiness)."""
         return self._consumer.state
 
+    async def pause(self) -> None:
+        """Take no new lines; the ones in hand go on."""
+        await self._consumer.pause()
+
     async def stop(self, grace: float) -> None:
+        """Take no new lines; the ones in hand get `grace` seconds from the first pause."""
         await self._consumer.stop(grace)
 
     # --- settling -------------------------------------------------------------------------

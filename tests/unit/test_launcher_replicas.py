@@ -1,0 +1,67 @@
+"""scripts/mesh.py with replicas: one program per replica on ports of its own, peers' address lists."""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mesh() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replica_counts_default_to_one_and_refuse_what_they_cannot_read(mesh: ModuleType) -> None:
+    assert mesh.replica_counts({}) == dict.fromkeys(mesh.SERVICES, 1)
+    counts = mesh.replica_counts({"RAGMESH_REPLICAS": "inference=2, preprocess=3"})
+    assert counts == {"inference": 2, "retrieval": 1, "postprocess": 1, "preprocess": 3}
+    for bad in ("gateway=2", "inference=0", "inference", "inference=two"):
+        with pytest.raises(SystemExit):
+            mesh.replica_counts({"RAGMESH_REPLICAS": bad})
+
+
+def test_every_replica_is_a_program_on_its_own_ports(mesh: ModuleType, tmp_path: Path) -> None:
+    env = {"RAGMESH_REPLICAS": "inference=2,retrieval=2,postprocess=2,preprocess=2", "RAGMESH_DATA_DIR": "/d"}
+    plan = mesh.make_plan(env, tmp_path)
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read(mesh.render_supervisord(plan, tmp_path / "nginx.conf", env))
+    programs = [s.removeprefix("program:") for s in conf.sections() if s.startswith("program:")]
+    assert programs == [f"{s}-{i}" for s in mesh.SERVICES for i in (0, 1)] + ["nginx"]
+    ports = [r.http_port for s in mesh.SERVICES for r in plan.replicas[s]]
+    ports += [r.grpc_port for s in mesh.SERVICES for r in plan.replicas[s] if r.grpc_port]
+    assert len(ports) == len(set(ports)) == 14
+    second = conf["program:retrieval-1"]["environment"]
+    assert f'RAGMESH_RETRIEVAL_GRPC_PORT="{plan.replicas["retrieval"][1].grpc_port}"' in second
+    assert 'RAGMESH_RETRIEVAL_DATA_DIR="/d/retrieval-1"' in second and "RAGMESH_RETRIEVAL_REPLICA_ID=" in second
+    # supervisord waits out a replica's drain before it kills it.
+    assert int(conf["program:inference-0"]["stopwaitsecs"]) > 25 + 1
+    peers = mesh.service_env(plan, env)
+    assert peers["RAGMESH_PREPROCESS_INFERENCE_ADDR"] == ",".join(
+        f"127.0.0.1:{r.grpc_port}" for r in plan.replicas["inference"]
+    )
+    assert peers["RAGMESH_RETRIEVAL_PEERS"] == peers["RAGMESH_PREPROCESS_RETRIEVAL_ADDR"]
+    assert peers["RAGMESH_INFERENCE_N_THREADS"] == str(max(1, (os.cpu_count() or 2) // 2))
+    servers = mesh.nginx_servers(plan, down=plan.replicas["preprocess"][1].program)
+    first, second_port = (r.http_port for r in plan.replicas["preprocess"])
+    assert servers.split() == ["server", f"127.0.0.1:{first};", "server", f"127.0.0.1:{second_port}", "down;"]
+
+
+def test_one_replica_keeps_the_single_process_layout(mesh: ModuleType, tmp_path: Path) -> None:
+    plan = mesh.make_plan({}, tmp_path)
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read(mesh.render_supervisord(plan, tmp_path / "nginx.conf", {}))
+    assert "program:inference" in conf and "environment" not in conf["program:inference"]
+    assert mesh.service_env(plan, {})["RAGMESH_PREPROCESS_INFERENCE_ADDR"] == "127.0.0.1:50051"

@@ -53,6 +53,8 @@ class Replica:
     count: int
     http_port: int
     grpc_port: int | None
+    # preprocess's admin listener (the internal admin API); None for the other services.
+    admin_port: int | None = None
 
     @property
     def program(self) -> str:
@@ -132,9 +134,11 @@ def plan_replicas(ports: dict[str, int], counts: dict[str, int]) -> dict[str, li
         for index in range(count):
             if index == 0:
                 http, grpc_port = ports[f"{service}_http"], ports.get(f"{service}_grpc")
+                admin = ports["preprocess_admin"] if service == "preprocess" else None
             else:
                 http, grpc_port = free_port(), free_port() if service in GRPC_SERVICES else None
-            listed.append(Replica(service, index, count, http, grpc_port))
+                admin = free_port() if service == "preprocess" else None
+            listed.append(Replica(service, index, count, http, grpc_port, admin))
         replicas[service] = listed
     return replicas
 
@@ -145,7 +149,7 @@ def saved_replicas(run_dir: Path) -> dict[str, list[Replica]] | None:
         saved = json.loads((run_dir / "mesh.json").read_text())["replicas"]
         return {
             service: [
-                Replica(service, index, len(saved[service]), int(r["http"]), r["grpc"])
+                Replica(service, index, len(saved[service]), int(r["http"]), r["grpc"], r.get("admin"))
                 for index, r in enumerate(saved[service])
             ]
             for service in SERVICES
@@ -186,7 +190,9 @@ def make_plan(env: dict[str, str], run_dir: Path, running: bool = False) -> Plan
 def save_plan(plan: Plan) -> None:
     """Where every replica listens (read back by rollout, and by whoever needs a replica's port)."""
     replicas = {
-        service: [{"program": r.program, "http": r.http_port, "grpc": r.grpc_port} for r in listed]
+        service: [
+            {"program": r.program, "http": r.http_port, "grpc": r.grpc_port, "admin": r.admin_port} for r in listed
+        ]
         for service, listed in plan.replicas.items()
     }
     body = {"gateway": plan.gateway_url, "replicas": replicas}
@@ -231,10 +237,12 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
 # --- rendering -----------------------------------------------------------------
 
 
-def nginx_servers(plan: Plan, down: str | None = None) -> str:
-    """The preprocess upstream's server lines; `down` (a program) is taken out of rotation."""
+def nginx_servers(plan: Plan, down: str | None = None, admin: bool = False) -> str:
+    """The preprocess upstream's server lines (of the admin listeners when `admin`); `down`
+    (a program) is taken out of rotation."""
     return "\n        ".join(
-        f"server 127.0.0.1:{r.http_port}{' down' if r.program == down else ''};" for r in plan.replicas["preprocess"]
+        f"server 127.0.0.1:{r.admin_port if admin else r.http_port}{' down' if r.program == down else ''};"
+        for r in plan.replicas["preprocess"]
     )
 
 
@@ -257,7 +265,7 @@ def render_nginx(plan: Plan, env: dict[str, str], down: str | None = None) -> Pa
         "NGINX_LISTEN": f"{plan.gateway_host}:{plan.gateway_port}",
         # The admin server: loopback unless told otherwise, whatever the public listener is.
         "NGINX_ADMIN_LISTEN": f"{env.get('RAGMESH_GATEWAY_ADMIN_HOST', '127.0.0.1')}:{plan.ports['gateway_admin']}",
-        "NGINX_PREPROCESS_ADMIN_ADDR": f"127.0.0.1:{plan.ports['preprocess_admin']}",
+        "NGINX_PREPROCESS_ADMIN_SERVERS": nginx_servers(plan, down, admin=True),
     }
     template = string.Template((ROOT / "nginx" / "nginx.conf.template").read_text())
     conf = nginx_dir / "nginx.conf"
@@ -274,9 +282,8 @@ def replica_env(replica: Replica, data_root: str) -> dict[str, str]:
     env = {f"{prefix}_HTTP_PORT": str(replica.http_port)}
     if replica.grpc_port is not None:
         env[f"{prefix}_GRPC_PORT"] = str(replica.grpc_port)
-    if replica.service == "preprocess" and replica.index > 0:
-        # The admin listener is on the first replica only (the gateway's admin server proxies to it).
-        env["RAGMESH_PREPROCESS_ADMIN_PORT"] = "0"
+    if replica.admin_port is not None:
+        env[f"{prefix}_ADMIN_PORT"] = str(replica.admin_port)
     if replica.service == "retrieval" and replica.index > 0:
         # The first replica keeps the single-replica layout (and its data) as it was.
         env["RAGMESH_RETRIEVAL_REPLICA_ID"] = f"{socket.gethostname()}-{replica.index}"

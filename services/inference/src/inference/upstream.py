@@ -316,13 +316,16 @@ class UpstreamEngine:
 
     def _body(self, request: inference_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
         """(path, JSON body): the client's own request (every OpenAI parameter it sent), with the
-        typed fields as the authority wherever they say something (see GenerateRequest)."""
+        typed fields as the authority wherever they say something (see GenerateRequest), then
+        the backend's payload rules."""
         body = openai_request(request, model)
         if not self.config.payload.stream:
+            # A backend that refuses streaming: asked for the whole answer, streamed to the client by the mesh.
             body.pop("stream", None)
             body.pop("stream_options", None)
-        path = "/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"
-        return path, shaped(body, self.config)
+        return ("/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"), shaped(
+            body, self.config
+        )
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, model: str

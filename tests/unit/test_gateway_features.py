@@ -11,10 +11,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from inference.config import BackendsFile, UpstreamBackend, parse_backends
+from inference.engine import GROUNDING
+from inference.engine import _messages as engine_messages
 from inference.router import Router
-from inference.upstream import guessed_capabilities, stated_capabilities
+from inference.upstream import guessed_capabilities, openai_request, stated_capabilities
 from preprocess.protocol import parse_chat_request
-from preprocess.serving.chat import GROUNDING, normalized_messages, to_generate_request
+from preprocess.serving.chat import normalized_messages, to_generate_request
 from preprocess.serving.forward import model_of, upstream_error
 from ragmesh.errors import ErrorKind, RagmeshError
 from ragmesh.v1 import inference_pb2
@@ -41,19 +43,32 @@ def test_a_data_url_over_the_limit_is_refused_naming_it() -> None:
     assert refused.value.code == "data_url_too_large"
 
 
-def test_context_messages_become_a_grounding_block_apart_from_the_instructions() -> None:
+def test_context_messages_become_a_grounding_block_for_the_embedded_engine_only() -> None:
     req = chat(
         {"role": "system", "content": "Answer in French."},
         {"role": "context", "content": "Tides come from the moon."},
         {"role": "user", "content": "What causes tides?"},
     )
-    messages = normalized_messages(req)
-    assert [m.role for m in messages] == ["system", "user"]
-    system = messages[0].content
-    assert system.startswith("Answer in French.\n\n" + GROUNDING)
-    assert system.endswith("Context:\n\nTides come from the moon.")
-    alone = normalized_messages(chat({"role": "context", "content": "doc"}, {"role": "user", "content": "q"}))
-    assert alone[0].role == "system" and alone[0].content.endswith("doc")
+    typed = normalized_messages(req)
+    assert [m.role for m in typed] == ["system", "context", "user"]  # as sent, for every engine
+    upstream = openai_request(to_generate_request(req), "qa")["messages"]
+    assert upstream[1] == {"role": "context", "content": "Tides come from the moon."}
+    folded = engine_messages(typed)
+    assert [m["role"] for m in folded] == ["system", "user"]
+    assert folded[0]["content"].startswith("Answer in French.\n\n" + GROUNDING)
+    assert folded[0]["content"].endswith("Context:\n\nTides come from the moon.")
+    alone = engine_messages(
+        normalized_messages(chat({"role": "context", "content": "doc"}, {"role": "user", "content": "q"}))
+    )
+    assert alone[0]["role"] == "system" and alone[0]["content"].endswith("doc")
+
+
+def test_image_parts_reach_an_upstream_as_sent_and_the_embedded_engine_as_text() -> None:
+    parts = [{"type": "text", "text": "what is this?"}, IMAGE]
+    req = chat({"role": "user", "content": parts})
+    typed = normalized_messages(req)
+    assert typed[0].content == "what is this?"
+    assert openai_request(to_generate_request(req), "vlm")["messages"][0]["content"] == parts
 
 
 def test_what_a_model_does_comes_from_the_endpoint_or_its_id() -> None:

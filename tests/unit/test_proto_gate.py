@@ -80,7 +80,7 @@ def test_a_branch_is_compared_with_the_main_commit_it_started_from(repo: Path) -
     edit(repo, *ADD_FIELD)
     commit(repo, "the branch adds a field")
     git(repo, "checkout", "-q", "main")
-    edit(repo, "  string name = 3;\n}", "  string name = 3;\n  string tag = 4;\n}")
+    edit(repo, "message ListModelsRequest {}", "message ListModelsRequest {\n  string tag = 1;\n}")
     commit(repo, "main adds another field meanwhile")
     git(repo, "checkout", "-q", "feature")
     # The branch lacks main's new field: that is not a break the branch made.

@@ -123,6 +123,9 @@ def _message(typed: Any, raw: dict[str, Any]) -> dict[str, Any]:
     message["role"] = typed.role
     # ChatMessage cannot say null: an assistant turn with only tool calls keeps its null content.
     message["content"] = None if typed.content == "" and raw.get("content") is None and raw else typed.content
+    if typed.parts_json:
+        # Content parts (text and images, say) as the client sent them: a vision model reads them all.
+        message["content"] = json.loads(typed.parts_json)
     if typed.name:
         message["name"] = typed.name
     return message

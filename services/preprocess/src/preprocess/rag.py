@@ -85,7 +85,9 @@ def format_passage(number: int, hit: retrieval_pb2.SearchHit) -> str:
 def with_sources(messages: list[common_pb2.ChatMessage], passages: list[str]) -> list[common_pb2.ChatMessage]:
     """The conversation with the instructions and sources in its (first) system message."""
     block = INSTRUCTIONS + "\n\nSources:\n\n" + "\n\n".join(passages) if passages else INSTRUCTIONS
-    out = [common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name) for m in messages]
+    out = [
+        common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name, parts_json=m.parts_json) for m in messages
+    ]
     if out and out[0].role in ("system", "developer"):
         out[0].content = f"{out[0].content}\n\n{block}"
     else:

@@ -25,6 +25,7 @@ import shutil
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -84,7 +85,9 @@ def _append_bytes(path: Path, offset: int, data: bytes) -> None:
 
 
 def _manifest(snapshot: Snapshot, rows: int, chunk_bytes: int, hnsw_rows: int) -> bytes:
-    return orjson.dumps({"meta": snapshot.meta.to_json(), "rows": rows, "chunk_bytes": chunk_bytes, "hnsw_rows": hnsw_rows})
+    return orjson.dumps(
+        {"meta": snapshot.meta.to_json(), "rows": rows, "chunk_bytes": chunk_bytes, "hnsw_rows": hnsw_rows}
+    )
 
 
 def _append(snapshot: Snapshot, folder: Path, saved: SavedState) -> Snapshot:
@@ -148,7 +151,7 @@ def load(collection_dir: Path, params: IndexParams) -> Snapshot | None:
     hnsw_rows = int(manifest.get("hnsw_rows", 0))
     graph = folder / f"hnsw-{hnsw_rows}.faiss"
     if hnsw_rows and graph.exists():
-        index = faiss.read_index(str(graph))
+        index: Any = faiss.read_index(str(graph))
         index.hnsw.efSearch = params.hnsw_ef_search
         snapshot = replace(snapshot, hnsw=HnswBase(index, hnsw_rows))
     else:

@@ -8,6 +8,7 @@ mid-append, and once an HNSW graph is built over part of the rows.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,13 +161,14 @@ def test_a_crash_mid_append_leaves_the_previous_state(tmp_path: Path) -> None:
     snap = incremental(parts[:2]).save(tmp_path / "c")
     assert snap.saved is not None
     folder = tmp_path / "c" / snap.saved.generation
-    # Killed after writing the rows, before the manifest counted them:
+    # Killed after writing rows, before their commit line:
+    whole_line = json.dumps(parts[2][0][0].to_json()).encode() + b"\n"
     with open(folder / "chunks.jsonl", "ab") as out:
-        out.write(b'{"half a line')
+        out.write(whole_line + b'{"half a line')
     with open(folder / "vectors.f32", "ab") as out:
         out.write(b"\x00" * 10)
     loaded = Snapshot.load(tmp_path / "c", PARAMS)
-    assert loaded is not None and results(loaded) == results(snap)
+    assert loaded is not None and results(loaded) == results(snap) and loaded.meta == snap.meta
     # The next append cuts the leftovers off first.
     after = loaded.with_chunks(*parts[2], PARAMS, version=3, job_id="j2").save(tmp_path / "c")
     again = Snapshot.load(tmp_path / "c", PARAMS)
@@ -174,8 +176,6 @@ def test_a_crash_mid_append_leaves_the_previous_state(tmp_path: Path) -> None:
 
 
 def test_the_layout_before_generations_still_loads(tmp_path: Path) -> None:
-    import json
-
     chunks, vectors = corpus(5, 3)
     folder = tmp_path / "c" / "v4"
     folder.mkdir(parents=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,27 +56,10 @@ class ChunkRecord:
         return cls(raw["chunk_id"], raw["document_id"], raw["title"], raw["text"], raw["metadata"], raw["tokens"])
 
 
-class _Postings:
-    """One term's postings: chunk positions (increasing) and term frequencies, grown by doubling.
-
-    `count` is published after the rows are written, and a reader takes the
-    (arrays, count) triple in one attribute read, so it never sees a half-written row.
-    """
-
-    __slots__ = ("state",)
-
-    def __init__(self) -> None:
-        self.state: tuple[np.ndarray, np.ndarray, int] = (np.empty(4, np.int64), np.empty(4, np.float64), 0)
-
-    def extend(self, positions: list[int], tfs: list[int]) -> None:
-        pos, tf, count = self.state
-        end = count + len(positions)
-        if end > len(pos):
-            size = max(end, 2 * len(pos))
-            pos, tf = _grown(pos, count, size), _grown(tf, count, size)
-        pos[count:end] = positions
-        tf[count:end] = tfs
-        self.state = (pos, tf, end)
+# One term's postings: (chunk position, term frequency) pairs, positions increasing, in one
+# array.array('q') so that an append (one C call, under the GIL) and a reader's copy
+# (`postings[:]`, one C call) never interleave: a reader sees whole pairs only. No
+# buffer of it is ever exported, so it can always grow.
 
 
 def _grown(array: np.ndarray, used: int, size: int) -> np.ndarray:
@@ -92,7 +76,7 @@ class ChunkLog:
         self.chunks: list[ChunkRecord] = []
         self._vectors = np.empty((16, dimensions), dtype=np.float32)
         self._lengths = np.empty(16, dtype=np.float64)  # BM25 tokens per chunk
-        self._postings: dict[str, _Postings] = {}
+        self._postings: dict[str, array[int]] = {}
         # First position of each document: a document with a position < n is in snapshot n.
         self._first: dict[str, int] = {}
         self._write = threading.Lock()  # appends come from one thread at a time; this says so
@@ -105,6 +89,9 @@ class ChunkLog:
         """Add rows at the end (only the tip snapshot may: the caller checks `size`)."""
         if len(records) != len(vectors):
             raise ValueError(f"{len(records)} chunks but {len(vectors)} vectors")
+        if len(records) and (vectors.ndim != 2 or vectors.shape[1] != self.dimensions):
+            # Checked before anything is written: a half-applied append would shift every later row.
+            raise ValueError(f"vectors of shape {vectors.shape} for a collection of {self.dimensions} dimensions")
         with self._write:
             start = len(self.chunks)
             end = start + len(records)
@@ -114,17 +101,24 @@ class ChunkLog:
                 self._lengths = _grown(self._lengths, start, size)
             if len(records):
                 self._vectors[start:end] = vectors
-            terms: dict[str, tuple[list[int], list[int]]] = {}
+            self._lengths[start:end] = [len(record.tokens) for record in records]
+            terms: dict[str, list[int]] = {}
             for offset, record in enumerate(records):
                 position = start + offset
-                self._lengths[position] = len(record.tokens)
                 for term, tf in Counter(record.tokens).items():
-                    entry = terms.setdefault(term, ([], []))
-                    entry[0].append(position)
-                    entry[1].append(tf)
+                    pairs = terms.get(term)
+                    if pairs is None:
+                        terms[term] = [position, tf]
+                    else:
+                        pairs += (position, tf)
                 self._first.setdefault(record.document_id, position)
-            for term, (positions, tfs) in terms.items():
-                self._postings.setdefault(term, _Postings()).extend(positions, tfs)
+            postings = self._postings
+            for term, pairs in terms.items():
+                existing = postings.get(term)
+                if existing is None:
+                    postings[term] = array("q", pairs)
+                else:
+                    existing.extend(pairs)
             # Published last: a snapshot of `end` rows is only made once everything is written.
             self.chunks.extend(records)
 
@@ -146,11 +140,11 @@ class ChunkLog:
             postings = self._postings.get(term)
             if postings is None:
                 continue
-            pos, tf, count = postings.state
-            cut = int(np.searchsorted(pos[:count], n))  # rows past n belong to newer snapshots
+            pairs = np.frombuffer(postings[:], dtype=np.int64).reshape(-1, 2)  # a copy: whole pairs
+            cut = int(np.searchsorted(pairs[:, 0], n))  # rows past n belong to newer snapshots
             if not cut:
                 continue
-            positions, freqs = pos[:cut], tf[:cut]
+            positions, freqs = pairs[:cut, 0], pairs[:cut, 1].astype(np.float64)
             idf = math.log(1.0 + (n - cut + 0.5) / (cut + 0.5))
             norm = freqs + K1 * (1.0 - B + B * self._lengths[positions] / average)
             scores[positions] += idf * freqs / norm

@@ -102,8 +102,9 @@ class SavedState:
 
     generation: str
     rows: int
-    chunk_bytes: int
+    chunk_bytes: int  # of chunks.jsonl that count (what a crash left past them does not)
     hnsw_rows: int = 0  # rows the graph saved in the folder covers (0: none saved)
+    meta: Meta | None = None  # the state saved with them
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,23 @@ async def test_a_jobs_save_writes_only_its_own_chunks(tmp_path: Path, monkeypatc
     assert written == sizes
     assert store.local("c") is snap
     await store.close()
+
+
+def test_bm25_tokens_are_bm25s_tokens() -> None:
+    import bm25s
+    import Stemmer
+
+    texts = [
+        "The Cells were DIVIDING rapidly; mitochondria's role (in vivo) is unclear.",
+        "",
+        "!! ?? a",
+        "the and of",
+        "Naïve Bayes über-fast 2024 results: p<0.05, IL-6 and TNF-α levels",
+        "running runs ran runner's",
+    ]
+    expected = bm25s.tokenize(
+        texts, stopwords="en", stemmer=Stemmer.Stemmer("english"), return_ids=False, show_progress=False
+    )
+    assert bm25_tokens(texts) == expected
+    assert bm25_tokens(texts) == expected  # stems remembered from the first call
+    assert [bm25_tokens([t])[0] for t in texts] == expected  # one text at a time

@@ -16,15 +16,17 @@ starts a new log, as a full rebuild does. Files: retrieval/index_files.py.
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import bm25s
 import faiss
 import numpy as np
 import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
 
 from retrieval.chunk_log import ChunkLog, ChunkRecord, ChunkView
 
@@ -37,9 +39,41 @@ _STEMMER = Stemmer.Stemmer("english")
 HNSW_MIN_TAIL = 2000
 
 
+# What bm25s.tokenize(stopwords="en", stemmer=_STEMMER) makes, without its cost per call (a
+# job is tokenized alone, so per-call work would grow with the number of jobs): the same
+# split, stop words and stems, with stems remembered across calls.
+_SPLIT = re.compile(r"(?u)\b\w\w+\b").findall
+_STOPWORDS = frozenset(STOPWORDS_EN)
+_STEMS: dict[str, str] = {}
+_STEMS_MAX = 1_000_000
+_STEMMER_LOCK = threading.Lock()  # a PyStemmer object is not thread-safe
+
+
 def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    """Lower-cased, English stop words removed, Snowball-stemmed tokens."""
-    return list(bm25s.tokenize(list(texts), stopwords="en", stemmer=_STEMMER, return_ids=False, show_progress=False))
+    """Lower-cased, English stop words removed, Snowball-stemmed tokens (bm25s's tokenizer)."""
+    split = []
+    unknown: set[str] = set()
+    for text in texts:
+        kept = [w for w in _SPLIT(text.lower()) if w not in _STOPWORDS]
+        split.append(kept)
+        unknown.update(w for w in kept if w not in _STEMS)
+    fresh: dict[str, str] = {}
+    if unknown:
+        ordered = list(unknown)
+        with _STEMMER_LOCK:
+            fresh = dict(zip(ordered, _STEMMER.stemWords(ordered), strict=True))
+        if len(_STEMS) > _STEMS_MAX:
+            _STEMS.clear()
+        _STEMS.update(fresh)
+    return [[fresh[w] if w in fresh else _stem(w) for w in words] for words in split]
+
+
+def _stem(word: str) -> str:
+    stem = _STEMS.get(word)
+    if stem is None:  # dropped by a clear() in another thread meanwhile
+        with _STEMMER_LOCK:
+            stem = _STEMMER.stemWord(word)
+    return stem
 
 
 def embedding_text(title: str, text: str) -> str:

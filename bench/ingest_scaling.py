@@ -245,7 +245,8 @@ def main() -> None:
         ratio = ours[what] / one[what]
         verdict = "met" if ratio <= 1.3 else "NOT met"
         print(
-            f"\ntarget ({'wall' if what == 'total' else 'CPU'}): {args.jobs} jobs <= 1.3x one job: {ratio:.2f}x -> {verdict}"
+            f"\ntarget ({'wall' if what == 'total' else 'CPU'}): {args.jobs} jobs <= 1.3x one job: "
+            f"{ratio:.2f}x -> {verdict}"
         )
     print("(wall time includes two fsyncs per job: on a shared disk each costs what the other tenants make it)\n")
 

@@ -113,7 +113,8 @@ async def run_arm(args: argparse.Namespace, payload: dict[str, Any], vectors: np
         await store.close()
     rng = np.random.default_rng(1)
     picks = rng.integers(0, len(vectors), 50)
-    dense_queries = [vectors[p] + 0.05 * rng.standard_normal(vectors.shape[1]).astype(np.float32) for p in picks]
+    noise = rng.standard_normal((len(picks), vectors.shape[1])).astype(np.float32)
+    dense_queries: list[np.ndarray] = list(vectors[picks] + 0.05 * noise)
     tokens = [bm25_tokens([q])[0] for q in queries]
 
     def results(snap: Any) -> list[Any]:

@@ -174,7 +174,10 @@ class LlamaCppEngine:
 
     # --- tokens -----------------------------------------------------------------
 
-    async def count_tokens(self, request: inference_pb2.TokenizeRequest | inference_pb2.GenerateRequest) -> list[int]:
+    async def count_tokens(
+        self,
+        request: inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest,
+    ) -> list[int]:
         """Token ids of the prompt exactly as the engine will see it (chat template applied)."""
         assert self._http is not None, "engine not loaded"
         if request.WhichOneof("input") == "chat":

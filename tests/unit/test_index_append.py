@@ -8,6 +8,7 @@ mid-append, and once an HNSW graph is built over part of the rows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -257,3 +258,54 @@ def test_bm25_tokens_are_bm25s_tokens() -> None:
     assert bm25_tokens(texts) == expected
     assert bm25_tokens(texts) == expected  # stems remembered from the first call
     assert [bm25_tokens([t])[0] for t in texts] == expected  # one text at a time
+
+
+async def test_the_store_builds_the_graph_in_the_background_and_keeps_it(tmp_path: Path) -> None:
+    settings = RetrievalSettings(data_dir=str(tmp_path), replica_id="r1", hnsw_threshold=40, hnsw_m=16)
+    store = CollectionStore(settings, None)
+    snap = await store.ensure_local("c", "id1", 1)
+    assert snap is not None
+    parts = jobs(12, 5)
+    crossed: Snapshot | None = None
+    for i, (chunks, vectors) in enumerate(parts):
+        async with store.lock("c"):  # as the ingest consumer: the live snapshot, under the lock
+            live = store.local("c")
+            assert live is not None
+            snap = await store.add_chunks(live, chunks, vectors, version=i + 1, job_id=f"j{i}")
+        if snap.n > 40 and crossed is None:
+            crossed = snap
+        await asyncio.sleep(0)
+    assert crossed is not None and crossed.hnsw is None
+    # Built between jobs, by the store: a job never builds one (the one that crossed did not).
+    await store.hnsw.idle()
+    live = store.local("c")
+    assert live is not None and live.hnsw is not None and 40 < live.hnsw.rows <= live.n == snap.n
+    assert live.index_type == "hnsw" and live.meta == snap.meta
+    # Saved with the collection: a restart loads the graph instead of building it.
+    reloaded = CollectionStore(settings, None)
+    await asyncio.to_thread(reloaded.load_all)
+    loaded = reloaded.local("c")
+    assert loaded is not None and loaded.hnsw is not None and loaded.hnsw.rows == live.hnsw.rows
+    assert loaded.meta == live.meta
+    assert results(loaded) == results(live)
+    # A job after it appends as before; the graph stays and the new rows are searched exactly.
+    more = corpus(3, 55)
+    async with store.lock("c"):
+        after = await store.add_chunks(live, *more, version=50, job_id="m")
+    assert after.hnsw is live.hnsw and after.n > live.n
+    assert after.dense(after.vectors[-1], 1)[0][0] == after.n - 1
+    await store.close()
+    await reloaded.close()
+
+
+async def test_a_graph_built_for_a_deleted_collection_is_dropped(tmp_path: Path) -> None:
+    settings = RetrievalSettings(data_dir=str(tmp_path), replica_id="r1", hnsw_threshold=10, hnsw_m=16)
+    store = CollectionStore(settings, None)
+    snap = await store.ensure_local("c", "id1", 1)
+    assert snap is not None
+    snap = await store.add_chunks(snap, *corpus(10, 1), version=1, job_id="j")
+    base = snap.build_hnsw(store.params)
+    store._forget("c", "id1")  # deleted while the graph was built
+    assert not await store.adopt_hnsw("c", snap, base)
+    assert store.local("c") is None
+    await store.close()

@@ -77,10 +77,24 @@ def mesh(work: Path, replicas: str, threads: int) -> Iterator[Mesh]:
         RAGMESH_GATEWAY_BURST="100000",
         OMP_NUM_THREADS="1",
     )
-    for name in ("GATEWAY", "PREPROCESS_HTTP", "INFERENCE_HTTP", "RETRIEVAL_HTTP", "POSTPROCESS_HTTP"):
+    # Every port its own, the admin listeners' too (8081 and 8004 belong to `make up`).
+    for name in (
+        "GATEWAY",
+        "GATEWAY_ADMIN",
+        "PREPROCESS_HTTP",
+        "PREPROCESS_ADMIN",
+        "INFERENCE_HTTP",
+        "RETRIEVAL_HTTP",
+        "POSTPROCESS_HTTP",
+        "INFERENCE_GRPC",
+        "RETRIEVAL_GRPC",
+        "POSTPROCESS_GRPC",
+    ):
         env[f"RAGMESH_{name}_PORT"] = str(free_port())
-    for name in ("INFERENCE_GRPC", "RETRIEVAL_GRPC", "POSTPROCESS_GRPC"):
-        env[f"RAGMESH_{name}_PORT"] = str(free_port())
+    # Peer addresses follow from the ports above, not from the caller's environment.
+    for peer in ("INFERENCE", "RETRIEVAL", "POSTPROCESS"):
+        env.pop(f"RAGMESH_PREPROCESS_{peer}_ADDR", None)
+    env.pop("RAGMESH_RETRIEVAL_PEERS", None)
     launcher = [sys.executable, str(ROOT / "scripts" / "mesh.py")]
     print(f"starting a mesh: {replicas}, {threads} thread(s) per engine", file=sys.stderr, flush=True)
     subprocess.run([*launcher, "up", "--timeout", "300"], env=env, check=True, stdout=subprocess.DEVNULL)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import aio_pika
 import pytest
+import redis
 
 from ragmesh.amqp import Topology
 
@@ -68,6 +73,55 @@ def close_own_connections(namespace: str, reason: str = "closed by a test") -> i
             subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, reason], capture_output=True, check=True)
             closed += 1
     return closed
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of a test's own, the only kind a test may pause, freeze or stop (never the
+    shared one other helpers' tests use)."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def pause(self, millis: int) -> None:
+        """CLIENT PAUSE (every client's commands wait `millis`)."""
+        client = redis.Redis.from_url(self.url)
+        client.client_pause(millis, all=True)
+        client.close()
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers (every command times out)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def private_redis_server(folder: Path) -> Iterator[PrivateRedis]:
+    """Start a redis-server on a free loopback port (no persistence), stop it afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+        yield PrivateRedis(f"redis://127.0.0.1:{port}/0", server)
+    finally:
+        client.close()
+        server.send_signal(signal.SIGCONT)  # a frozen server cannot take the SIGTERM
+        server.terminate()
+        server.wait(10)
 
 
 def _reachable(url: str, default_port: int) -> bool:

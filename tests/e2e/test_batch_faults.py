@@ -26,7 +26,7 @@ import openai
 import pytest
 import redis
 
-from ..conftest import free_port
+from ..conftest import free_port, private_redis_server
 from .conftest import ROOT, Mesh, mesh_env, running_mesh
 
 pytestmark = pytest.mark.e2e
@@ -35,26 +35,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server of this module's own: the only one a test may pause."""
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert server.poll() is None and time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    client.close()
-    server.terminate()
-    server.wait(10)
+    with private_redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -287,3 +287,34 @@ async def test_a_direct_request_that_cannot_be_read_is_answered_then_dead_letter
     for answer in answers.values():
         assert answer["v"] == 1 and answer["status_code"] == 400
         assert {"message", "type", "param", "code"} <= set(answer["body"]["error"])
+
+
+async def test_a_redis_timeout_as_create_marks_the_batch_in_progress_does_not_leave_it_stuck(
+    tmp_path: Path, redis_url: str, amqp_url: str, broker: str, clean_redis: aioredis.Redis
+) -> None:
+    """create published every line, then Redis timed out on the validating -> in_progress write:
+    the client is told to retry (a Redis error), the lines run all the same, and the batch must
+    end `completed` once they are done, not wait in `validating` for its completion window."""
+    settings = settings_for(broker, redis_url, amqp_url, tmp_path, batch_workers=4)
+    flaky_api = faulty_redis(redis_url)
+    refused: list[bool] = []
+
+    async def time_out_the_in_progress_write(args: tuple[Any, ...], reply: Any) -> None:
+        if not refused and writes_status(args, "in_progress"):
+            refused.append(True)
+            raise RedisTimeout("injected: Timeout reading from socket")
+
+    flaky_api.before.append(time_out_the_in_progress_write)
+    async with (
+        replica(settings, flaky_api, FakeRunner(), workers=False) as api,
+        replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner()),
+    ):
+        uploaded = await api.upload(embedding_lines(5), "lines.jsonl", "batch", None)
+        with pytest.raises(RedisTimeout):
+            await api.create({"input_file_id": uploaded["id"], "endpoint": "/v1/embeddings"}, None)
+        assert refused, "the fault was injected"
+        [batch_id] = [b["id"] for b in (await api.list(20, None, None))["data"]]
+        done = await wait_final(api, batch_id)
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
+    one_result_each(tmp_path, 5)

@@ -74,7 +74,7 @@ def test_one_replica_keeps_the_single_process_layout(mesh: ModuleType, tmp_path:
 class _Probe(http.server.BaseHTTPRequestHandler):
     """Answers every GET with the status its server was given."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server calls it by this name
         self.send_response(self.server.status)  # type: ignore[attr-defined]
         self.end_headers()
 

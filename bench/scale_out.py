@@ -123,7 +123,8 @@ def corpus(limit: int) -> tuple[list[dict[str, str]], list[str]]:
 
 def seed(m: Mesh, docs: list[dict[str, str]]) -> None:
     with httpx.Client(base_url=m.v1, timeout=120) as http:
-        http.post("/collections", json={"name": COLLECTION}).raise_for_status()
+        created = http.post("/collections", json={"name": COLLECTION})
+        assert created.status_code == 201, f"creating the collection: {created.status_code} {created.text}"
         job = http.post(f"/collections/{COLLECTION}/documents", json={"documents": docs}).json()["job_id"]
         while (status := http.get(f"/jobs/{job}").json()["status"]) not in ("succeeded", "failed"):
             time.sleep(0.5)

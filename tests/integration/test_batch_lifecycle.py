@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from preprocess.batches import api as api_module
 from preprocess.batches import finalizer as finalizer_module
+from preprocess.batches import lines as lines_module
 from preprocess.batches import worker as worker_module
 from ragmesh import amqp
 from ragmesh.errors import RagmeshError
@@ -265,7 +266,7 @@ async def test_big_files_are_parsed_and_written_off_the_event_loop(
     (finalize) run in worker threads, never on the event loop that serves every other request."""
     loop_thread = threading.get_ident()
     threads: dict[str, set[bool]] = {"parse": set(), "write": set()}
-    real_parse, real_write = api_module.parse_batch_lines, finalizer_module._Sink.write
+    real_parse, real_write = lines_module.parse_batch_lines, finalizer_module._Sink.write
 
     def parse(data: bytes, max_lines: int) -> Any:
         threads["parse"].add(threading.get_ident() == loop_thread)

@@ -9,7 +9,6 @@ counted, read from that Redis), never on a timer.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -28,6 +27,7 @@ import redis
 
 from ..conftest import free_port, private_redis_server
 from .conftest import ROOT, Mesh, mesh_env, running_mesh
+from .conftest import launcher as load_launcher
 
 pytestmark = pytest.mark.e2e
 
@@ -53,15 +53,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, private_redis: str) -> Iterat
         yield started
 
 
-def _launcher() -> Any:
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class ExtraReplicas:
     """Preprocess replicas beside the mesh's own: same namespace, Redis and broker, ports of their own."""
@@ -70,7 +61,7 @@ class ExtraReplicas:
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self) -> int:
-        launcher = _launcher()
+        launcher = load_launcher()
         env = launcher.service_env(launcher.make_plan(self.mesh.env, self.mesh.run_dir), self.mesh.env)
         port = free_port()
         env["RAGMESH_PREPROCESS_HTTP_PORT"] = str(port)

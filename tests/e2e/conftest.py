@@ -118,9 +118,19 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
     finally:
         stop_mesh(env)
         # The mesh's queues and exchanges leave the shared broker with it.
-        replica = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
         amqp_url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], (replica,))
+        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], retrieval_replica_ids(run_dir, env))
+
+
+def retrieval_replica_ids(run_dir: Path, env: dict[str, str]) -> tuple[str, ...]:
+    """Every retrieval replica's id (each has its own index.events queues), named as the launcher
+    names them: the first as a single replica is, the others <host>-<index>."""
+    first = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+    try:
+        count = len(json.loads((run_dir / "mesh.json").read_text())["replicas"]["retrieval"])
+    except (OSError, ValueError, KeyError):
+        count = 1
+    return (first, *(f"{socket.gethostname()}-{index}" for index in range(1, count)))
 
 
 @pytest.fixture(scope="session")

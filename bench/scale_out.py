@@ -23,6 +23,8 @@ Targets: no failed request during the rollout; rollout p99 <= 2x steady p99.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -37,7 +39,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import httpx
+
+from ragmesh.amqp import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data")) / "scifact"
@@ -103,6 +108,25 @@ def mesh(work: Path, replicas: str, threads: int) -> Iterator[Mesh]:
         yield Mesh(env, f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}/v1", layout)
     finally:
         subprocess.run([*launcher, "down"], env=env, check=False, stdout=subprocess.DEVNULL)
+        asyncio.run(delete_topology(env, replicas))
+
+
+async def delete_topology(env: dict[str, str], replicas: str) -> None:
+    """The mesh's queues and exchanges leave the (shared) broker with it."""
+    count = int(dict(item.split("=") for item in replicas.split(","))["retrieval"])
+    host = socket.gethostname()
+    topology = Topology(env["RAGMESH_NAMESPACE"])
+    names = topology.queues((host, *(f"{host}-{index}" for index in range(1, count))))
+    url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for kind, listed in (("queue", names), ("exchange", topology.exchanges())):
+            for name in listed:
+                channel = await connection.channel()  # a failed delete closes its channel
+                with contextlib.suppress(Exception):
+                    await (channel.queue_delete(name) if kind == "queue" else channel.exchange_delete(name))
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
 
 def corpus(limit: int) -> tuple[list[dict[str, str]], list[str]]:

@@ -5,6 +5,9 @@ The tests themselves are in test_replicas.py (one mesh with two replicas of ever
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import os
 import re
 import socket
@@ -15,10 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aio_pika
+import grpc
 import httpx
 import httpx2  # the openai client's own HTTP library
 import openai
+from openai.types import Batch
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from .conftest import MODEL, Mesh
 
@@ -110,11 +118,68 @@ def refuses_connections(port: int) -> bool:
         return True
 
 
+def consumers(mesh: Mesh, base: str) -> int:
+    """Consumers the broker counts on one of the mesh's queues (a passive declare: read only)."""
+    url = mesh.env.get("RAGMESH_AMQP_URL") or mesh.env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+
+    async def count() -> int:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(f"{mesh.env['RAGMESH_NAMESPACE']}.{base}", passive=True)
+            return int(queue.declaration_result.consumer_count or 0)
+
+    return asyncio.run(count())
+
+
 def engine_requests(replicated: Replicated, index: int) -> float:
     """Requests an inference replica holds: generating in a slot, or admitted and waiting for one."""
     text = replicated.metrics("inference", index)
     pattern = r"^ragmesh:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$"
     return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def restart(replicated: Replicated, service: str, index: int) -> None:
+    """Start a stopped replica again and wait until it is ready."""
+    program = replicated.program(service, index)
+    assert f"{program}: started" in replicated.mesh.supervisorctl("start", program)
+    wait_until(lambda: replicated.ready(service, index), 120, f"{program} back")
+
+
+def search_replica(
+    port: int, collection: str, query: str, mode: retrieval_pb2.SearchMode.ValueType
+) -> list[tuple[str, float]]:
+    """One retrieval replica's hits (chunk id, score), asked over gRPC, bypassing every cache."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = retrieval_pb2_grpc.RetrievalStub(channel)
+        request = retrieval_pb2.SearchRequest(collection=collection, query=query, top_k=5, mode=mode, no_cache=True)
+        reply = stub.Search(request, timeout=30)
+    return [(hit.chunk_id, round(hit.score, 5)) for hit in reply.hits]
+
+
+def start_batch(client: openai.OpenAI, lines: int) -> Batch:
+    """A chat batch of `lines` short requests (custom_id line-<i>), uploaded and created."""
+    requests = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": chat_body(max_tokens=8, messages=[{"role": "user", "content": f"Say {i}."}]),
+        }
+        for i in range(lines)
+    ]
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in requests)
+    uploaded = client.files.create(file=("lines.jsonl", io.BytesIO(body)), purpose="batch")
+    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def wait_for_batch(client: openai.OpenAI, batch_id: str, timeout: float) -> Batch:
+    """The batch once it is completed, failed, cancelled or expired."""
+    deadline = time.monotonic() + timeout
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch.request_counts
+        time.sleep(1)
+    return batch
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Two replicas of every service: balanced calls, a crash, an empty replica, a preprocess
-replica refusing connections or draining its streams, a rollout under load.
+replica refusing connections or draining its streams, a retrieval replica draining its
+queue, a rollout under load.
 
 One mesh for the module (RAGMESH_REPLICAS, one engine thread per inference
 replica), started the way `make up` starts it; every request goes through
@@ -9,7 +10,6 @@ helpers (the steady load, metrics readers) are in replicas.py.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -23,12 +23,11 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
 
-from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
+from ragmesh.v1 import retrieval_pb2
 
 from .conftest import MODEL, ROOT, mesh_env, running_mesh
 from .replicas import (
@@ -40,9 +39,14 @@ from .replicas import (
     calls,
     chat,
     chat_body,
+    consumers,
     engine_requests,
     refuses_connections,
+    restart,
+    search_replica,
+    start_batch,
     stream_chat,
+    wait_for_batch,
     wait_until,
 )
 
@@ -108,16 +112,6 @@ def test_calls_from_one_preprocess_reach_both_replicas_of_every_peer(replicated:
 
 
 # --- an empty retrieval replica --------------------------------------------------------------
-
-
-def search_replica(
-    port: int, collection: str, query: str, mode: retrieval_pb2.SearchMode.ValueType
-) -> list[tuple[str, float]]:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = retrieval_pb2_grpc.RetrievalStub(channel)
-        request = retrieval_pb2.SearchRequest(collection=collection, query=query, top_k=5, mode=mode, no_cache=True)
-        reply = stub.Search(request, timeout=30)
-    return [(hit.chunk_id, round(hit.score, 5)) for hit in reply.hits]
 
 
 def test_an_empty_retrieval_replica_catches_up_from_its_peer(replicated: Replicated) -> None:
@@ -230,13 +224,6 @@ def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(repli
 # --- a preprocess replica going away ----------------------------------------------------------
 
 
-def restart(replicated: Replicated, service: str, index: int) -> None:
-    """Start a stopped replica again and wait until it is ready."""
-    program = replicated.program(service, index)
-    assert f"{program}: started" in replicated.mesh.supervisorctl("start", program)
-    wait_until(lambda: replicated.ready(service, index), 120, f"{program} back")
-
-
 def test_nginx_passes_a_request_refused_by_a_preprocess_replica_to_the_other(replicated: Replicated) -> None:
     mesh = replicated.mesh
     program, port = replicated.program("preprocess", 1), replicated.replicas["preprocess"][1]["http"]
@@ -295,6 +282,62 @@ def test_sigterm_lets_a_preprocess_replica_finish_its_open_streams(replicated: R
         restart(replicated, "preprocess", 1)
 
 
+# --- a retrieval replica draining its queue ------------------------------------------------------
+
+
+def test_sigterm_stops_a_retrieval_replica_taking_jobs_and_its_job_in_hand_still_succeeds(
+    replicated: Replicated,
+) -> None:
+    mesh = replicated.mesh
+    program = replicated.program("retrieval", 1)
+    vocabulary = ("ice", "rock", "silt", "melt", "sea", "till", "flow", "firn", "snow", "crag", "tarn", "kame", "cwm")
+
+    def text(job: int, doc: int) -> str:
+        # Every document its own words: the embedding cache must not shorten the jobs.
+        return " ".join(f"{vocabulary[(doc * 7 + k * (job + 3)) % 13]}{(doc * 31 + k) % 997}" for k in range(160))
+
+    with httpx.Client(base_url=mesh.v1, timeout=60) as http:
+        assert http.post("/collections", json={"name": "drain-jobs"}).status_code == 201
+        assert consumers(mesh, "ingest") == 2
+        # Two long jobs at once: with a prefetch of one, each replica holds one of them.
+        jobs = [
+            http.post(
+                "/collections/drain-jobs/documents",
+                json={"documents": [{"id": f"j{j}-{i}", "text": text(j, i)} for i in range(24)]},
+            ).json()["job_id"]
+            for j in range(2)
+        ]
+
+        def status(job: str) -> str:
+            return str(http.get(f"/jobs/{job}").json()["status"])
+
+        wait_until(lambda: [status(job) for job in jobs] == ["running", "running"], 60, "both jobs running")
+        pid = int(mesh.supervisorctl("pid", program))
+        stopped: list[str] = []
+        stopper = threading.Thread(target=lambda: stopped.append(mesh.supervisorctl("stop", program)))
+        stopper.start()  # SIGTERM
+        try:
+            # The replica cancels its consumer at once, while it still works on its job.
+            wait_until(lambda: consumers(mesh, "ingest") == 1, 30, "the draining replica's consumer to go")
+            assert alive(pid) and [status(job) for job in jobs] == ["running", "running"]
+            # A job sent now can only go to the other replica, and does.
+            late = http.post(
+                "/collections/drain-jobs/documents", json={"documents": [{"id": "late", "text": "After the drain."}]}
+            ).json()["job_id"]
+            wait_until(lambda: status(late) == "succeeded", 240, "the job sent during the drain")
+            # The job in hand finishes on the draining replica (or, past the grace, goes
+            # back to the queue for the other one): every job succeeds, every document once.
+            wait_until(lambda: all(status(job) in ("succeeded", "failed") for job in jobs), 300, "the long jobs")
+            assert [status(job) for job in jobs] == ["succeeded", "succeeded"]
+            stopper.join(120)
+            assert stopped and f"{program}: stopped" in stopped[0], stopped
+            assert http.get("/collections/drain-jobs").json()["documents"] == 49
+        finally:
+            stopper.join(120)
+            restart(replicated, "retrieval", 1)
+    wait_until(lambda: consumers(mesh, "ingest") == 2, 60, "the restarted replica consuming again")
+
+
 # --- a rollout under load -------------------------------------------------------------------------
 
 
@@ -314,19 +357,7 @@ def test_rollout_of_every_service_under_load_drops_nothing(replicated: Replicate
         {"id": f"d{i}", "title": f"Note {i}", "text": f"Tides and moons, note number {i}. " * 20} for i in range(60)
     ]
     job = http.post("/collections/rollout/documents", json={"documents": docs}).json()["job_id"]
-    lines = [
-        {
-            "custom_id": f"line-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": chat_body(max_tokens=8, messages=[{"role": "user", "content": f"Say {i}."}]),
-        }
-        for i in range(200)
-    ]
-    uploaded = client.files.create(
-        file=("lines.jsonl", io.BytesIO(b"".join(json.dumps(x).encode() + b"\n" for x in lines))), purpose="batch"
-    )
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = start_batch(client, 200)
     try:
         rollout = subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "rollout.py"), "all", "--timeout", "240"],
@@ -347,10 +378,7 @@ def test_rollout_of_every_service_under_load_drops_nothing(replicated: Replicate
 
     wait_until(lambda: http.get(f"/jobs/{job}").json()["status"] in ("succeeded", "failed"), 300, "the job")
     assert http.get(f"/jobs/{job}").json()["status"] == "succeeded"
-    deadline = time.monotonic() + 600
-    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.monotonic() < deadline, batch.request_counts
-        time.sleep(1)
+    batch = wait_for_batch(client, batch.id, 600)
     assert batch.status == "completed" and batch.request_counts is not None
     assert (batch.request_counts.completed, batch.request_counts.failed) == (200, 0)
     assert batch.output_file_id is not None

@@ -210,14 +210,20 @@ class RagPlanner:
     ) -> tuple[list[common_pb2.ChatMessage], list[retrieval_pb2.SearchHit], int]:
         """Best passages first, as many as fit; (messages, passages used, tokens they added)."""
         passages = [format_passage(i + 1, hit) for i, hit in enumerate(hits)]
-        # One call for the conversation without and with the (empty) sources block and each passage.
+        everything = with_sources(messages, passages)
+        # One call for the conversation without and with the (empty) sources block, with every
+        # passage, and each passage alone: when every passage fits (the usual case) the exact
+        # count is already there.
         inputs = [
             inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=messages)),
             inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=with_sources(messages, []))),
+            inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=everything)),
             *(inference_pb2.TokenizeInput(prompt=p + "\n\n") for p in passages),
         ]
-        (plain, bare, *sizes), max_context = await self._count_many(model, inputs)
+        (plain, bare, whole, *sizes), max_context = await self._count_many(model, inputs)
         budget = max_context - (max_tokens or self._completion_reserve)
+        if whole <= budget:
+            return everything, list(hits), max(0, whole - plain)
         total = bare
         chosen: list[int] = []
         for i, size in enumerate(sizes):

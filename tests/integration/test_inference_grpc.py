@@ -95,6 +95,22 @@ async def test_prompt_plus_max_tokens_over_the_context_is_refused(stub: inferenc
     assert err.code == "context_length_exceeded" and err.param == "max_tokens"
 
 
+async def test_a_prompt_count_the_mesh_made_is_not_made_again(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
+    """RAG's fitting counted the messages already: the engine's context check takes that count."""
+    request = chat("word " * 500, max_tokens=100)  # over the context by bytes, not by tokens
+    counted = (await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, chat=request.chat))).count
+    assert counted + 100 < 2048
+    request.counted_prompt_tokens = counted
+    chunks = await collect(stub, request)
+    assert chunks[-1].prompt_tokens == counted
+    # The count given is the one checked (preprocess is the only sender of this field).
+    request.counted_prompt_tokens = 2000
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub, request)
+    err = from_rpc_error(info.value)
+    assert err.code == "context_length_exceeded" and "2000 in the messages" in err.message
+
+
 async def test_unknown_model_is_not_found(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
     request = chat("hi", max_tokens=2)
     request.model = "gpt-nothing"

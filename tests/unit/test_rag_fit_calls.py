@@ -1,4 +1,4 @@
-"""RAG prompt fitting asks the inference service for token counts in two calls, not top_k + 3.
+"""RAG prompt fitting asks the inference service for token counts in one or two calls, not top_k + 3.
 
 The inference stub here is a double (unit test); the real path is covered by
 tests/integration/test_inference_grpc.py (TokenizeBatch against the model) and
@@ -11,7 +11,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
-import pytest
 
 from preprocess.rag import RagPlanner, Retrieved
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2, retrieval_pb2
@@ -63,14 +62,23 @@ async def fit(inference: FakeInference, k: int) -> Any:
     return await planner.fit("m", MESSAGES, retrieved(k), max_tokens=10)
 
 
-@pytest.mark.parametrize("k", [2, 10])
-async def test_fitting_counts_tokens_in_two_calls(k: int) -> None:
+async def test_when_every_passage_fits_one_call_counts_everything() -> None:
     inference = FakeInference()
-    result = await fit(inference, k)
+    result = await fit(inference, 2)
+    assert inference.calls == ["TokenizeBatch"]
+    assert result.report.passages_used == 2 and [s.index for s in result.sources] == [1, 2]
+    everything = "\n".join(m.content for m in result.messages)
+    assert "[1] T0" in everything and "[2] T1" in everything
+    assert result.report.context_tokens == chat_count(result.messages) - chat_count(MESSAGES)
+
+
+async def test_when_some_do_not_fit_two_calls_fit_the_best() -> None:
+    inference = FakeInference()
+    result = await fit(inference, 10)
     assert inference.calls == ["TokenizeBatch", "Tokenize"]
     # 120 context - 10 reserved: the instructions and two passages of 23 words fit, not a third.
     assert result.report.passages_used == 2
-    assert [s.index for s in result.sources] == list(range(1, result.report.passages_used + 1))
+    assert [s.chunk_id for s in result.sources] == ["d0#0", "d1#0"]  # the best first
 
 
 async def test_an_inference_replica_without_tokenize_batch_is_asked_one_by_one() -> None:

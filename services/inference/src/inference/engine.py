@@ -218,7 +218,7 @@ class LlamaCppEngine:
             bound = len(request.prompt.encode()) + _TEMPLATE_TOKENS_FIXED
         if bound + max_tokens <= self.max_context:
             return
-        prompt_tokens = len(await self.count_tokens(request))
+        prompt_tokens = request.counted_prompt_tokens or len(await self.count_tokens(request))
         if prompt_tokens + max_tokens > self.max_context:
             raise invalid_request(
                 f"This model's maximum context length is {self.max_context} tokens. However, you "

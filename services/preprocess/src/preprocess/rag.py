@@ -60,6 +60,7 @@ class RagResult:
     report: postprocess_pb2.RagReport
     sources: list[postprocess_pb2.Source] = field(default_factory=list)
     collection_id: str = ""
+    prompt_tokens: int = 0  # of `messages`, as Tokenize counts them (0: not counted)
 
     @property
     def no_sources(self) -> bool:
@@ -173,7 +174,8 @@ class RagPlanner:
         report = retrieved.report
         if report.status != "ok":
             return RagResult(messages, report, collection_id=retrieved.collection_id)
-        fitted, used, context_tokens = await self._fit(model, messages, retrieved.hits, max_tokens)
+        fitted, used, prompt_tokens, plain = await self._fit(model, messages, retrieved.hits, max_tokens)
+        context_tokens = max(0, prompt_tokens - plain)
         report.passages_used = len(used)
         report.context_tokens = context_tokens
         sources = [
@@ -188,7 +190,7 @@ class RagPlanner:
             )
             for number, hit in enumerate(used, start=1)
         ]
-        return RagResult(fitted, report, sources, retrieved.collection_id)
+        return RagResult(fitted, report, sources, retrieved.collection_id, prompt_tokens)
 
     def _failed(self, report: postprocess_pb2.RagReport, spec: RagSpec, err: RagmeshError) -> Retrieved:
         if err.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID_REQUEST):
@@ -207,17 +209,24 @@ class RagPlanner:
         messages: list[common_pb2.ChatMessage],
         hits: list[retrieval_pb2.SearchHit],
         max_tokens: int | None,
-    ) -> tuple[list[common_pb2.ChatMessage], list[retrieval_pb2.SearchHit], int]:
-        """Best passages first, as many as fit; (messages, passages used, tokens they added)."""
+    ) -> tuple[list[common_pb2.ChatMessage], list[retrieval_pb2.SearchHit], int, int]:
+        """Best passages first, as many as fit; (messages, passages used, their tokens, the
+        tokens of the conversation without them)."""
         passages = [format_passage(i + 1, hit) for i, hit in enumerate(hits)]
-        # One call for the conversation without and with the (empty) sources block and each passage.
+        everything = with_sources(messages, passages)
+        # One call for the conversation without and with the (empty) sources block, with every
+        # passage, and each passage alone: when every passage fits (the usual case) the exact
+        # count is already there.
         inputs = [
             inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=messages)),
             inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=with_sources(messages, []))),
+            inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=everything)),
             *(inference_pb2.TokenizeInput(prompt=p + "\n\n") for p in passages),
         ]
-        (plain, bare, *sizes), max_context = await self._count_many(model, inputs)
+        (plain, bare, whole, *sizes), max_context = await self._count_many(model, inputs)
         budget = max_context - (max_tokens or self._completion_reserve)
+        if whole <= budget:
+            return everything, list(hits), whole, plain
         total = bare
         chosen: list[int] = []
         for i, size in enumerate(sizes):
@@ -230,5 +239,5 @@ class RagPlanner:
             fitted = with_sources(messages, [format_passage(n + 1, h) for n, h in enumerate(used)])
             exact = (await self._count(model, fitted)).count
             if exact <= budget or not chosen:
-                return fitted, used, max(0, exact - plain)
+                return fitted, used, exact, plain
             chosen.pop()  # token boundaries merge differently once joined: drop the weakest

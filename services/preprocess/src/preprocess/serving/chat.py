@@ -250,6 +250,7 @@ class ChatServing:
                 if generate.WhichOneof("input") == "chat":
                     generate.chat.ClearField("messages")
                     generate.chat.messages.extend(planned.messages)
+                    generate.counted_prompt_tokens = planned.prompt_tokens  # no second count in the engine
                 else:
                     generate.prompt = f"{rag_system.content}\n\n{generate.prompt}"
             if planned.no_sources:

@@ -56,8 +56,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             text = request.prompt or "".join(m.content for m in request.chat.messages)
             count = len(text) // CHARS_PER_TOKEN + 8 * len(request.chat.messages)
         exact = self._embedded is not None and card.backend == "embedded"
+        pieces: list[str] = []
+        if request.return_pieces and exact and self._embedded is not None:
+            pieces = await self._embedded.token_pieces(request)
         return inference_pb2.TokenizeResponse(
-            count=count, ids=ids if request.return_ids and exact else [], max_context=card.max_context
+            count=count, ids=ids if request.return_ids and exact else [], max_context=card.max_context, pieces=pieces
         )
 
     async def ListModels(  # noqa: N802

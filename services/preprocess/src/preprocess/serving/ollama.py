@@ -70,6 +70,10 @@ class _Generating(_Lenient):
     stream: StrictBool = True
     keep_alive: StrictStr | int | float | None = None
     think: StrictBool | StrictStr | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = None
+    # ragmesh's own: answer from a collection, as on the OpenAI routes.
+    rag: dict[str, Any] | None = None
 
 
 class OllamaChatRequest(_Generating):
@@ -153,6 +157,8 @@ def _sampling(req: _Generating) -> dict[str, Any]:
     # -1 (until the context is full) and -2 (fill the context) are the engine's own limit.
     if isinstance(limit, int) and limit > 0:
         out["max_tokens"] = limit
+    if req.rag is not None:
+        out["rag"] = req.rag
     fmt = req.format
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -161,6 +167,22 @@ def _sampling(req: _Generating) -> dict[str, Any]:
     elif fmt not in (None, ""):
         raise invalid_request(f'invalid format: {fmt!r} ("json" or a JSON schema)', param="format")
     return out
+
+
+def _logprobs(req: _Generating) -> dict[str, Any]:
+    """Ollama's logprobs / top_logprobs: OpenAI's chat fields of the same names."""
+    out: dict[str, Any] = {}
+    if req.logprobs:
+        out["logprobs"] = True
+        if req.top_logprobs:
+            out["top_logprobs"] = req.top_logprobs
+    return out
+
+
+def _token_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A choice's logprobs as Ollama lists them: OpenAI's chat `content` entries."""
+    logprobs = choice.get("logprobs")
+    return logprobs.get("content") if isinstance(logprobs, dict) else None
 
 
 def _image_part(data: str) -> dict[str, Any]:
@@ -225,7 +247,7 @@ def chat_request(body: Any, settings: PreprocessSettings, known: set[str] | None
         openai["stream_options"] = {"include_usage": True}  # the done line's counts
     if req.tools:
         openai["tools"] = req.tools
-    return parse_chat_request(openai, settings.max_n, settings.max_data_url_bytes)
+    return parse_chat_request({**openai, **_logprobs(req)}, settings.max_n, settings.max_data_url_bytes)
 
 
 def generate_request(
@@ -255,7 +277,7 @@ def generate_request(
     if req.system:
         messages.append(OllamaMessage(role="system", content=req.system))
     messages.append(OllamaMessage(role="user", content=req.prompt, images=req.images))
-    chat = {**common, "messages": _openai_messages(messages)}
+    chat = {**common, "messages": _openai_messages(messages), **_logprobs(req)}
     return req, parse_chat_request(chat, settings.max_n, settings.max_data_url_bytes)
 
 
@@ -316,10 +338,12 @@ def chat_body(openai: dict[str, Any], model: str, started: float) -> dict[str, A
     out: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
     if message.get("tool_calls"):
         out["tool_calls"] = _ollama_calls(message["tool_calls"])
+    logprobs = _token_logprobs(choice)
     return {
         "model": model,
         "created_at": created_at(),
         "message": out,
+        **({"logprobs": logprobs} if logprobs else {}),
         "done": True,
         "done_reason": _done_reason(choice.get("finish_reason")),
         **_counts(openai.get("usage"), started),
@@ -382,7 +406,7 @@ async def ndjson_lines(
                 merged["function"]["name"] += function.get("name") or ""
                 merged["function"]["arguments"] += function.get("arguments") or ""
             if text:
-                yield _line(model, chat, text)
+                yield _line(model, chat, text, _token_logprobs(choice))
     if calls:
         message = {"role": "assistant", "content": "", "tool_calls": _ollama_calls([calls[i] for i in sorted(calls)])}
         yield orjson.dumps({"model": model, "created_at": created_at(), "message": message, "done": False}) + b"\n"
@@ -395,11 +419,13 @@ async def ndjson_lines(
     yield orjson.dumps(last) + b"\n"
 
 
-def _line(model: str, chat: bool, text: str) -> bytes:
+def _line(model: str, chat: bool, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
     body: dict[str, Any] = {"model": model, "created_at": created_at()}
     if chat:
         body["message"] = {"role": "assistant", "content": text}
     else:
         body["response"] = text
+    if logprobs:
+        body["logprobs"] = logprobs
     body["done"] = False
     return orjson.dumps(body) + b"\n"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import openai
 import pytest
+from langchain_core.language_models import LanguageModelInput
 from langchain_openai import OpenAI as LangChainOpenAI
+from pydantic import SecretStr
 
 from .conftest import MODEL, Mesh
 
@@ -17,9 +19,9 @@ PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
 def test_langchain_openai_llm_batch_answers_every_prompt(mesh: Mesh) -> None:
     # LangChain sends the three prompts in one request: a 400 before issue #17.
     llm = LangChainOpenAI(
-        base_url=mesh.v1, api_key="not-needed", model=MODEL, max_tokens=6, temperature=0, max_retries=0
+        base_url=mesh.v1, api_key=SecretStr("not-needed"), model=MODEL, max_tokens=6, temperature=0, max_retries=0
     )
-    texts = llm.batch(PROMPTS)
+    texts = llm.batch(list[LanguageModelInput](PROMPTS))
     assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
     # Each prompt's own answer, in order: the same as asking for it alone.
     assert texts[1] == llm.invoke(PROMPTS[1])

@@ -77,7 +77,7 @@ async def _events(events: list[dict[str, Any]]) -> AsyncIterator[str]:
 
 
 async def test_ndjson_lines_stream_text_then_whole_tool_calls_then_done() -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
         {"choices": [{"index": 0, "delta": {"content": "He"}}]},
         {

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
 from preprocess.keys import ApiKey, KeyStore
-from preprocess.metrics import RequestClock
+from preprocess.metrics import RAG_STAGE_SECONDS, RequestClock
 from preprocess.normalize import normalize_text
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -251,7 +251,10 @@ class ChatServing:
             start.echo = req.prompt_text()
             if req.logprobs is not None:
                 start.echo_tokens.extend(await self._echo_tokens(model, start.echo))
-        retrieved = await self._rag.retrieve(messages, spec) if spec is not None else None
+        retrieved = None
+        if spec is not None:
+            with RAG_STAGE_SECONDS.labels("search").time():
+                retrieved = await self._rag.retrieve(messages, spec)
 
         cache_state = "off"
         if cacheable:
@@ -266,7 +269,8 @@ class ChatServing:
         fixed = None
         rag_system = None
         if retrieved is not None:
-            planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
+            with RAG_STAGE_SECONDS.labels("fit").time():
+                planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
             start.rag.CopyFrom(planned.report)
             start.sources.extend(planned.sources)
             if planned.report.status == "ok":

@@ -191,15 +191,36 @@ class LlamaCppEngine:
     ) -> list[int]:
         """Token ids of the prompt exactly as the engine will see it (chat template applied)."""
         assert self._http is not None, "engine not loaded"
-        if request.WhichOneof("input") == "chat":
-            reply = await self._http.post("/apply-template", json={"messages": _messages(request.chat.messages)})
-            reply.raise_for_status()
-            prompt = reply.json()["prompt"]
-        else:
-            prompt = request.prompt
-        reply = await self._http.post("/tokenize", json={"content": prompt, "add_special": True})
+        if isinstance(request, inference_pb2.GenerateRequest) and request.prompt_ids:
+            return list(request.prompt_ids)
+        reply = await self._http.post("/tokenize", json={"content": await self._prompt(request), "add_special": True})
         reply.raise_for_status()
         return list(reply.json()["tokens"])
+
+    async def token_pieces(self, request: inference_pb2.TokenizeRequest) -> list[str]:
+        """The text of each token of the prompt (special tokens left out: no text of the prompt is theirs)."""
+        assert self._http is not None, "engine not loaded"
+        body = {"content": await self._prompt(request), "add_special": False, "with_pieces": True}
+        reply = await self._http.post("/tokenize", json=body)
+        reply.raise_for_status()
+        pieces = []
+        for token in reply.json()["tokens"]:
+            piece = token.get("piece", "")
+            # A piece that is not whole UTF-8 comes as its bytes.
+            pieces.append(piece if isinstance(piece, str) else bytes(piece).decode("utf-8", "replace"))
+        return pieces
+
+    async def _prompt(
+        self,
+        request: inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest,
+    ) -> str:
+        """The prompt text the model reads: the chat template applied to a conversation."""
+        assert self._http is not None, "engine not loaded"
+        if request.WhichOneof("input") != "chat":
+            return request.prompt
+        reply = await self._http.post("/apply-template", json={"messages": _messages(request.chat.messages)})
+        reply.raise_for_status()
+        return str(reply.json()["prompt"])
 
     async def _check_context(self, request: inference_pb2.GenerateRequest) -> None:
         """Refuse prompt + max_tokens over one slot's context before taking a slot.
@@ -215,7 +236,7 @@ class LlamaCppEngine:
             bound = sum(len(m.content.encode()) + len(m.role) for m in messages)
             bound += _TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + _TEMPLATE_TOKENS_FIXED
         else:
-            bound = len(request.prompt.encode()) + _TEMPLATE_TOKENS_FIXED
+            bound = len(request.prompt.encode()) + len(request.prompt_ids) + _TEMPLATE_TOKENS_FIXED
         if bound + max_tokens <= self.max_context:
             return
         prompt_tokens = request.counted_prompt_tokens or len(await self.count_tokens(request))
@@ -241,7 +262,7 @@ class LlamaCppEngine:
         if request.WhichOneof("input") == "chat":
             body["messages"] = _messages(request.chat.messages)
         else:
-            body["prompt"] = request.prompt
+            body["prompt"] = list(request.prompt_ids) if request.prompt_ids else request.prompt
         if sampling.HasField("max_tokens"):
             body["max_tokens"] = sampling.max_tokens
         if sampling.HasField("temperature"):

@@ -45,8 +45,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         ids = await self._embedded.count_tokens(request) if self._embedded is not None else []
         count = len(ids) if self._embedded is not None else _estimate(request)
         exact = self._embedded is not None and card.backend == "embedded"
+        pieces: list[str] = []
+        if request.return_pieces and exact and self._embedded is not None:
+            pieces = await self._embedded.token_pieces(request)
         return inference_pb2.TokenizeResponse(
-            count=count, ids=ids if request.return_ids and exact else [], max_context=card.max_context
+            count=count, ids=ids if request.return_ids and exact else [], max_context=card.max_context, pieces=pieces
         )
 
     async def TokenizeBatch(  # noqa: N802

@@ -52,7 +52,9 @@ CHAT = Operation(
     summary="Chat completion (streamed with `stream: true`; RAG with `rag` or a model alias).",
     request=ChatCompletionRequest,
     response=schemas.ChatCompletionResponse,
-    parse=lambda body, settings: parse_chat_request(body, settings.max_n, settings.max_data_url_bytes),
+    parse=lambda body, settings: parse_chat_request(
+        body, settings.max_n, settings.max_data_url_bytes, settings.request_bounds()
+    ),
     run=lambda serving, request: serving.chat.complete(request),
     generates=True,
 )
@@ -70,7 +72,7 @@ COMPLETIONS = Operation(
     summary="Legacy text completion, one prompt per request.",
     request=CompletionRequest,
     response=schemas.CompletionResponse,
-    parse=lambda body, settings: parse_completion_request(body, settings.max_n),
+    parse=lambda body, settings: parse_completion_request(body, settings.max_n, settings.request_bounds()),
     run=lambda serving, request: serving.chat.complete(request),
     generates=True,
 )

@@ -25,6 +25,7 @@ import grp
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -203,6 +204,17 @@ def save_plan(plan: Plan) -> None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def service_token(run_dir: Path) -> str:
+    """The run folder's service credential, made on first use (readable by its owner only)."""
+    path = run_dir / "service-token"
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     """The environment every service gets: the caller's, plus consistent peer addresses."""
     out = dict(env)
@@ -218,6 +230,9 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     out.setdefault("RAGMESH_RETRIEVAL_PEERS", plan.grpc_addresses("retrieval"))
     out.setdefault("RAGMESH_PREPROCESS_ADMIN_PORT", str(p["preprocess_admin"]))
     out.setdefault("RAGMESH_DATA_DIR", str(plan.run_dir / "data"))
+    # The gRPC plane's service credential: the operator's, or one made for this run folder
+    # (kept, so a rollout's restarted replicas get the same one).
+    out.setdefault("RAGMESH_SERVICE_TOKEN", service_token(plan.run_dir))
     # Engines share the machine's cores: with several inference replicas, each gets its share.
     engines = len(plan.replicas["inference"])
     if engines > 1:

@@ -88,7 +88,7 @@ class FakeRunner:
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
 
-    async def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def __call__(self, url: str, body: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         self.calls[str(body.get("input"))] += 1
         self.started.set()
         if self.gate is not None:

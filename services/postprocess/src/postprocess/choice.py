@@ -121,7 +121,8 @@ class Choice:
             index = int(call.get("index", position))
             out = {k: v for k, v in call.items() if k != "function"}
             out["index"] = index
-            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            raw_function = call.get("function")
+            function: dict[str, Any] = raw_function if isinstance(raw_function, dict) else {}
             released_args = self._push(("tool_calls", str(index)), str(function.get("arguments") or ""), False, verdict)
             out_function = {k: v for k, v in function.items() if k != "arguments"}
             if "arguments" in function or released_args:

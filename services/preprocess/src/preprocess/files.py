@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,19 @@ _LIST_CHUNK = 200
 
 
 def not_found(file_id: str) -> RagmeshError:
-    return RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {file_id}.", param="file_id", code="file_not_found")
+    shown = file_id if FILE_ID.fullmatch(file_id) else "(not a file id)"
+    return RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {shown}.", param="file_id", code="file_not_found")
+
+
+# What the mesh names files: uploads file-<32 hex>, a batch's results file-<32 hex>-output|-errors.
+FILE_ID = re.compile(r"file-[0-9a-f]{32}(?:-output|-errors)?")
+
+
+def checked(file_id: str) -> str:
+    """`file_id` when it has the mesh's format, else a 404: checked before any path or key is built."""
+    if not FILE_ID.fullmatch(file_id):
+        raise not_found(file_id)
+    return file_id
 
 
 class FileStore:
@@ -39,12 +52,12 @@ class FileStore:
         self._retention = retention
 
     def path(self, file_id: str) -> Path:
-        return self._dir / f"{file_id}.jsonl"
+        return self._dir / f"{checked(file_id)}.jsonl"
 
     def temp_path(self, file_id: str) -> Path:
         """Where a file is written before `put_path` renames it into place (same folder, same disk)."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        return self._dir / f".{file_id}.tmp-{os.getpid()}"
+        return self._dir / f".{checked(file_id)}.tmp-{os.getpid()}"
 
     def _key(self, file_id: str) -> str:
         return f"{self._prefix}file:{file_id}"
@@ -110,7 +123,7 @@ class FileStore:
         return _public(info)
 
     async def _stored(self, file_id: str, owner: str | None) -> dict[str, Any]:
-        raw = await self._redis.get(self._key(file_id))
+        raw = await self._redis.get(self._key(checked(file_id)))
         info: dict[str, Any] | None = orjson.loads(raw) if raw is not None else None
         if info is None or (owner is not None and info.get("owner") != owner):
             raise not_found(file_id)

@@ -177,11 +177,13 @@ class CreateCollectionRequest(BaseModel):
 
 
 class UpdateCollectionRequest(BaseModel):
-    """PATCH /v1/collections/{name}."""
+    """PATCH /v1/collections/{name}: only the fields sent change."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reranker: StrictStr | None  # null: no default reranker
+    reranker: StrictStr | None = None  # null: no default reranker
+    # Who else may use it: "private" (404 to every other key), "read" (search, RAG), "write" (documents too).
+    shared: Literal["private", "read", "write"] | None = None
 
 
 class SearchRequest(BaseModel):

@@ -55,7 +55,7 @@ class DirectProtocol:
             if request.url not in BATCH_URLS:
                 outcome = Outcome(None, invalid_request(f"url must be one of {', '.join(BATCH_URLS)}.", param="url"))
             else:
-                outcome = await self._attempt(message, request.url, request.body)
+                outcome = await self._attempt(message, request.url, request.body, None)
             if outcome is None:
                 return Verdict.ACK  # a copy waits in the retry queue
             stored = answer_body(outcome)

@@ -57,8 +57,8 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
 # How often a running line looks whether its batch was stopped (on any replica).
 CANCEL_CHECK_SECONDS = 1.0
 
-# Runs one request (url, body) through the mesh; returns the response body.
-Runner = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Runs one request (url, body, the id of the key it runs for) through the mesh; returns the response body.
+Runner = Callable[[str, dict[str, Any], str | None], Awaitable[dict[str, Any]]]
 
 
 class StoppedError(Exception):
@@ -174,7 +174,7 @@ class BatchWorker:
             outcome: Outcome | None = Outcome(None, CANCELLED)
         else:
             try:
-                outcome = await self._watched(batch_id, self.attempt(message, request.url, request.body))
+                outcome = await self._watched(batch_id, self.attempt(message, request.url, request.body, request.owner))
             except StoppedError as stop:
                 if stop.reason != "cancelled":
                     if stop.reason == "expired":
@@ -241,14 +241,16 @@ class BatchWorker:
 
     # --- running a request ------------------------------------------------------------------
 
-    async def attempt(self, message: AbstractIncomingMessage, url: str, body: dict[str, Any]) -> Outcome | None:
+    async def attempt(
+        self, message: AbstractIncomingMessage, url: str, body: dict[str, Any], owner: str | None = None
+    ) -> Outcome | None:
         """Run a request once: its outcome, or None when it went to the retry queue for later."""
         try:
             if not generates(url):
-                response = await self._run(url, body)
+                response = await self._run(url, body, owner)
             else:
                 async with self._generating:
-                    response = await self._run(url, body)
+                    response = await self._run(url, body, owner)
         except RagmeshError as err:
             retries = retries_of(message)
             if err.kind not in TRANSIENT:

@@ -21,9 +21,10 @@ from google.protobuf.json_format import MessageToDict
 from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
-from preprocess.keys import ApiKey, KeyStore
+from preprocess.keys import ApiKey, KeyStore, check_model_allowed
 from preprocess.metrics import RequestClock
 from preprocess.normalize import normalize_text
+from preprocess.ownership import CollectionAccess
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
@@ -139,11 +140,17 @@ def rag_spec(req: SamplingRequest, alias: ModelAlias | None) -> RagSpec | None:
 
 
 def cache_key(
-    req: SamplingRequest, generate: inference_pb2.GenerateRequest, spec: RagSpec | None, retrieved: Retrieved | None
+    req: SamplingRequest,
+    generate: inference_pb2.GenerateRequest,
+    spec: RagSpec | None,
+    retrieved: Retrieved | None,
+    tenant: str | None = None,
 ) -> str:
-    """What makes two requests the same answer: inputs, sampling and (RAG) the collection's version."""
+    """What makes two requests the same answer: the tenant (one key is never answered from
+    another's request), inputs, sampling and (RAG) the collection's version."""
     material: dict[str, Any] = {
-        "v": 2,
+        "v": 3,
+        "tenant": tenant,
         "request": req.model_dump(
             mode="json", exclude_unset=True, by_alias=True, exclude={"rag", "cache", "stream", "stream_options"}
         ),
@@ -173,7 +180,9 @@ class ChatServing:
         settings: PreprocessSettings,
         keys: KeyStore | None = None,
         reranking: Reranking | None = None,
+        access: CollectionAccess | None = None,
     ) -> None:
+        self._access = access
         self._clients = clients
         self._settings = settings
         self._keys = keys
@@ -188,20 +197,52 @@ class ChatServing:
         """Whether the answer may come from (and go to) the response cache."""
         return self._settings.response_cache and req.cache is not False and not no_cache and req.deterministic()
 
-    async def charge(self, key: ApiKey | None, answer: Answer) -> None:
-        """Tokens count against the key's per-minute budget once the answer is done."""
-        if self._keys is None or key is None or answer.usage is None:
-            return
+    def reservation(self, req: SamplingRequest) -> int:
+        """The tokens a request may use: its prompt (bounded from its size: a token is at least
+        one byte of text, plus the template's markers) and its completion limit per choice."""
+        if isinstance(req, ChatCompletionRequest):
+            prompt = sum(len(req.text_of(i).encode()) + 8 for i in range(len(req.messages)))
+        else:
+            assert isinstance(req, CompletionRequest)
+            prompt = len(req.prompt_text().encode())
+        completion = req.completion_limit() or self._settings.rag_completion_reserve
+        return prompt + completion * (req.n or 1)
+
+    async def reserve(self, key: ApiKey | None, req: SamplingRequest) -> int:
+        """Take the request's reservation from the key's token budget at admission (0: nothing taken)."""
+        if self._keys is None or key is None or not key.tpm:
+            return 0
+        tokens = self.reservation(req)
         try:
-            await self._keys.spend_tokens(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
+            await self._keys.reserve_tokens(key, tokens)
+        except (RedisError, OSError) as exc:
+            log.warning("tokens not reserved: key store unavailable", extra={"error": str(exc)})
+            return 0
+        return tokens
+
+    async def charge(self, key: ApiKey | None, answer: Answer | None, reserved: int = 0) -> None:
+        """Settle the reservation once the answer is done: the key pays what the answer used. A
+        request that ended without usage (it failed before generating) pays nothing."""
+        if self._keys is None or key is None:
+            return
+        used = answer.usage.prompt_tokens + answer.usage.completion_tokens if answer and answer.usage else 0
+        try:
+            await self._keys.settle_tokens(key, reserved, used)
         except (RedisError, OSError) as exc:
             log.warning("tokens not charged: key store unavailable", extra={"error": str(exc)})
 
-    async def complete(self, req: SamplingRequest) -> dict[str, Any]:
-        """The whole (non-streamed) response of a batch line or a queued request: batch priority, no stream."""
+    async def complete(self, req: SamplingRequest, key: ApiKey | None = None) -> dict[str, Any]:
+        """The whole (non-streamed) response of a batch line or a queued request: batch priority, no
+        stream; checked against `key`'s models and charged to its token budget like HTTP."""
+        check_model_allowed(key, req.model)
         req = req.model_copy(update={"stream": False, "stream_options": None})
-        answer, _ = await self.answer(req, self.cacheable(req), inference_pb2.PRIORITY_BATCH)
-        body: dict[str, Any] = orjson.loads(await answer.collect())
+        reserved = await self.reserve(key, req)
+        answer: Answer | None = None
+        try:
+            answer, _ = await self.answer(req, self.cacheable(req), inference_pb2.PRIORITY_BATCH, key)
+            body: dict[str, Any] = orjson.loads(await answer.collect())
+        finally:
+            await self.charge(key, answer, reserved)
         return body
 
     async def answer(
@@ -209,6 +250,7 @@ class ChatServing:
         req: SamplingRequest,
         cacheable: bool,
         priority: inference_pb2.Priority.ValueType = inference_pb2.PRIORITY_INTERACTIVE,
+        key: ApiKey | None = None,
     ) -> tuple[Answer, str]:
         """An opened answer (from the cache, or a generation under way) and the cache state."""
         alias = self._settings.model_aliases.get(req.model)
@@ -223,11 +265,14 @@ class ChatServing:
             messages = [common_pb2.ChatMessage(role="user", content=prompt)]  # what retrieval searches for
             generate = inference_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling_of(req))
         start = to_process_start(req)
+        if spec is not None and self._access is not None:
+            # The request's own `rag` or an alias's binding alike: only a collection the key may read.
+            await self._access.check(spec.collection, key, "read")
         retrieved = await self._rag.retrieve(messages, spec) if spec is not None else None
 
         cache_state = "off"
         if cacheable:
-            start.cache_key = cache_key(req, generate, spec, retrieved)
+            start.cache_key = cache_key(req, generate, spec, retrieved, key.id if key is not None else None)
             if retrieved is not None:
                 start.rag.CopyFrom(retrieved.report)
             cached = CachedAnswer(self._clients, start, self._settings.request_timeout)
@@ -260,7 +305,9 @@ class ChatServing:
         await pipeline.open()
         return pipeline, cache_state
 
-    async def events(self, answer: Answer, clock: RequestClock, key: ApiKey | None = None) -> AsyncIterator[bytes]:
+    async def events(
+        self, answer: Answer, clock: RequestClock, key: ApiKey | None = None, reserved: int = 0
+    ) -> AsyncIterator[bytes]:
         """The answer as SSE events, ending in [DONE] (or an error event once the stream started).
 
         Closing this generator (the client went away) closes the answer, which
@@ -287,7 +334,8 @@ class ChatServing:
                     yield sse_event(response.chunk_json)
             yield SSE_DONE
             clock.finished("ok", answer.usage)
-            await self.charge(key, answer)
+            # A client that leaves before this point keeps paying its whole reservation.
+            await self.charge(key, answer, reserved)
         except RagmeshError as err:
             # Headers are sent: the error travels as an event the openai client raises.
             log.warning("stream failed", extra={"kind": err.kind.value, "error": err.message})

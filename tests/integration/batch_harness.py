@@ -117,7 +117,7 @@ def settings_for(namespace: str, redis_url: str, amqp_url: str, files_dir: Path,
         files_dir=str(files_dir),
         batch_backoff_base=0.05,
         batch_backoff_max=0.2,
-        **extra,
+        **{"auth": "off", **extra},
     )
 
 

@@ -27,6 +27,7 @@ from preprocess.batches.finalizer import Finalizer, line_result
 from preprocess.batches.lines import Request, UnreadableError, decode_request
 from preprocess.batches.outcome import LINES, RUNNING, Outcome, Verdict
 from preprocess.batches.store import BatchStore
+from preprocess.keys import KeyStore
 from preprocess.serving.operations import generates
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import (
@@ -92,7 +93,8 @@ class BatchWorker:
         self._clock = clock
         self._topology = Topology(settings.namespace)
         self._generating = asyncio.Semaphore(max(1, settings.batch_generation_workers))
-        self._direct = DirectProtocol(store.redis, settings.namespace, publisher, self.attempt)
+        keys = KeyStore(store.redis, settings.namespace, settings.rate_limit_window) if settings.auth == "on" else None
+        self._direct = DirectProtocol(store.redis, settings.namespace, publisher, self.attempt, keys)
         # Per batch: when its state was last read and the read (shared by all its lines in flight).
         self._stop_reads: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
         self._consumer = SupervisedConsumer(

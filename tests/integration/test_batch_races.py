@@ -326,7 +326,11 @@ async def test_direct_producers_need_a_key_and_replies_never_reach_a_mesh_queue(
             for correlation_id, reply_to, headers in sent:
                 await exchange.publish(
                     aio_pika.Message(
-                        body, reply_to=reply_to, correlation_id=correlation_id, message_id=correlation_id, headers=headers
+                        body,
+                        reply_to=reply_to,
+                        correlation_id=correlation_id,
+                        message_id=correlation_id,
+                        headers=headers,
                     ),
                     routing_key="request",
                 )

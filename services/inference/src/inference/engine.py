@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -129,12 +130,19 @@ class LlamaCppEngine:
         params.n_ctx = self._settings.n_ctx
         apply_cpu_params(params, self._settings)
         params.verbosity = 0
+        # llama.cpp's own HTTP server listens on a random loopback port (xllamacpp starts it;
+        # it has no direct call for the chat template and the tokenizer): with a key of this
+        # process's own, nothing else on the machine can generate past the mesh through it.
+        http_key = secrets.token_urlsafe(32)
+        params.api_keys = [http_key]
         started = time.perf_counter()
         self._server = xllamacpp.Server(params)
         self.created = int(os.path.getmtime(path))
-        # llama.cpp's own HTTP server listens on a random loopback port; we use it
-        # only for what xllamacpp has no direct call for (chat template, tokenizer).
-        self._http = httpx.AsyncClient(base_url=self._server.listening_address, timeout=30.0)
+        self._http = httpx.AsyncClient(
+            base_url=self._server.listening_address,
+            timeout=30.0,
+            headers={"Authorization": f"Bearer {http_key}"},
+        )
         RUNNING.labels(self.model_id).set_function(self.scheduler.in_slots)
         WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self.scheduler.in_slots()))
         log.info(

@@ -81,8 +81,8 @@ async def add_documents(
 
 
 @router.get("/v1/jobs/{job_id}", summary="An ingestion job's status and progress.", response_model=schemas.IngestJob)
-async def get_job(job_id: str, retrieval: RetrievalDep) -> Response:
-    return json_response(await retrieval.get_job(job_id))
+async def get_job(job_id: str, retrieval: RetrievalDep, key: ApiKeyDep) -> Response:
+    return json_response(await retrieval.get_job(job_id, key))
 
 
 @router.post(

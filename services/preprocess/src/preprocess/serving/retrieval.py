@@ -121,7 +121,7 @@ class RetrievalServing:
         """Queue validated documents for ingestion into collection `name` (202: a job to watch)."""
         await self._access.check(name, key, "write")
         collection = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))
-        accepted = await self._publisher.submit(collection.name, collection.id, request)
+        accepted = await self._publisher.submit(collection.name, collection.id, request, key.id if key else "")
         return {
             "job_id": accepted.job_id,
             "object": "ingest.job",
@@ -131,9 +131,10 @@ class RetrievalServing:
             "chunks": accepted.chunks,
         }
 
-    async def get_job(self, job_id: str) -> dict[str, Any]:
+    async def get_job(self, job_id: str, key: ApiKey | None = None) -> dict[str, Any]:
+        """A job, seen only by the key that submitted it (every job with auth off)."""
         try:
-            job = await self._jobs.get(job_id)
+            job = await self._jobs.get(job_id, key.id if key is not None else None)
         except (RedisError, OSError) as exc:
             raise RagmeshError(ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.") from exc
         if job is None:

@@ -557,6 +557,9 @@ def client_fields(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
                 code="unsupported_parameter",
             )
     passed = {k: v for k, v in sent.items() if k in ENGINE_PASSED}
+    if passed.get("logprobs") is None or passed.get("logprobs") is False:  # none asked: send nothing about them
+        passed.pop("logprobs", None)
+        passed.pop("top_logprobs", None)
     top_k, min_p = passed.get("top_k"), passed.get("min_p")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000):
         raise invalid_request("'top_k' must be an integer from 0 to 1000.", param="top_k")

@@ -54,6 +54,15 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self._dir / f"{checked(file_id)}.jsonl"
 
+    async def stored_bytes(self, owner: str) -> int:
+        """What one key's files take (its uploads and its batches' results): the storage quota's measure."""
+        ids = await self._redis.zrange(self._index(owner), 0, -1)
+        if not ids:
+            return 0
+        names = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        records = await self._redis.mget([self._key(name) for name in names])
+        return sum(int(orjson.loads(r).get("bytes", 0)) for r in records if r)
+
     def temp_path(self, file_id: str) -> Path:
         """Where a file is written before `put_path` renames it into place (same folder, same disk)."""
         self._dir.mkdir(parents=True, exist_ok=True)

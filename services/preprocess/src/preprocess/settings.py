@@ -113,6 +113,8 @@ class PreprocessSettings(ServiceSettings):
     )
     max_file_bytes: int = 30 * 1024 * 1024
     max_file_lines: int = 50_000
+    # Bytes one API key's files (uploads and batch results) may take in all; an upload past it is a 400.
+    max_file_storage_per_key: int = Field(default=1024 * 1024 * 1024, ge=1)
     # Batch lines this replica works on at once. Chat lines beyond the engine's free
     # slots wait in the engine (it admits batch work only into slots interactive
     # traffic leaves free); embedding lines in flight together share one encode, and

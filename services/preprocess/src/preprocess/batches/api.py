@@ -98,6 +98,16 @@ class BatchApi:
                 param="file",
             )
         lines = await asyncio.to_thread(parse_batch_lines, data, self._settings.max_file_lines)
+        if owner is not None:
+            quota = self._settings.max_file_storage_per_key
+            used = await self._files.stored_bytes(owner)
+            if used + len(data) > quota:
+                raise invalid_request(
+                    f"This key's files take {used} bytes; with this one they would pass its quota of {quota} "
+                    "bytes. Delete files it no longer needs (DELETE /v1/files/{id}).",
+                    param="file",
+                    code="storage_quota_exceeded",
+                )
         return await self._files.put(data, filename, purpose, len(lines), owner, now=self._clock())
 
     async def create(self, body: Any, owner: str | None) -> dict[str, Any]:

@@ -161,12 +161,13 @@ def test_calls_from_one_preprocess_reach_both_replicas_of_every_peer(replicated:
 
 
 def search_replica(
-    port: int, collection: str, query: str, mode: retrieval_pb2.SearchMode.ValueType
+    port: int, collection: str, query: str, mode: retrieval_pb2.SearchMode.ValueType, token: str = ""
 ) -> list[tuple[str, float]]:
+    """Search one replica directly, with the mesh's service credential (make up's, in its run folder)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = retrieval_pb2_grpc.RetrievalStub(channel)
         request = retrieval_pb2.SearchRequest(collection=collection, query=query, top_k=5, mode=mode, no_cache=True)
-        reply = stub.Search(request, timeout=30)
+        reply = stub.Search(request, timeout=30, metadata=(("ragmesh-service-token", token),))
     return [(hit.chunk_id, round(hit.score, 5)) for hit in reply.hits]
 
 
@@ -188,9 +189,12 @@ def test_an_empty_retrieval_replica_catches_up_from_its_peer(replicated: Replica
         job = http.post("/v1/collections/catch-up/documents", json={"documents": docs}).json()["job_id"]
         wait_until(lambda: http.get(f"/v1/jobs/{job}").json()["status"] == "succeeded", 120, "the ingestion job")
     ports = [r["grpc"] for r in replicated.replicas["retrieval"]]
+    token = mesh.env.get("RAGMESH_SERVICE_TOKEN") or (mesh.run_dir / "service-token").read_text().strip()
     queries = [("what moves the sea", retrieval_pb2.SEARCH_MODE_HYBRID), ("yeast", retrieval_pb2.SEARCH_MODE_SPARSE)]
     wait_until(
-        lambda: all(len(search_replica(p, "catch-up", "lava", retrieval_pb2.SEARCH_MODE_DENSE)) == 4 for p in ports),
+        lambda: all(
+            len(search_replica(p, "catch-up", "lava", retrieval_pb2.SEARCH_MODE_DENSE, token)) == 4 for p in ports
+        ),
         60,
         "both replicas indexed the documents",
     )
@@ -202,7 +206,9 @@ def test_an_empty_retrieval_replica_catches_up_from_its_peer(replicated: Replica
     assert f"{program}: started" in mesh.supervisorctl("start", program)
     wait_until(lambda: replicated.ready("retrieval", 1), 120, "the empty replica")
     for query, mode in queries:
-        assert search_replica(ports[1], "catch-up", query, mode) == search_replica(ports[0], "catch-up", query, mode)
+        assert search_replica(ports[1], "catch-up", query, mode, token) == search_replica(
+            ports[0], "catch-up", query, mode, token
+        )
     assert (data / "collections" / "catch-up").is_dir()  # saved to its own disk, too
 
 

@@ -287,7 +287,12 @@ def test_one_key_cannot_hold_more_requests_than_its_in_flight_limit(mesh: Mesh, 
             post(mesh, new_key(mesh), "/chat/completions", {**body, "model": MODEL, "max_tokens": 2}).status_code == 200
         )
         upstream.release.set()
-    again = post(mesh, key, "/chat/completions", {**body, "stream": False})
+        assert any('"two"' in line for line in lines)  # the first request ran to its end
+    # Its slot is given back once its response is done (just after the client saw the end).
+    deadline = time.monotonic() + 30
+    while (again := post(mesh, key, "/chat/completions", {**body, "stream": False})).status_code == 429:
+        assert time.monotonic() < deadline, "the in-flight slot was never given back"
+        time.sleep(0.1)
     assert again.status_code == 200, again.text
 
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 from gateway_overhead import load, pct, ragmesh, responder  # bench/ is on sys.path (the script's folder)
@@ -148,8 +149,8 @@ async def grpc_hops(calls: int, rounds: int) -> bool:
             for name, (_, port) in servers.items():
                 grpc_client.use_service_token(TOKEN if name == "credential" else "")
                 async with grpc_client.create_channel(f"127.0.0.1:{port}", health_checked=False) as channel:
-                    call_unary = channel.unary_unary("/bench.Echo/Unary")
-                    call_stream = channel.unary_stream("/bench.Echo/Stream")
+                    call_unary: Any = channel.unary_unary("/bench.Echo/Unary")
+                    call_stream: Any = channel.unary_stream("/bench.Echo/Stream")
                     await call_unary(b"warm", metadata=grpc_client.call_metadata())
                     for _ in range(calls):
                         started = time.perf_counter()

@@ -318,7 +318,7 @@ async def test_direct_producers_need_a_key_and_replies_never_reach_a_mesh_queue(
             await replies.bind(reply_exchange, routing_key=replies.name)
             exchange = await channel.get_exchange(f"{broker}.requests")
             body = orjson.dumps({"v": 1, "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}})
-            sent = (
+            sent: tuple[tuple[str, str, dict[str, Any]], ...] = (
                 ("to-victim", victim.name, {"authorization": f"Bearer {secret}"}),
                 ("no-key", replies.name, {}),
                 ("with-key", replies.name, {"authorization": f"Bearer {secret}"}),

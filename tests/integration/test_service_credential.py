@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -44,8 +45,8 @@ async def server() -> AsyncIterator[int]:
 
 async def test_calls_without_the_credential_are_refused_and_with_it_served(server: int) -> None:
     async with grpc_client.create_channel(f"127.0.0.1:{server}", health_checked=False) as channel:
-        unary = channel.unary_unary("/test.Echo/Unary")
-        stream = channel.unary_stream("/test.Echo/Stream")
+        unary: Any = channel.unary_unary("/test.Echo/Unary")
+        stream: Any = channel.unary_stream("/test.Echo/Stream")
         for metadata in ((), (("ragmesh-service-token", "wrong"),), (("ragmesh-service-token", TOKEN[:-1]),)):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await unary(b"x", metadata=metadata)

@@ -220,6 +220,10 @@ def engine_running(replicated: Replicated, index: int) -> float:
     return sum(float(v) for v in re.findall(r"^ragmesh:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
 
 
+# SmolLM2's <|endoftext|> and <|im_end|>: banned, an answer runs to max_tokens.
+NO_EOS = {"0": -100, "2": -100}
+
+
 def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(replicated: Replicated) -> None:
     mesh = replicated.mesh
     client = mesh.openai(timeout=120)
@@ -229,9 +233,10 @@ def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(repli
 
     def stream(slot: int) -> None:
         try:
-            # ignore_eos: llama.cpp's own field, passed through: each stream lasts 400 tokens.
+            # The end-of-text tokens banned (logit_bias; llama.cpp's ignore_eos is refused from
+            # clients): each stream lasts 400 tokens.
             chunks = client.chat.completions.create(
-                model=MODEL, messages=count, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+                model=MODEL, messages=count, max_tokens=400, stream=True, logit_bias=NO_EOS
             )
             first = True
             for _ in chunks:

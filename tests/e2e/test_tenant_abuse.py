@@ -421,6 +421,12 @@ def test_collections_belong_to_their_owner(mesh: Mesh) -> None:
         == 200
     )
     assert post(mesh, bob, "/collections/alice-notes/documents", poison).status_code == 202
+    # The admin sees every collection and who owns it (on the admin listener only).
+    everything = httpx.get(f"{mesh.admin}/v1/admin/collections", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert everything.status_code == 200, everything.text
+    row = next(c for c in everything.json()["data"] if c["name"] == "alice-notes")
+    assert row["shared"] == "write" and row["owner"].startswith("key_")
+    refused(httpx.get(f"{mesh.v1}/admin/collections", headers={"Authorization": f"Bearer {ADMIN_KEY}"}), 404)
 
 
 def test_the_response_cache_never_answers_one_tenant_from_another(mesh: Mesh) -> None:

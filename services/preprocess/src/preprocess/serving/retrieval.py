@@ -104,6 +104,17 @@ class RetrievalServing:
             "data": [collection_object(c, visible[c.name]) for c in reply.collections if c.name in visible],
         }
 
+    async def all_collections(self) -> dict[str, Any]:
+        """Every collection with its owner (the key id; null: the operator's) and sharing: the admin's view."""
+        reply = await self._call(self._clients.retrieval.ListCollections, retrieval_pb2.ListCollectionsRequest())
+        data = []
+        for collection in reply.collections:
+            record = await self._access.record(collection.name)
+            body = collection_object(collection, record[1] if record else None)
+            body["owner"] = record[0] if record else None
+            data.append(body)
+        return {"object": "list", "data": data}
+
     async def get_collection(self, name: str, key: ApiKey | None = None) -> dict[str, Any]:
         shared = await self._access.check(name, key, "read")
         reply = await self._call(self._clients.retrieval.GetCollection, retrieval_pb2.CollectionRequest(name=name))

@@ -23,6 +23,8 @@ Targets: no failed request during the rollout; rollout p99 <= 2x steady p99.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -37,7 +39,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import httpx
+
+from ragmesh.amqp import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("RAGMESH_SHARED_DATA", ROOT.parent / "shared" / "data")) / "scifact"
@@ -77,10 +82,24 @@ def mesh(work: Path, replicas: str, threads: int) -> Iterator[Mesh]:
         RAGMESH_GATEWAY_BURST="100000",
         OMP_NUM_THREADS="1",
     )
-    for name in ("GATEWAY", "PREPROCESS_HTTP", "INFERENCE_HTTP", "RETRIEVAL_HTTP", "POSTPROCESS_HTTP"):
+    # Every port its own, the admin listeners' too (8081 and 8004 belong to `make up`).
+    for name in (
+        "GATEWAY",
+        "GATEWAY_ADMIN",
+        "PREPROCESS_HTTP",
+        "PREPROCESS_ADMIN",
+        "INFERENCE_HTTP",
+        "RETRIEVAL_HTTP",
+        "POSTPROCESS_HTTP",
+        "INFERENCE_GRPC",
+        "RETRIEVAL_GRPC",
+        "POSTPROCESS_GRPC",
+    ):
         env[f"RAGMESH_{name}_PORT"] = str(free_port())
-    for name in ("INFERENCE_GRPC", "RETRIEVAL_GRPC", "POSTPROCESS_GRPC"):
-        env[f"RAGMESH_{name}_PORT"] = str(free_port())
+    # Peer addresses follow from the ports above, not from the caller's environment.
+    for peer in ("INFERENCE", "RETRIEVAL", "POSTPROCESS"):
+        env.pop(f"RAGMESH_PREPROCESS_{peer}_ADDR", None)
+    env.pop("RAGMESH_RETRIEVAL_PEERS", None)
     launcher = [sys.executable, str(ROOT / "scripts" / "mesh.py")]
     print(f"starting a mesh: {replicas}, {threads} thread(s) per engine", file=sys.stderr, flush=True)
     subprocess.run([*launcher, "up", "--timeout", "300"], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -89,6 +108,25 @@ def mesh(work: Path, replicas: str, threads: int) -> Iterator[Mesh]:
         yield Mesh(env, f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}/v1", layout)
     finally:
         subprocess.run([*launcher, "down"], env=env, check=False, stdout=subprocess.DEVNULL)
+        asyncio.run(delete_topology(env, replicas))
+
+
+async def delete_topology(env: dict[str, str], replicas: str) -> None:
+    """The mesh's queues and exchanges leave the (shared) broker with it."""
+    count = int(dict(item.split("=") for item in replicas.split(","))["retrieval"])
+    host = socket.gethostname()
+    topology = Topology(env["RAGMESH_NAMESPACE"])
+    names = topology.queues((host, *(f"{host}-{index}" for index in range(1, count))))
+    url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for kind, listed in (("queue", names), ("exchange", topology.exchanges())):
+            for name in listed:
+                channel = await connection.channel()  # a failed delete closes its channel
+                with contextlib.suppress(Exception):
+                    await (channel.queue_delete(name) if kind == "queue" else channel.exchange_delete(name))
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
 
 def corpus(limit: int) -> tuple[list[dict[str, str]], list[str]]:
@@ -109,7 +147,8 @@ def corpus(limit: int) -> tuple[list[dict[str, str]], list[str]]:
 
 def seed(m: Mesh, docs: list[dict[str, str]]) -> None:
     with httpx.Client(base_url=m.v1, timeout=120) as http:
-        http.post("/collections", json={"name": COLLECTION}).raise_for_status()
+        created = http.post("/collections", json={"name": COLLECTION})
+        assert created.status_code == 201, f"creating the collection: {created.status_code} {created.text}"
         job = http.post(f"/collections/{COLLECTION}/documents", json={"documents": docs}).json()["job_id"]
         while (status := http.get(f"/jobs/{job}").json()["status"]) not in ("succeeded", "failed"):
             time.sleep(0.5)

@@ -478,3 +478,30 @@ def _log_lines(logs: Path, service: str) -> list[str]:
         if path.name.startswith(service)
         for line in path.read_text(errors="replace").splitlines()
     ]
+
+
+# --- Ollama's API (issue #17): the same keys, model limits and token limits ----------------------
+
+
+def test_ollama_routes_take_the_same_keys_and_limits(mesh: Mesh) -> None:
+    import ollama
+
+    hello = [{"role": "user", "content": "Hi"}]
+    # No key: 401 in Ollama's error shape; /api/version stays public (clients probe it).
+    refused = httpx.post(f"{mesh.gateway}/api/chat", json={"model": MODEL, "messages": hello})
+    assert refused.status_code == 401 and set(refused.json()) == {"error"}
+    assert httpx.get(f"{mesh.gateway}/api/tags").status_code == 401
+    assert httpx.get(f"{mesh.gateway}/api/version").status_code == 200
+    key = new_key(mesh, tpm=5, models=[MODEL])
+    client = ollama.Client(host=mesh.gateway, headers=bearer(key), timeout=120)
+    assert [m.model for m in client.list().models] == [MODEL]  # a key limited to a model sees only it
+    first = client.chat(model=MODEL, messages=hello, options={"num_predict": 4})
+    assert first.eval_count == 4 and first.prompt_eval_count and first.prompt_eval_count > 1
+    # Its tokens were charged: the key is over its 5 tokens a minute.
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model=MODEL, messages=hello, options={"num_predict": 4})
+    assert caught.value.status_code == 429
+    other = ollama.Client(host=mesh.gateway, headers=bearer(new_key(mesh, models=["some-other-model"])))
+    with pytest.raises(ollama.ResponseError) as caught:
+        other.chat(model=MODEL, messages=hello)
+    assert caught.value.status_code == 404

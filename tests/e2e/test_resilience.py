@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import MODEL, Mesh, mesh_env, start_mesh, stop_mesh
+from ..conftest import delete_topology_now
+from .conftest import MODEL, Mesh, mesh_env, retrieval_replica_ids, start_mesh, stop_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -103,6 +104,9 @@ def test_down_stops_everything_up_started(tmp_path: Path) -> None:
         assert all(_listening(p) for p in ports)
     finally:
         stop_mesh(env)
+        # `down` stops processes; the queues they declared are the test's to delete.
+        amqp_url = env.get("RAGMESH_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], retrieval_replica_ids(tmp_path, env))
     for pid in (supervisord, nginx):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

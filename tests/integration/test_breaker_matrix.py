@@ -200,6 +200,10 @@ async def test_calls_beyond_max_concurrency_are_refused_as_overload_not_counted_
         while sum(c.done() for c in calls) < 8:  # the two holding a slot cannot end before the hold is released
             await asyncio.sleep(0.01)
         assert fake.streaming == 2
+        # Refused while the two streams still run: nothing counted, no circuit opened meanwhile
+        # (the two good answers at the end would hide it).
+        breaker = router.registry.breakers["up"]
+        assert (breaker.state, breaker.failures, gauge()) == ("closed", 0, 0)
         fake.hold.set()
         await asyncio.wait(calls)
         errors = [c.exception() for c in calls if c.exception() is not None]

@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ragmesh.amqp import RETRY_HEADER, Topology
-from ragmesh.v1 import ingest_pb2
+from ragmesh.v1 import ingest_pb2, retrieval_pb2
 from retrieval.ingestion import Ingestion
 
 from ..conftest import delete_topology, unique_namespace
-from .retrieval_harness import eventually, run_replica
+from .retrieval_harness import documents, eventually, run_publisher, run_replica, wait_job
 
 
 @pytest.fixture
@@ -101,3 +101,33 @@ async def test_an_event_failing_once_is_applied_on_its_retry(
         await eventually(applied_once)
         await asyncio.sleep(0)  # nothing more is delivered: the event was acked once applied
     assert attempts == ["flaky", "flaky"]
+
+
+async def test_a_job_whose_announcement_meets_a_closed_channel_is_retried_not_failed(
+    tmp_path: Path, namespace: str, redis_url: str, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is indexed, then publishing its index.events change finds the publisher's channel
+    closed (the broker blinked). That is a dependency failing, not the job: it goes back to the
+    queue, the redelivery announces the change (indexing nothing twice) and the job succeeds,
+    instead of ending `failed` in ingest.dead while this replica holds chunks no other has."""
+    real_announce = Ingestion.announce
+    announced: list[str] = []
+
+    async def announce_once_closed(self: Ingestion, event: ingest_pb2.IndexEvent) -> None:
+        announced.append(event.WhichOneof("change") or "")
+        if announced.count("added") == 1 and event.WhichOneof("change") == "added":
+            raise aio_pika.exceptions.ChannelInvalidStateError("injected: the channel is closed")
+        await real_announce(self, event)
+
+    monkeypatch.setattr(Ingestion, "announce", announce_once_closed)
+    async with (
+        run_replica(tmp_path, "ev", namespace, redis_url, amqp_url) as replica,
+        run_publisher(namespace, redis_url, amqp_url) as (publisher, jobs),
+    ):
+        collection = await replica.stub.CreateCollection(retrieval_pb2.CollectionRequest(name="blink"))
+        accepted = await publisher.submit("blink", collection.id, documents(("d1", "T", "Some text to index.")))
+        job = await wait_job(jobs, accepted.job_id)
+        info = await replica.stub.GetCollection(retrieval_pb2.CollectionRequest(name="blink"))
+    assert job["status"] == "succeeded", job
+    assert announced.count("added") == 2, "announced again on the redelivery"
+    assert info.chunks == accepted.chunks, "indexed once"

@@ -57,6 +57,28 @@ async def test_tokenize_counts_the_prompt_the_engine_sees(stub: inference_pb2_gr
     assert reply.max_context == 2048
 
 
+async def test_tokenize_batch_counts_each_input_as_tokenize_does(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
+    conversation = chat("Which sources mention dragons?").chat
+    prompts = ["[1] Dragons\nDragons breathe fire.\n\n", "[2] Cats\nCats purr.\n\n", ""]
+    batch = await stub.TokenizeBatch(
+        inference_pb2.TokenizeBatchRequest(
+            model=MODEL,
+            inputs=[
+                inference_pb2.TokenizeInput(chat=conversation),
+                *(inference_pb2.TokenizeInput(prompt=p) for p in prompts),
+            ],
+        )
+    )
+    one_by_one = [await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, chat=conversation))]
+    one_by_one += [await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, prompt=p)) for p in prompts]
+    assert list(batch.counts) == [r.count for r in one_by_one]
+    assert batch.counts[1] > batch.counts[2] > 0
+    assert batch.max_context == 2048
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.TokenizeBatch(inference_pb2.TokenizeBatchRequest(model="gpt-nothing", inputs=[]))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_prompt_over_the_context_fails_before_any_chunk(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
     call = stub.Generate(chat("word " * 3000, temperature=0))
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -71,6 +93,22 @@ async def test_prompt_plus_max_tokens_over_the_context_is_refused(stub: inferenc
         await collect(stub, chat("word " * 1000, max_tokens=1500))
     err = from_rpc_error(info.value)
     assert err.code == "context_length_exceeded" and err.param == "max_tokens"
+
+
+async def test_a_prompt_count_the_mesh_made_is_not_made_again(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
+    """RAG's fitting counted the messages already: the engine's context check takes that count."""
+    request = chat("word " * 500, max_tokens=100)  # over the context by bytes, not by tokens
+    counted = (await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, chat=request.chat))).count
+    assert counted + 100 < 2048
+    request.counted_prompt_tokens = counted
+    chunks = await collect(stub, request)
+    assert chunks[-1].prompt_tokens == counted
+    # The count given is the one checked (preprocess is the only sender of this field).
+    request.counted_prompt_tokens = 2000
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(stub, request)
+    err = from_rpc_error(info.value)
+    assert err.code == "context_length_exceeded" and "2000 in the messages" in err.message
 
 
 async def test_unknown_model_is_not_found(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:

@@ -143,7 +143,7 @@ def test_bounds_on_stops_schemas_and_logprobs_under_guardrails() -> None:
             parse_chat_request(body, 8, bounds=bounds)
         assert caught.value.param == param
     with pytest.raises(RagmeshError) as caught:
-        parse_completion_request({"model": "m", "prompt": "p", "logprobs": 1}, 8, bounds)
+        parse_completion_request({"model": "m", "prompt": "p", "logprobs": 1}, 8, bounds=bounds)
     assert caught.value.param == "logprobs"
     # Without guardrails logprobs are an ordinary parameter.
     open_bounds = RequestBounds(guardrails=False)

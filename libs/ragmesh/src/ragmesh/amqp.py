@@ -243,6 +243,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
     aio_pika.exceptions.AMQPError,
+    # Publishing on a channel the broker closed (a RuntimeError, not an AMQPError).
+    aio_pika.exceptions.ChannelInvalidStateError,
 )
 
 

@@ -41,6 +41,15 @@ TTFT = Histogram(
     "Engine time from request to first token",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# The engine's own timers (llama.cpp's `timings`) of each finished choice: reading the
+# prompt, and writing the completion. What the mesh adds is measured against them.
+_MODEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+PREFILL_SECONDS = Histogram(
+    "ragmesh_inference_prefill_seconds", "Engine time reading the prompt", buckets=_MODEL_BUCKETS
+)
+DECODE_SECONDS = Histogram(
+    "ragmesh_inference_decode_seconds", "Engine time generating the completion", buckets=_MODEL_BUCKETS
+)
 
 FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -70,6 +79,8 @@ class _ChoiceState:
     cached_tokens: int = 0
     finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
     error: RagmeshError | None = None
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
 
 
 def _engine_error(payload: dict[str, Any]) -> RagmeshError:
@@ -182,18 +193,42 @@ class LlamaCppEngine:
 
     # --- tokens -----------------------------------------------------------------
 
-    async def count_tokens(self, request: inference_pb2.TokenizeRequest | inference_pb2.GenerateRequest) -> list[int]:
+    async def count_tokens(
+        self,
+        request: inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest,
+    ) -> list[int]:
         """Token ids of the prompt exactly as the engine will see it (chat template applied)."""
         assert self._http is not None, "engine not loaded"
-        if request.WhichOneof("input") == "chat":
-            reply = await self._http.post("/apply-template", json={"messages": _messages(request.chat.messages)})
-            reply.raise_for_status()
-            prompt = reply.json()["prompt"]
-        else:
-            prompt = request.prompt
-        reply = await self._http.post("/tokenize", json={"content": prompt, "add_special": True})
+        if isinstance(request, inference_pb2.GenerateRequest) and request.prompt_ids:
+            return list(request.prompt_ids)
+        reply = await self._http.post("/tokenize", json={"content": await self._prompt(request), "add_special": True})
         reply.raise_for_status()
         return list(reply.json()["tokens"])
+
+    async def token_pieces(self, request: inference_pb2.TokenizeRequest) -> list[str]:
+        """The text of each token of the prompt (special tokens left out: no text of the prompt is theirs)."""
+        assert self._http is not None, "engine not loaded"
+        body = {"content": await self._prompt(request), "add_special": False, "with_pieces": True}
+        reply = await self._http.post("/tokenize", json=body)
+        reply.raise_for_status()
+        pieces = []
+        for token in reply.json()["tokens"]:
+            piece = token.get("piece", "")
+            # A piece that is not whole UTF-8 comes as its bytes.
+            pieces.append(piece if isinstance(piece, str) else bytes(piece).decode("utf-8", "replace"))
+        return pieces
+
+    async def _prompt(
+        self,
+        request: inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest,
+    ) -> str:
+        """The prompt text the model reads: the chat template applied to a conversation."""
+        assert self._http is not None, "engine not loaded"
+        if request.WhichOneof("input") != "chat":
+            return request.prompt
+        reply = await self._http.post("/apply-template", json={"messages": _messages(request.chat.messages)})
+        reply.raise_for_status()
+        return str(reply.json()["prompt"])
 
     async def _check_context(self, request: inference_pb2.GenerateRequest) -> None:
         """Refuse prompt + max_tokens over one slot's context before taking a slot.
@@ -209,10 +244,10 @@ class LlamaCppEngine:
             bound = sum(len(m.content.encode()) + len(m.role) for m in messages)
             bound += _TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + _TEMPLATE_TOKENS_FIXED
         else:
-            bound = len(request.prompt.encode()) + _TEMPLATE_TOKENS_FIXED
+            bound = len(request.prompt.encode()) + len(request.prompt_ids) + _TEMPLATE_TOKENS_FIXED
         if bound + max_tokens <= self.max_context:
             return
-        prompt_tokens = len(await self.count_tokens(request))
+        prompt_tokens = request.counted_prompt_tokens or len(await self.count_tokens(request))
         if prompt_tokens + max_tokens > self.max_context:
             raise invalid_request(
                 f"This model's maximum context length is {self.max_context} tokens. However, you "
@@ -235,7 +270,7 @@ class LlamaCppEngine:
         if request.WhichOneof("input") == "chat":
             body["messages"] = _messages(request.chat.messages)
         else:
-            body["prompt"] = request.prompt
+            body["prompt"] = list(request.prompt_ids) if request.prompt_ids else request.prompt
         if sampling.HasField("max_tokens"):
             body["max_tokens"] = sampling.max_tokens
         if sampling.HasField("temperature"):
@@ -276,6 +311,8 @@ class LlamaCppEngine:
                 state.prompt_tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
                 state.cached_tokens = timings.get("cache_n", 0)
                 state.completion_tokens = timings.get("predicted_n", state.completion_tokens)
+                state.prompt_ms = timings.get("prompt_ms", state.prompt_ms)
+                state.predicted_ms = timings.get("predicted_ms", state.predicted_ms)
             usage = chunk.get("usage")
             if usage:
                 state.prompt_tokens = usage.get("prompt_tokens", state.prompt_tokens)
@@ -314,6 +351,8 @@ class LlamaCppEngine:
                 return
             if not cancelled.is_set():
                 TOKENS_GENERATED.inc(state.completion_tokens)
+                PREFILL_SECONDS.observe(state.prompt_ms / 1000)
+                DECODE_SECONDS.observe(state.predicted_ms / 1000)
                 PROMPT_TOKENS.inc(state.prompt_tokens - state.cached_tokens)
                 emit(
                     common_pb2.GenerationChunk(

@@ -74,6 +74,14 @@ class EmbeddedAdapter:
                     f"The model `{model}` (the embedded engine) does not support tool calling.",
                     param="tools",
                 )
+            if asked.get("suffix"):
+                raise RagmeshError(
+                    ErrorKind.INVALID_REQUEST,
+                    f"'suffix' is not supported by the model `{model}` (the embedded engine cannot fill in "
+                    "the middle); leave it out, or use a model whose backend supports it.",
+                    param="suffix",
+                    code="unsupported_parameter",
+                )
         routed = inference_pb2.GenerateRequest()
         routed.CopyFrom(request)
         routed.model = model

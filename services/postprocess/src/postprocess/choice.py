@@ -95,6 +95,8 @@ class Choice:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)  # refusal, reasoning_content, ...
     logprobs: dict[str, list[Any]] = field(default_factory=dict)
+    # Legacy completions: characters the logprobs' tokens covered so far (their text_offset).
+    offset: int = 0
     _pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     @property

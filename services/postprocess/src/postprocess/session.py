@@ -83,6 +83,19 @@ class ProcessSession:
         extras: dict[str, Any] = json.loads(chunk.extra_json) if chunk.extra_json else {}
         finish_override = extras.pop("finish_reason", None)
         raw_logprobs = extras.pop("logprobs", None)
+        echoed = ""
+        if not self._chat:
+            prompt_logprobs = None
+            if not choice.parts and self._start.echo:
+                # The client's own prompt first, as sent: no stop sequence or guardrail applies to it.
+                echoed = self._start.echo
+                choice.parts.append(echoed)
+                if self._start.echo_tokens:
+                    prompt_logprobs = _echo_logprobs(choice, list(self._start.echo_tokens))
+            if isinstance(raw_logprobs, dict) and "content" in raw_logprobs:
+                raw_logprobs = _completion_logprobs(choice, raw_logprobs["content"] or [])
+            if prompt_logprobs is not None:
+                raw_logprobs = _joined(prompt_logprobs, raw_logprobs)
         ending = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
         text, delta, logprobs, verdict = choice.push(chunk.text, extras, raw_logprobs, ending)
         if verdict.blocked:
@@ -93,8 +106,8 @@ class ProcessSession:
             choice.finish_reason = finish_override or FINISH_NAMES.get(chunk.finish_reason, "stop")
         if text:
             choice.parts.append(text)
-        if self._start.stream and (text or delta or logprobs):
-            content = {"content": text} if text else {}
+        if self._start.stream and (text or delta or logprobs or echoed):
+            content = {"content": echoed + text} if text or echoed else {}
             out.append(self._chunk(choice.index, {**content, **delta}, None, logprobs=logprobs))
         if choice.finish_reason is not None:
             self._check_format(choice)
@@ -303,3 +316,30 @@ def _format_error(detail: str) -> RagmeshError:
 
 def _dumps(body: dict[str, Any]) -> str:
     return orjson.dumps(body).decode()
+
+
+def _completion_logprobs(choice: Choice, content: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Chat-shaped logprobs (llama.cpp gives these for completions too) in the legacy completions
+    shape: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset in the choice's text."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in content:
+        token = str(entry.get("token", ""))
+        out["tokens"].append(token)
+        out["token_logprobs"].append(entry.get("logprob"))
+        top = entry.get("top_logprobs")
+        out["top_logprobs"].append({str(t.get("token", "")): t.get("logprob") for t in top} if top else None)
+        out["text_offset"].append(choice.offset)
+        choice.offset += len(token)
+    return out
+
+
+def _echo_logprobs(choice: Choice, tokens: list[str]) -> dict[str, list[Any]]:
+    """The echoed prompt's tokens: the engine does not score a prompt, so their logprobs are null."""
+    return _completion_logprobs(choice, [{"token": t, "logprob": None} for t in tokens])
+
+
+def _joined(first: dict[str, list[Any]], then: Any) -> Any:
+    """Two completions-shaped logprobs as one (the echoed prompt's, then the first generated token's)."""
+    if not isinstance(then, dict):
+        return first
+    return {key: first.get(key, []) + list(then.get(key, [])) for key in {*first, *then}}

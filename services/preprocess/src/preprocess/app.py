@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from preprocess.api import admin, batches, chat, embeddings, health, models, rerank, retrieval
+from preprocess.api import admin, batches, chat, embeddings, health, models, ollama, rerank, retrieval
 from preprocess.api.auth import AuthMiddleware
 from preprocess.api.errors import install_error_handlers
 from preprocess.api.forward import forwarding_router
@@ -57,6 +57,7 @@ PUBLIC_ROUTERS: list[APIRouter] = [
     retrieval.router,
     rerank.router,
     batches.router,
+    ollama.router,
     health.router,
 ]
 

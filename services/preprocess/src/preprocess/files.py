@@ -64,9 +64,10 @@ class FileStore:
         return sum(int(orjson.loads(r).get("bytes", 0)) for r in records if r)
 
     def temp_path(self, file_id: str) -> Path:
-        """Where a file is written before `put_path` renames it into place (same folder, same disk)."""
+        """Where a file is written before `put_path` renames it into place (same folder, same disk);
+        a path of its own per call, so two writers of one file never write into each other's."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        return self._dir / f".{checked(file_id)}.tmp-{os.getpid()}"
+        return self._dir / f".{checked(file_id)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _key(self, file_id: str) -> str:
         return f"{self._prefix}file:{file_id}"

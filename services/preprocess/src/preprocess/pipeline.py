@@ -32,6 +32,9 @@ class Answer(Protocol):
 
     async def collect(self) -> str: ...
 
+    def close(self) -> None:
+        """Cancel whatever is still running (a no-op once finished)."""
+
 
 class GenerationPipeline:
     def __init__(
@@ -187,6 +190,10 @@ class CachedAnswer:
             return False
         self._first = first
         return True
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
 
     async def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
         assert self._call is not None and self._first is not None

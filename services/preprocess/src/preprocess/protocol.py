@@ -137,9 +137,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    """POST /v1/completions (legacy): one prompt per request."""
+    """POST /v1/completions (legacy): a prompt, or a list of them (text or token ids)."""
 
-    prompt: StrictStr | list[StrictStr]
+    prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]]
     # OpenAI's default for legacy completions.
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -147,8 +147,28 @@ class CompletionRequest(SamplingRequest):
     suffix: StrictStr | None = None
     best_of: int | None = Field(default=None, ge=1)
 
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request, in order: a text, or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [[int(p) for p in prompt]]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The text of a single text prompt ("" for a token prompt)."""
+        first = self.prompts()[0]
+        return first if isinstance(first, str) else ""
+
+    def prompt_ids(self) -> list[int]:
+        """The token ids of a single token prompt ([] for a text prompt)."""
+        first = self.prompts()[0]
+        return first if isinstance(first, list) else []
+
+    def one_prompt(self, prompt: str | list[int]) -> CompletionRequest:
+        """This request with `prompt` alone: what one prompt of a list runs as."""
+        return self.model_copy(update={"prompt": prompt})
 
 
 class EmbeddingsRequest(BaseModel):
@@ -292,20 +312,27 @@ def _refuse_logprobs(bounds: RequestBounds) -> None:
         )
 
 
-def parse_completion_request(body: Any, max_n: int, bounds: RequestBounds = DEFAULT_BOUNDS) -> CompletionRequest:
+# Prompts one /v1/completions request may carry (each is a generation of its own).
+MAX_PROMPTS = 64
+
+
+def parse_completion_request(
+    body: Any, max_n: int, max_prompts: int = MAX_PROMPTS, bounds: RequestBounds = DEFAULT_BOUNDS
+) -> CompletionRequest:
     """Validate a legacy completion request (400 on any problem)."""
     request = validated(CompletionRequest, body)
     _check_sampling(request, max_n, bounds)
     if request.logprobs is not None:
         _refuse_logprobs(bounds)
-    if isinstance(request.prompt, list) and len(request.prompt) != 1:
-        raise invalid_request("Send one prompt per request (a list of prompts is not supported).", param="prompt")
-    if request.echo:
-        raise invalid_request("'echo' is not supported.", param="echo")
-    if request.suffix:
-        raise invalid_request("'suffix' is not supported.", param="suffix")
-    if request.best_of not in (None, 1):
-        raise invalid_request("'best_of' is not supported.", param="best_of")
+    prompts = request.prompts()
+    if not prompts or any(isinstance(p, list) and not p for p in prompts):
+        raise invalid_request("'prompt' must not be empty (a text, a list of texts or of token ids).", param="prompt")
+    if len(prompts) > max_prompts:
+        raise invalid_request(f"'prompt' may list at most {max_prompts} prompts on this server.", param="prompt")
+    if request.echo and any(isinstance(p, list) for p in prompts):
+        raise invalid_request("'echo' needs text prompts (token-id prompts cannot be echoed).", param="echo")
+    if request.best_of not in (None, 1, request.n or 1):
+        raise invalid_request("'best_of' is not supported (only best_of equal to n).", param="best_of")
     return request
 
 

@@ -32,6 +32,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from ragmesh.amqp import (
+    TRANSIENT_ERRORS,
     Topology,
     backoff_seconds,
     consuming,
@@ -65,6 +66,8 @@ EVENT_BACKOFF_MAX = 60.0
 
 # Seconds to wait before a job that hit a transient failure goes back to the queue.
 RETRY_DELAY = 1.0
+# A dependency failed (the broker, Redis, the registry), not the job: it goes back to the queue.
+JOB_DEFERRED_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RedisError, RegistryUnavailableError)
 
 
 def check_job(job: ingest_pb2.IngestJob) -> None:
@@ -233,8 +236,9 @@ class Ingestion:
             JOBS.labels("collection_gone").inc()
             await self._record(self._fail(job.job_id, f"collection '{job.collection}' was deleted"))
             await message.ack()
-        except (TimeoutError, RedisError, RegistryUnavailableError, ConnectionError, OSError) as exc:
-            # Transient: the broker or Redis blinked. The job goes back to the queue.
+        except JOB_DEFERRED_ERRORS as exc:
+            # Transient: the broker or Redis blinked (announcing the change, say). The job goes back
+            # to the queue; its redelivery finds it applied and only announces it.
             log.warning("ingest job deferred", extra={"job": job.job_id, "error": str(exc)})
             JOBS.labels("retried").inc()
             await asyncio.sleep(RETRY_DELAY)

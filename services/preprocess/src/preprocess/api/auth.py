@@ -23,7 +23,9 @@ from ragmesh.errors import ErrorKind, RagmeshError
 
 log = logging.getLogger(__name__)
 
-PUBLIC = ("/v1/health/live", "/v1/health/ready", "/metrics")
+PUBLIC = ("/v1/health/live", "/v1/health/ready", "/metrics", "/api/version")
+# Ollama's API takes the same keys (its clients send headers={"Authorization": "Bearer ..."}).
+OLLAMA_PREFIX = "/api/"
 
 
 class AuthMiddleware:
@@ -47,7 +49,9 @@ class AuthMiddleware:
 
     def _needs_key(self, scope: Scope) -> bool:
         path: str = scope["path"]
-        if not self._enabled or not path.startswith("/v1/") or path in PUBLIC or path.startswith("/v1/admin/"):
+        if not self._enabled or path in PUBLIC or path.startswith("/v1/admin/"):
+            return False
+        if not path.startswith(("/v1/", OLLAMA_PREFIX)):
             return False
         return not (self._models_public and scope["method"] == "GET" and path.startswith("/v1/models"))
 
@@ -66,7 +70,7 @@ class AuthMiddleware:
             entry = uuid.uuid4().hex
             await keys.enter(key, entry, key.max_in_flight or self._max_in_flight, self._in_flight_ttl)
         except RagmeshError as err:
-            await _send_error(send, err)
+            await _send_error(send, err, scope["path"])
             return
         except (RedisError, OSError) as exc:
             # Closed, not open: without the key store nobody is let in.
@@ -74,6 +78,7 @@ class AuthMiddleware:
             await _send_error(
                 send,
                 RagmeshError(ErrorKind.UNAVAILABLE, "The key store is unavailable; retry shortly.", retry_after=1),
+                scope["path"],
             )
             return
         scope.setdefault("state", {})["api_key"] = key
@@ -93,14 +98,15 @@ class AuthMiddleware:
                 log.warning("in-flight entry not removed: key store unavailable", extra={"error": str(exc)})
 
 
-async def _send_error(send: Send, err: RagmeshError) -> None:
+async def _send_error(send: Send, err: RagmeshError, path: str = "") -> None:
     headers = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in err.headers.items())]
     if err.retry_after is not None:
         headers.append((b"retry-after", str(err.retry_after).encode()))
     if err.kind is ErrorKind.AUTHENTICATION:
         headers.append((b"www-authenticate", b'Bearer realm="ragmesh"'))
     await send({"type": "http.response.start", "status": err.http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": orjson.dumps(err.to_openai())})
+    body = {"error": err.message} if path.startswith(OLLAMA_PREFIX) else err.to_openai()
+    await send({"type": "http.response.body", "body": orjson.dumps(body)})
 
 
 def api_key_of(scope_or_request: Any) -> ApiKey | None:

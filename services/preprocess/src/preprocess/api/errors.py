@@ -28,13 +28,27 @@ _KIND_BY_HTTP_STATUS = {
 }
 
 
-def error_response(err: RagmeshError) -> Response:
-    """Render a domain error as the HTTP response a client sees."""
+# Ollama's API: its clients read errors as {"error": "<message>"}.
+OLLAMA_PREFIX = "/api/"
+
+
+def ollama_path(path: str) -> bool:
+    """Whether `path` is Ollama's API, whose errors are Ollama's shape."""
+    return path.startswith(OLLAMA_PREFIX)
+
+
+def error_body(err: RagmeshError, path: str = "") -> dict[str, object]:
+    """The error's body: OpenAI's envelope, or Ollama's under /api/."""
+    return {"error": err.message} if ollama_path(path) else err.to_openai()
+
+
+def error_response(err: RagmeshError, path: str = "") -> Response:
+    """Render a domain error as the HTTP response a client sees (Ollama's shape under /api/)."""
     headers = dict(err.headers)
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
     return Response(
-        orjson.dumps(err.to_openai()),
+        orjson.dumps(error_body(err, path)),
         status_code=err.http_status,
         media_type="application/json",
         headers=headers,
@@ -45,11 +59,14 @@ async def _ragmesh_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RagmeshError)
     if exc.http_status >= 500:
         log.warning("request failed", extra={"kind": exc.kind.value, "error": exc.message})
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405 and ollama_path(request.url.path):
+        body: dict[str, object] = {"error": f"method {request.method} not allowed"}
+        return Response(orjson.dumps(body), status_code=405, media_type="application/json")
     if exc.status_code == 405:
         body = openai_error_body(
             f"Method {request.method} not allowed for {request.url.path}.",
@@ -62,7 +79,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     message = (
         f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
     )
-    return error_response(RagmeshError(kind, message, code="unknown_url" if exc.status_code == 404 else None))
+    return error_response(
+        RagmeshError(kind, message, code="unknown_url" if exc.status_code == 404 else None), request.url.path
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -70,7 +89,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")) or None
     return error_response(
-        RagmeshError(ErrorKind.INVALID_REQUEST, f"Invalid '{param}': {first.get('msg')}", param=param)
+        RagmeshError(ErrorKind.INVALID_REQUEST, f"Invalid '{param}': {first.get('msg')}", param=param),
+        request.url.path,
     )
 
 
@@ -78,13 +98,16 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
     """Redis away or slow (a timeout, a pause): the client may retry, it is no server bug."""
     log.warning("request failed: Redis unavailable", extra={"error": repr(exc)})
     return error_response(
-        RagmeshError(ErrorKind.UNAVAILABLE, "The state store (Redis) is unavailable; retry shortly.", retry_after=2)
+        RagmeshError(ErrorKind.UNAVAILABLE, "The state store (Redis) is unavailable; retry shortly.", retry_after=2),
+        request.url.path,
     )
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error")
-    return error_response(RagmeshError(ErrorKind.INTERNAL, "The server had an error while processing your request."))
+    return error_response(
+        RagmeshError(ErrorKind.INTERNAL, "The server had an error while processing your request."), request.url.path
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -13,25 +13,28 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import grpc
 import orjson
 from google.protobuf.json_format import MessageToDict
 from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
 from preprocess.keys import ApiKey, KeyStore, check_model_allowed
-from preprocess.metrics import RequestClock
+from preprocess.metrics import RAG_STAGE_SECONDS, RequestClock
 from preprocess.normalize import normalize_text
 from preprocess.ownership import CollectionAccess
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
 from preprocess.reranking import Reranking, RerankOption
+from preprocess.serving.prompts import MultiPromptAnswer, opened_all
 from preprocess.serving.sse import SSE_DONE, sse_error, sse_event
 from preprocess.settings import ModelAlias, PreprocessSettings
-from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
+from ragmesh.grpc_client import call_metadata
 from ragmesh.v1 import common_pb2, inference_pb2, postprocess_pb2
 
 log = logging.getLogger(__name__)
@@ -111,9 +114,12 @@ def openai_body(req: SamplingRequest, rag_system: common_pb2.ChatMessage | None)
     own fields removed, text normalised, and the RAG sources where the model reads them."""
     body = req.model_dump(mode="json", exclude_unset=True, by_alias=True, exclude={"rag", "cache"})
     if isinstance(req, CompletionRequest):
+        ids = req.prompt_ids()
         prompt = normalize_text(req.prompt_text())
-        body["prompt"] = f"{rag_system.content}\n\n{prompt}" if rag_system is not None else prompt
+        body["prompt"] = ids or (f"{rag_system.content}\n\n{prompt}" if rag_system is not None else prompt)
         body.setdefault("max_tokens", req.max_tokens)
+        # The mesh echoes the prompt itself (postprocess), whatever the engine: never twice.
+        body.pop("echo", None)
         return orjson.dumps(body).decode()
     messages = body["messages"]
     for message in messages:
@@ -193,6 +199,15 @@ class ChatServing:
             reranking or Reranking(clients, settings),
         )
 
+    async def _echo_tokens(self, model: str, prompt: str) -> list[str]:
+        """The prompt's tokens as the engine reads them (echo with logprobs)."""
+        request = inference_pb2.TokenizeRequest(model=model, prompt=prompt, return_pieces=True)
+        try:
+            reply = await self._clients.inference.Tokenize(request, timeout=10, metadata=call_metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return list(reply.pieces)
+
     def cacheable(self, req: SamplingRequest, no_cache: bool = False) -> bool:
         """Whether the answer may come from (and go to) the response cache."""
         return self._settings.response_cache and req.cache is not False and not no_cache and req.deterministic()
@@ -253,6 +268,13 @@ class ChatServing:
         key: ApiKey | None = None,
     ) -> tuple[Answer, str]:
         """An opened answer (from the cache, or a generation under way) and the cache state."""
+        if isinstance(req, CompletionRequest) and len(req.prompts()) > 1:
+            # One generation per prompt, joined into one response (see serving.prompts).
+            opened = await opened_all([self.answer(req.one_prompt(p), cacheable, priority, key) for p in req.prompts()])
+            states = {state for _, state in opened}
+            include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+            joined = MultiPromptAnswer([answer for answer, _ in opened], req.n or 1, include_usage)
+            return joined, states.pop() if len(states) == 1 else "miss"
         alias = self._settings.model_aliases.get(req.model)
         spec = rag_spec(req, alias)
         model = alias.model if alias is not None else req.model
@@ -264,11 +286,20 @@ class ChatServing:
             prompt = normalize_text(req.prompt_text())
             messages = [common_pb2.ChatMessage(role="user", content=prompt)]  # what retrieval searches for
             generate = inference_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling_of(req))
+            generate.prompt_ids.extend(req.prompt_ids())
         start = to_process_start(req)
         if spec is not None and self._access is not None:
             # The request's own `rag` or an alias's binding alike: only a collection the key may read.
             await self._access.check(spec.collection, key, "read")
-        retrieved = await self._rag.retrieve(messages, spec) if spec is not None else None
+        if isinstance(req, CompletionRequest) and req.echo:
+            # The client's own prompt, as sent (RAG passages are not echoed).
+            start.echo = req.prompt_text()
+            if req.logprobs is not None:
+                start.echo_tokens.extend(await self._echo_tokens(model, start.echo))
+        retrieved = None
+        if spec is not None:
+            with RAG_STAGE_SECONDS.labels("search").time():
+                retrieved = await self._rag.retrieve(messages, spec)
 
         cache_state = "off"
         if cacheable:
@@ -283,7 +314,8 @@ class ChatServing:
         fixed = None
         rag_system = None
         if retrieved is not None:
-            planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
+            with RAG_STAGE_SECONDS.labels("fit").time():
+                planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
             start.rag.CopyFrom(planned.report)
             start.sources.extend(planned.sources)
             if planned.report.status == "ok":
@@ -291,6 +323,7 @@ class ChatServing:
                 if generate.WhichOneof("input") == "chat":
                     generate.chat.ClearField("messages")
                     generate.chat.messages.extend(planned.messages)
+                    generate.counted_prompt_tokens = planned.prompt_tokens  # no second count in the engine
                 else:
                     generate.prompt = f"{rag_system.content}\n\n{generate.prompt}"
             if planned.no_sources:
@@ -305,10 +338,12 @@ class ChatServing:
         await pipeline.open()
         return pipeline, cache_state
 
-    async def events(
+    async def chunks(
         self, answer: Answer, clock: RequestClock, key: ApiKey | None = None, reserved: int = 0
-    ) -> AsyncIterator[bytes]:
-        """The answer as SSE events, ending in [DONE] (or an error event once the stream started).
+    ) -> AsyncGenerator[str, None]:
+        """The answer's stream chunks (OpenAI chunk objects as JSON text) as they come; counted and
+        charged at the end (the reservation settled to the usage). Raises RagmeshError (counted) when
+        the stream fails or falls silent.
 
         Closing this generator (the client went away) closes the answer, which
         cancels its gRPC calls and frees the engine slot."""
@@ -331,15 +366,28 @@ class ChatServing:
                     if first:
                         clock.first_token()
                         first = False
-                    yield sse_event(response.chunk_json)
-            yield SSE_DONE
+                    yield response.chunk_json
             clock.finished("ok", answer.usage)
             # A client that leaves before this point keeps paying its whole reservation.
             await self.charge(key, answer, reserved)
         except RagmeshError as err:
-            # Headers are sent: the error travels as an event the openai client raises.
             log.warning("stream failed", extra={"kind": err.kind.value, "error": err.message})
             clock.finished(err.kind.value)
-            yield sse_error(err)
+            raise
         finally:
             await responses.aclose()
+
+    async def events(
+        self, answer: Answer, clock: RequestClock, key: ApiKey | None = None, reserved: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The answer as SSE events, ending in [DONE] (or an error event once the stream started)."""
+        chunks = self.chunks(answer, clock, key, reserved)
+        try:
+            async for chunk in chunks:
+                yield sse_event(chunk)
+            yield SSE_DONE
+        except RagmeshError as err:
+            # Headers are sent: the error travels as an event the openai client raises.
+            yield sse_error(err)
+        finally:
+            await chunks.aclose()

@@ -74,7 +74,7 @@ COMPLETIONS = Operation(
     summary="Legacy text completion, one prompt per request.",
     request=CompletionRequest,
     response=schemas.CompletionResponse,
-    parse=lambda body, settings: parse_completion_request(body, settings.max_n, settings.request_bounds()),
+    parse=lambda body, settings: parse_completion_request(body, settings.max_n, bounds=settings.request_bounds()),
     run=lambda serving, request, key: serving.chat.complete(request, key),
     generates=True,
 )

@@ -33,8 +33,9 @@ def not_found(file_id: str) -> RagmeshError:
     return RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {shown}.", param="file_id", code="file_not_found")
 
 
-# What the mesh names files: uploads file-<32 hex>, a batch's results file-<32 hex>-output|-errors.
-FILE_ID = re.compile(r"file-[0-9a-f]{32}(?:-output|-errors)?")
+# What the mesh names files: file-<letters, digits, _> (uploads: 32 hex digits), a batch's results
+# with -output or -errors: never a dot or a slash, so an id can never name another path.
+FILE_ID = re.compile(r"file-[A-Za-z0-9_]{1,64}(?:-output|-errors)?")
 
 
 def checked(file_id: str) -> str:

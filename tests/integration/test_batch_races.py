@@ -381,6 +381,10 @@ async def test_a_direct_request_whose_handling_raises_is_answered_500_then_dead_
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            reply_exchange = await channel.declare_exchange(
+                f"{broker}.direct.replies", aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            await replies.bind(reply_exchange, routing_key=replies.name)
             exchange = await channel.get_exchange(f"{broker}.requests")
             request = {"v": 1, "url": "/v1/embeddings", "body": {"model": "m", "input": "t1"}}
             await exchange.publish(

@@ -193,7 +193,8 @@ def chat_once(http: httpx.Client, max_tokens: int) -> int:
         "messages": [{"role": "user", "content": "Tell me about the sea."}],
         "max_tokens": max_tokens,
         "temperature": 0.8,
-        "ignore_eos": True,
+        # SmolLM2's <|endoftext|> and <|im_end|> banned (llama.cpp's ignore_eos is refused from clients).
+        "logit_bias": {"0": -100, "2": -100},
         "stream": True,
         "stream_options": {"include_usage": True},
     }

@@ -5,9 +5,12 @@ namespace: `<namespace>.requests`) and read the answer on your reply queue:
 
     message body (JSON):  {"v": 1, "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings",
                            "body": {...the OpenAI request...}}
-    properties:           reply_to (your queue), correlation_id (matched on the reply),
-                          message_id (idempotency: the same id is run once, answered each time),
-                          delivery_mode 2, content_type application/json
+    properties:           reply_to (your queue, bound to the `<namespace>.direct.replies` exchange
+                          by its name; or amq.rabbitmq.reply-to), correlation_id (matched on the
+                          reply), message_id (idempotency: the same id is run once, answered each
+                          time), delivery_mode 2, content_type application/json
+    header:               authorization: "Bearer rm-..." (with auth on: checked, limited and charged
+                          like HTTP; $RAGMESH_API_KEY here)
     optional header:      x-request-id (carried into the logs)
     reply body (JSON):    {"v": 1, "status_code": 200, "body": {...the OpenAI response...}}
                           or {"v": 1, "status_code": 4xx/5xx, "body": {"error": {...}}}
@@ -40,6 +43,13 @@ async def request_once(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        # Answers come through the reply exchange (bound by the queue's name) or amq.rabbitmq.reply-to.
+        reply_exchange = await channel.declare_exchange(
+            f"{namespace}.direct.replies" if namespace else "ragmesh.direct.replies",
+            aio_pika.ExchangeType.DIRECT,
+            durable=True,
+        )
+        await replies.bind(reply_exchange, routing_key=replies.name)
         exchange = await channel.get_exchange(f"{namespace}.requests" if namespace else "requests")
         correlation_id = uuid.uuid4().hex
         await exchange.publish(
@@ -50,6 +60,9 @@ async def request_once(
                 reply_to=replies.name,
                 correlation_id=correlation_id,
                 message_id=message_id or uuid.uuid4().hex,
+                headers={"authorization": f"Bearer {os.environ['RAGMESH_API_KEY']}"}
+                if os.environ.get("RAGMESH_API_KEY")
+                else {},
             ),
             routing_key="request",
         )

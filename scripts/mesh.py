@@ -25,6 +25,7 @@ import grp
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -36,7 +37,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 # Backends first, the front after them: the order of `up` and of `rollout all`.
@@ -203,6 +204,17 @@ def save_plan(plan: Plan) -> None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def service_token(run_dir: Path) -> str:
+    """The run folder's service credential, made on first use (readable by its owner only)."""
+    path = run_dir / "service-token"
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     """The environment every service gets: the caller's, plus consistent peer addresses."""
     out = dict(env)
@@ -218,6 +230,9 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     out.setdefault("RAGMESH_RETRIEVAL_PEERS", plan.grpc_addresses("retrieval"))
     out.setdefault("RAGMESH_PREPROCESS_ADMIN_PORT", str(p["preprocess_admin"]))
     out.setdefault("RAGMESH_DATA_DIR", str(plan.run_dir / "data"))
+    # The gRPC plane's service credential: the operator's, or one made for this run folder
+    # (kept, so a rollout's restarted replicas get the same one).
+    out.setdefault("RAGMESH_SERVICE_TOKEN", service_token(plan.run_dir))
     # Engines share the machine's cores: with several inference replicas, each gets its share.
     engines = len(plan.replicas["inference"])
     if engines > 1:
@@ -375,10 +390,27 @@ def apt_install(package: str) -> None:
     subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, env=env)
 
 
+def redis_refusal(url: str) -> str | None:
+    """Why Redis refuses the credentials in `url` (None: it answers PING with them)."""
+    import redis  # the venv's client (make up runs this script with the venv's python)
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5).ping()
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        return str(exc)
+    return None
+
+
 def ensure_redis(env: dict[str, str], plan: Plan) -> None:
-    url = urlparse(env.get("RAGMESH_REDIS_URL") or env.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    """Redis at RAGMESH_REDIS_URL answering with that URL's credentials; on this machine, one is
+    started when none listens, with the URL's password (--requirepass) when it has one."""
+    raw = env.get("RAGMESH_REDIS_URL") or env.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    url = urlparse(raw)
     host, port = url.hostname or "127.0.0.1", url.port or 6379
     if reachable(host, port):
+        refused = redis_refusal(raw)
+        if refused:
+            sys.exit(f"Redis at {host}:{port} refuses the credentials of RAGMESH_REDIS_URL: {refused}")
         return
     if host not in ("127.0.0.1", "localhost"):
         sys.exit(f"Redis at {host}:{port} does not answer")
@@ -405,6 +437,8 @@ def ensure_redis(env: dict[str, str], plan: Plan) -> None:
             str(plan.log_dir / "redis.log"),
             "--dir",
             str(plan.run_dir),
+            # The URL's password, so that nothing else on this machine reads or writes the keys.
+            *(["--requirepass", unquote(url.password)] if url.password else []),
         ],
         check=True,
     )
@@ -426,6 +460,11 @@ def ensure_rabbitmq(env: dict[str, str], plan: Plan) -> None:
     )
     subprocess.run(["rabbitmqctl", "await_startup", "--timeout", "60"], check=True)
     (plan.run_dir / "rabbitmq.started").write_text("started by make up\n")
+    user, password = unquote(url.username or "guest"), unquote(url.password or "guest")
+    if user != "guest":
+        # The URL's user, made on the broker this run started (guest stays loopback-only).
+        subprocess.run(["rabbitmqctl", "add_user", user, password], check=False, capture_output=True)
+        subprocess.run(["rabbitmqctl", "set_permissions", "-p", "/", user, ".*", ".*", ".*"], check=True)
 
 
 def stop_started_dependencies(plan: Plan) -> None:

@@ -197,6 +197,9 @@ def mesh(
         TEST_RERANK_KEY=RERANK_KEY,
         RAGMESH_RETRIEVAL_RERANKERS=json.dumps({TINY_RERANKER: {"path": str(tiny), "batch_size": 4}}),
         RAGMESH_PREPROCESS_RERANK_TIMEOUT="3",
+        # No guardrails on the shared mesh: logprobs (completions, Ollama) are refused while any is
+        # on; the guardrails are tested through the gateway in test_tenant_abuse (defaults on).
+        RAGMESH_POSTPROCESS_PII_REDACTION="[]",
     )
     with running_mesh(run_dir, env) as started:
         started.rerank_upstream = rerank_upstreams[0]

@@ -146,14 +146,24 @@ def restart(replicated: Replicated, service: str, index: int) -> None:
     wait_until(lambda: replicated.ready(service, index), 120, f"{program} back")
 
 
+# SmolLM2's <|endoftext|> and <|im_end|>: banned (logit_bias), an answer runs to max_tokens.
+NO_EOS = {"0": -100, "2": -100}
+
+
+def service_token(mesh: Mesh) -> str:
+    """The mesh's gRPC service credential: the environment's, or the one make up made in its run folder."""
+    return mesh.env.get("RAGMESH_SERVICE_TOKEN") or (mesh.run_dir / "service-token").read_text().strip()
+
+
 def search_replica(
-    port: int, collection: str, query: str, mode: retrieval_pb2.SearchMode.ValueType
+    port: int, collection: str, query: str, mode: retrieval_pb2.SearchMode.ValueType, token: str = ""
 ) -> list[tuple[str, float]]:
-    """One retrieval replica's hits (chunk id, score), asked over gRPC, bypassing every cache."""
+    """One retrieval replica's hits (chunk id, score), asked over gRPC with the service credential,
+    bypassing every cache."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = retrieval_pb2_grpc.RetrievalStub(channel)
         request = retrieval_pb2.SearchRequest(collection=collection, query=query, top_k=5, mode=mode, no_cache=True)
-        reply = stub.Search(request, timeout=30)
+        reply = stub.Search(request, timeout=30, metadata=(("ragmesh-service-token", token),))
     return [(hit.chunk_id, round(hit.score, 5)) for hit in reply.hits]
 
 

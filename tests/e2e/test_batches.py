@@ -288,6 +288,11 @@ async def test_a_direct_request_that_cannot_be_read_is_answered_with_a_400(mesh:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        # Answers come through the reply exchange (bound by the queue's name) or amq.rabbitmq.reply-to.
+        reply_exchange = await channel.declare_exchange(
+            f"{namespace}.direct.replies", aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        await replies.bind(reply_exchange, routing_key=replies.name)
         exchange = await channel.get_exchange(f"{namespace}.requests")
         await exchange.publish(
             aio_pika.Message(

@@ -32,6 +32,7 @@ from ragmesh.v1 import retrieval_pb2
 from .conftest import MODEL, ROOT, mesh_env, running_mesh
 from .replicas import (
     EMBEDDING_MODEL,
+    NO_EOS,
     SERVICES,
     Load,
     Replicated,
@@ -44,6 +45,7 @@ from .replicas import (
     refuses_connections,
     restart,
     search_replica,
+    service_token,
     start_batch,
     stream_chat,
     wait_for_batch,
@@ -132,9 +134,12 @@ def test_an_empty_retrieval_replica_catches_up_from_its_peer(replicated: Replica
         job = http.post("/v1/collections/catch-up/documents", json={"documents": docs}).json()["job_id"]
         wait_until(lambda: http.get(f"/v1/jobs/{job}").json()["status"] == "succeeded", 120, "the ingestion job")
     ports = [r["grpc"] for r in replicated.replicas["retrieval"]]
+    token = service_token(mesh)
     queries = [("what moves the sea", retrieval_pb2.SEARCH_MODE_HYBRID), ("yeast", retrieval_pb2.SEARCH_MODE_SPARSE)]
     wait_until(
-        lambda: all(len(search_replica(p, "catch-up", "lava", retrieval_pb2.SEARCH_MODE_DENSE)) == 4 for p in ports),
+        lambda: all(
+            len(search_replica(p, "catch-up", "lava", retrieval_pb2.SEARCH_MODE_DENSE, token)) == 4 for p in ports
+        ),
         60,
         "both replicas indexed the documents",
     )
@@ -146,7 +151,9 @@ def test_an_empty_retrieval_replica_catches_up_from_its_peer(replicated: Replica
     assert f"{program}: started" in mesh.supervisorctl("start", program)
     wait_until(lambda: replicated.ready("retrieval", 1), 120, "the empty replica")
     for query, mode in queries:
-        assert search_replica(ports[1], "catch-up", query, mode) == search_replica(ports[0], "catch-up", query, mode)
+        assert search_replica(ports[1], "catch-up", query, mode, token) == search_replica(
+            ports[0], "catch-up", query, mode, token
+        )
     assert (data / "collections" / "catch-up").is_dir()  # saved to its own disk, too
 
 
@@ -157,9 +164,10 @@ def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(repli
     mesh = replicated.mesh
     client = mesh.openai(timeout=120)  # max_retries=0: a failure is seen as the mesh answered it
     count: list[Any] = [{"role": "user", "content": "Count slowly to one thousand."}]
-    # ignore_eos: llama.cpp's own field, passed through: each answer lasts 400 tokens.
+    # The end-of-text tokens banned (logit_bias; llama.cpp's ignore_eos is refused from clients):
+    # each answer lasts 400 tokens.
     long: dict[str, Any] = {"model": MODEL, "messages": count, "max_tokens": 400, "temperature": 0.8}
-    long["extra_body"] = {"ignore_eos": True}
+    long["logit_bias"] = NO_EOS
     kinds = ["stream"] * 4 + ["whole"] * 2
     started = threading.Barrier(kinds.count("stream") + 1)
     outcomes: list[Any] = [None] * len(kinds)
@@ -250,7 +258,7 @@ def test_nginx_passes_a_request_refused_by_a_preprocess_replica_to_the_other(rep
 def test_sigterm_lets_a_preprocess_replica_finish_its_open_streams(replicated: Replicated) -> None:
     mesh = replicated.mesh
     program, port = replicated.program("preprocess", 1), replicated.replicas["preprocess"][1]["http"]
-    body = chat_body(max_tokens=200, temperature=0.8, stream=True, ignore_eos=True)
+    body = chat_body(max_tokens=200, temperature=0.8, stream=True, logit_bias=NO_EOS)
     body["stream_options"] = {"include_usage": True}
     stopped: list[str] = []
     stopper = threading.Thread(target=lambda: stopped.append(mesh.supervisorctl("stop", program)))

@@ -88,7 +88,7 @@ class FakeRunner:
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
 
-    async def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def __call__(self, url: str, body: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         self.calls[str(body.get("input"))] += 1
         self.started.set()
         if self.gate is not None:
@@ -117,7 +117,7 @@ def settings_for(namespace: str, redis_url: str, amqp_url: str, files_dir: Path,
         files_dir=str(files_dir),
         batch_backoff_base=0.05,
         batch_backoff_max=0.2,
-        **extra,
+        **{"auth": "off", **extra},
     )
 
 

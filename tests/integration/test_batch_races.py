@@ -258,6 +258,11 @@ async def test_a_direct_request_that_cannot_be_read_is_answered_then_dead_letter
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            # Answers come through the reply exchange (bound by the queue's name) or amq.rabbitmq.reply-to.
+            reply_exchange = await channel.declare_exchange(
+                f"{broker}.direct.replies", aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            await replies.bind(reply_exchange, routing_key=replies.name)
             exchange = await channel.get_exchange(f"{broker}.requests")
             for n, body in enumerate((b"not json", orjson.dumps({"v": 2, "url": "/v1/embeddings", "body": {}}))):
                 await exchange.publish(
@@ -325,8 +330,8 @@ class HugeNumberRunner(FakeRunner):
     """Answers line t1 with an integer JSON allows and orjson cannot write (past 64 bits), as an
     upstream's answer may: storing that line's result raises."""
 
-    async def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        answer = await super().__call__(url, body)
+    async def __call__(self, url: str, body: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        answer = await super().__call__(url, body, owner)
         if body.get("input") == "t1":
             answer["usage"] = {"prompt_tokens": 2**70}
         return answer
@@ -377,6 +382,10 @@ async def test_a_direct_request_whose_handling_raises_is_answered_500_then_dead_
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            reply_exchange = await channel.declare_exchange(
+                f"{broker}.direct.replies", aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            await replies.bind(reply_exchange, routing_key=replies.name)
             exchange = await channel.get_exchange(f"{broker}.requests")
             request = {"v": 1, "url": "/v1/embeddings", "body": {"model": "m", "input": "t1"}}
             await exchange.publish(
@@ -398,3 +407,60 @@ async def test_a_direct_request_whose_handling_raises_is_answered_500_then_dead_
             assert await dead.get(timeout=10) is not None
     assert answers[0]["v"] == 1 and answers[0]["status_code"] == 500
     assert answers[0]["body"]["error"]["code"] == "line_failed"
+
+
+async def test_direct_producers_need_a_key_and_replies_never_reach_a_mesh_queue(
+    tmp_path: Path, redis_url: str, amqp_url: str, broker: str, clean_redis: aioredis.Redis
+) -> None:
+    """With auth on a producer is a tenant (401 without a key, run with one), and a reply_to naming
+    another queue (here a stand-in for `ingest`) gets nothing: replies only go through the reply exchange."""
+    from preprocess.keys import KeyStore
+
+    settings = settings_for(broker, redis_url, amqp_url, tmp_path, batch_workers=1, auth="on")
+    redis = aioredis.Redis.from_url(redis_url)
+    secret, _ = await KeyStore(redis, broker).create("producer", expires_in=None, models=[], rpm=0, tpm=0)
+    runner = FakeRunner()
+    async with replica(settings, redis, runner) as worker:
+        assert await worker.check() == "ok"
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            victim = await channel.declare_queue(f"{broker}.victim", auto_delete=True)
+            replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            reply_exchange = await channel.declare_exchange(
+                f"{broker}.direct.replies", aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            await replies.bind(reply_exchange, routing_key=replies.name)
+            exchange = await channel.get_exchange(f"{broker}.requests")
+            body = orjson.dumps({"v": 1, "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}})
+            sent: tuple[tuple[str, str, dict[str, Any]], ...] = (
+                ("to-victim", victim.name, {"authorization": f"Bearer {secret}"}),
+                ("no-key", replies.name, {}),
+                ("with-key", replies.name, {"authorization": f"Bearer {secret}"}),
+            )
+            for correlation_id, reply_to, headers in sent:
+                await exchange.publish(
+                    aio_pika.Message(
+                        body,
+                        reply_to=reply_to,
+                        correlation_id=correlation_id,
+                        message_id=correlation_id,
+                        headers=headers,
+                    ),
+                    routing_key="request",
+                )
+            answers: dict[str, dict[str, Any]] = {}
+
+            async def answered() -> bool:
+                message = await replies.get(fail=False)
+                if message is not None:
+                    answers[str(message.correlation_id)] = orjson.loads(message.body)
+                    await message.ack()
+                return len(answers) == 2
+
+            await until(answered, what="both replies")
+            # One worker takes one message at a time, in order: the first was handled before these.
+            assert (await channel.declare_queue(victim.name, passive=True)).declaration_result.message_count == 0
+    assert answers["no-key"]["status_code"] == 401
+    assert answers["with-key"]["status_code"] == 200
+    assert runner.calls["x"] == 2  # the victim's request ran (its reply went nowhere) and the keyed one

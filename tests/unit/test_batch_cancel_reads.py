@@ -27,7 +27,7 @@ class CountingStore:
 
 
 def worker_with(store: CountingStore) -> BatchWorker:
-    return BatchWorker(PreprocessSettings(), store, None, None, None)  # type: ignore[arg-type]
+    return BatchWorker(PreprocessSettings(auth="off"), store, None, None, None)  # type: ignore[arg-type]
 
 
 async def test_lines_share_one_read_per_batch_and_period_and_see_a_cancel(monkeypatch: pytest.MonkeyPatch) -> None:

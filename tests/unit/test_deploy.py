@@ -27,7 +27,7 @@ SERVICES: dict[str, type[BaseSettings]] = {
     "postprocess": PostprocessSettings,
 }
 # Settings that hold credentials: never a default in compose, never in a ConfigMap.
-SECRETS = {"RAGMESH_AMQP_URL", "RAGMESH_PREPROCESS_ADMIN_KEY"}
+SECRETS = {"RAGMESH_AMQP_URL", "RAGMESH_REDIS_URL", "RAGMESH_SERVICE_TOKEN", "RAGMESH_PREPROCESS_ADMIN_KEY"}
 BIN = Path(sys.executable).parent
 
 
@@ -80,7 +80,22 @@ def test_compose_validates_and_requires_its_secrets(compose_binary: Path) -> Non
     files = ["-f", str(ROOT / "compose.yml")]
     run = subprocess.run([str(compose_binary), *files, "config", "-q"], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "RAGMESH_RABBITMQ_PASSWORD" in run.stderr
-    secrets = {"RAGMESH_RABBITMQ_PASSWORD": "x", "RAGMESH_ADMIN_KEY": "y", "NVIDIA_API_KEY": "z"}
+    # Redis has a password and the gRPC plane a credential: compose starts without neither.
+    for needed in ("RAGMESH_REDIS_PASSWORD", "RAGMESH_SERVICE_TOKEN"):
+        partial = {"RAGMESH_RABBITMQ_PASSWORD": "x", "RAGMESH_ADMIN_KEY": "y", "RAGMESH_REDIS_PASSWORD": "r"}
+        partial.update({"RAGMESH_SERVICE_TOKEN": "t"})
+        partial.pop(needed)
+        run = subprocess.run(
+            [str(compose_binary), *files, "config", "-q"], env={**env, **partial}, capture_output=True, text=True
+        )
+        assert run.returncode != 0 and needed in run.stderr
+    secrets = {
+        "RAGMESH_RABBITMQ_PASSWORD": "x",
+        "RAGMESH_ADMIN_KEY": "y",
+        "NVIDIA_API_KEY": "z",
+        "RAGMESH_REDIS_PASSWORD": "r",
+        "RAGMESH_SERVICE_TOKEN": "t",
+    }
     for extra in ([], ["-f", str(ROOT / "compose.upstream.yml")]):
         run = subprocess.run(
             [str(compose_binary), *files, *extra, "config", "-q"],

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from inference.engine import LlamaCppEngine
 from inference.settings import InferenceSettings
 from inference.upstream import openai_request
+from ragmesh.errors import RagmeshError
 from ragmesh.v1 import common_pb2, inference_pb2
 
 # What the client sent (passed through as openai_json) disagrees with the typed fields on
@@ -81,3 +84,23 @@ def test_typed_response_format_and_prompt_win_for_completions() -> None:
     embedded = LlamaCppEngine(InferenceSettings())._body(request, 0)
     assert embedded["prompt"] == "typed prompt" and embedded["max_tokens"] == 3
     assert embedded["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize(
+    "field", ["n_predict", "ignore_eos", "id_slot", "samplers", "grammar", "n_probs", "cache_prompt"]
+)
+def test_llamacpp_internal_fields_are_a_400_naming_them(field: str) -> None:
+    from inference.engine import client_fields
+
+    request = inference_pb2.GenerateRequest(model="m", prompt="p", openai_json=json.dumps({"max_tokens": 5, field: 1}))
+    with pytest.raises(RagmeshError) as caught:
+        client_fields(request)
+    assert caught.value.param == field and caught.value.http_status == 400
+
+
+def test_only_allow_listed_client_fields_reach_the_engine() -> None:
+    from inference.engine import client_fields
+
+    sent = {"logprobs": True, "top_k": 5, "some_future_field": 1, "max_tokens": 5, "temperature": 2}
+    request = inference_pb2.GenerateRequest(model="m", prompt="p", openai_json=json.dumps(sent))
+    assert client_fields(request) == {"logprobs": True, "top_k": 5}

@@ -134,3 +134,20 @@ def test_the_table_validates_with_the_same_rules_as_http() -> None:
     with pytest.raises(RagmeshError) as unknown:
         operations.operation("/v1/nope")
     assert unknown.value.param == "url"
+
+
+def test_readiness_names_the_dependency_down_never_its_error_text() -> None:
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from ragmesh.ops import ops_routes
+
+    app = Starlette(routes=ops_routes())
+
+    async def check() -> dict[str, str]:
+        return {"redis": "unavailable: Error 111 connecting to 10.0.0.5:6379. Connection refused.", "inference": "ok"}
+
+    app.state.ready_check = check
+    reply = TestClient(app).get("/v1/health/ready")
+    assert reply.status_code == 503
+    assert reply.json() == {"status": "not ready", "dependencies": {"redis": "down", "inference": "ok"}}

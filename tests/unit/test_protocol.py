@@ -121,3 +121,30 @@ def test_unset_sampling_fields_stay_unset() -> None:
     gen = to_generate_request(parse_chat_request(OK, max_n=8))
     for field in ("max_tokens", "temperature", "top_p", "seed"):
         assert not gen.sampling.HasField(field)
+
+
+def test_bounds_on_stops_schemas_and_logprobs_under_guardrails() -> None:
+    from preprocess.protocol import RequestBounds, parse_chat_request, parse_completion_request
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    bounds = RequestBounds(max_stop_chars=8, max_schema_bytes=200, max_schema_depth=4, guardrails=True)
+    for body, param in (
+        ({**base, "stop": ["x" * 9]}, "stop"),
+        ({**base, "logprobs": True}, "logprobs"),
+        (
+            {
+                **base,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"a": {"b": {"c": {"d": {}}}}}}},
+            },
+            "response_format.json_schema.schema",
+        ),
+    ):
+        with pytest.raises(RagmeshError) as caught:
+            parse_chat_request(body, 8, bounds=bounds)
+        assert caught.value.param == param
+    with pytest.raises(RagmeshError) as caught:
+        parse_completion_request({"model": "m", "prompt": "p", "logprobs": 1}, 8, bounds=bounds)
+    assert caught.value.param == "logprobs"
+    # Without guardrails logprobs are an ordinary parameter.
+    open_bounds = RequestBounds(guardrails=False)
+    assert parse_chat_request({**base, "logprobs": True}, 8, bounds=open_bounds).logprobs is True

@@ -236,3 +236,56 @@ def test_tool_calls_and_logprobs_pass_through_and_merge() -> None:
     deltas = [json.loads(r.chunk_json)["choices"][0] for r in streamed if r.chunk_json]
     assert [d["delta"].get("tool_calls") for d in deltas[1:3]] == [call_a["tool_calls"], call_b["tool_calls"]]
     assert deltas[2]["logprobs"] == logprobs["logprobs"]
+
+
+def test_every_text_channel_passes_the_guardrails_and_stop_sequences() -> None:
+    leak = "bob.jones@example.com"
+    chunks = [
+        common_pb2.GenerationChunk(
+            extra_json=json.dumps({"reasoning_content": "wants bob.jones@exa"}), prompt_tokens=3
+        ),
+        common_pb2.GenerationChunk(extra_json=json.dumps({"reasoning_content": "mple.com fine", "refusal": leak})),
+        common_pb2.GenerationChunk(
+            extra_json=json.dumps(
+                {"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": f'{{"to": "{leak}"}}'}}]}
+            )
+        ),
+        common_pb2.GenerationChunk(extra_json=json.dumps({"audio": {"data": leak}}), text="ok"),
+        common_pb2.GenerationChunk(completion_tokens=4, finish_reason=common_pb2.FINISH_REASON_STOP),
+    ]
+    whole = feed_all(ProcessSession(start(stream=False)), chunks)[-1].response_json
+    assert leak not in whole and "bob.jones" not in whole
+    message = json.loads(whole)["choices"][0]["message"]
+    assert message["reasoning_content"] == "wants [email redacted] fine"
+    assert message["refusal"] == "[email redacted]"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"to": "[email redacted]"}
+    assert "audio" not in message  # structured fields cannot be filtered: not passed on
+    streamed = feed_all(ProcessSession(start(stream=True)), chunks)
+    assert not any(leak in r.chunk_json for r in streamed)
+
+
+def test_a_stop_sequence_in_reasoning_ends_the_choice_and_its_logprobs_go_with_it() -> None:
+    chunks = [
+        common_pb2.GenerationChunk(extra_json=json.dumps({"reasoning_content": "think HA"}), prompt_tokens=3),
+        common_pb2.GenerationChunk(
+            extra_json=json.dumps({"reasoning_content": "LT secret", "logprobs": {"content": [{"token": "HALT"}]}})
+        ),
+        common_pb2.GenerationChunk(text="never", completion_tokens=4, finish_reason=common_pb2.FINISH_REASON_STOP),
+    ]
+    out = feed_all(ProcessSession(start(stream=True, stop=["HALT"]), NO_GUARDS), chunks)
+    text = "".join(r.chunk_json for r in out)
+    assert "secret" not in text and "never" not in text and "HALT" not in text
+    bodies = [json.loads(r.chunk_json) for r in out if r.chunk_json]
+    assert bodies[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprobs_are_never_released_under_guardrails() -> None:
+    logprobs = {"logprobs": {"content": [{"token": "bob", "logprob": -0.1}]}}
+    chunks = [
+        common_pb2.GenerationChunk(text="bob", extra_json=json.dumps(logprobs), prompt_tokens=3),
+        common_pb2.GenerationChunk(completion_tokens=1, finish_reason=common_pb2.FINISH_REASON_STOP),
+    ]
+    whole = json.loads(feed_all(ProcessSession(start(stream=False)), chunks)[-1].response_json)
+    assert whole["choices"][0]["logprobs"] is None
+    kept = json.loads(feed_all(ProcessSession(start(stream=False), NO_GUARDS), chunks)[-1].response_json)
+    assert kept["choices"][0]["logprobs"] == logprobs["logprobs"]

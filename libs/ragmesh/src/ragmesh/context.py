@@ -7,6 +7,8 @@ import re
 import uuid
 
 REQUEST_ID_HEADER = "x-request-id"
+# gRPC metadata carrying the service credential (see grpc_server.ContextInterceptor).
+SERVICE_TOKEN_HEADER = "ragmesh-service-token"
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragmesh.context import REQUEST_ID_HEADER, current_request_id
+from ragmesh.context import REQUEST_ID_HEADER, SERVICE_TOKEN_HEADER, current_request_id
 from ragmesh.grpc_server import MAX_MESSAGE_BYTES
 from ragmesh.tracing import traced_metadata
 
@@ -116,9 +116,20 @@ def create_channel(address: str, health_checked: bool = True) -> grpc.aio.Channe
     return grpc.aio.insecure_channel(channel_target(address), options=channel_options(health_checked))
 
 
+# The service credential this process sends (set once at start, from its settings).
+_credential: tuple[tuple[str, str], ...] = ()
+
+
+def use_service_token(token: str) -> None:
+    """Every call this process makes from now on carries `token` (empty: none)."""
+    global _credential
+    _credential = ((SERVICE_TOKEN_HEADER, token),) if token else ()
+
+
 def call_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata every outgoing call carries: the current request id (and trace context, when on)."""
-    return traced_metadata(((REQUEST_ID_HEADER, current_request_id()),))
+    """Metadata every outgoing call carries: the service credential, the current request id
+    (and trace context, when on)."""
+    return traced_metadata((*_credential, (REQUEST_ID_HEADER, current_request_id())))
 
 
 async def check_health(channel: grpc.aio.Channel, service: str = "", deadline: float = 2.0) -> str:

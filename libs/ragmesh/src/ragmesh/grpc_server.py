@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +15,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 
-from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from ragmesh.context import REQUEST_ID_HEADER, SERVICE_TOKEN_HEADER, accept_request_id, request_id_var
 from ragmesh.errors import ErrorKind, RagmeshError
 from ragmesh.tracing import span
 
@@ -167,8 +168,34 @@ def _wrap_streaming(method: str, md: dict[str, str], behavior: Callable[..., Any
     return handler
 
 
+def _refuse(method: str, handler: MethodHandler) -> MethodHandler:
+    """A handler of the same shape that ends the call UNAUTHENTICATED (no servicer code runs)."""
+
+    async def refuse(request_or_iterator: Any, context: ServicerContext) -> None:
+        GRPC_REQUESTS.labels(method, "UNAUTHENTICATED").inc()
+        log.warning("call without the service credential refused", extra={"method": method})
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong service credential")
+
+    async def refuse_stream(request_or_iterator: Any, context: ServicerContext) -> AsyncIterator[Any]:
+        await refuse(request_or_iterator, context)
+        yield  # pragma: no cover - abort raised
+
+    deser, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, deser, ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, deser, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, deser, ser)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, deser, ser)
+
+
 class ContextInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id for logs, maps RagmeshError to a status, counts calls."""
+    """Checks the service credential, sets the request id for logs, maps RagmeshError to a
+    status, counts calls. One interceptor: each layer of wrapping costs every call."""
+
+    def __init__(self, service_token: str = "") -> None:
+        self._token = service_token.encode()
 
     async def intercept_service(
         self,
@@ -177,9 +204,12 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
     ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        # Health stays open: channels probe it themselves (with no call metadata) and it tells nothing.
         if handler is None or method.startswith("/grpc.health."):
             return handler
         md = _metadata(handler_call_details)
+        if self._token and not hmac.compare_digest(md.get(SERVICE_TOKEN_HEADER, "").encode(), self._token):
+            return _refuse(method, handler)
         deser, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, md, handler.unary_unary), deser, ser)
@@ -191,9 +221,10 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(_wrap_streaming(method, md, handler.stream_stream), deser, ser)
 
 
-def create_server(options: tuple[tuple[str, Any], ...] = GRPC_OPTIONS) -> grpc.aio.Server:
-    """A grpc.aio server with the ragmesh interceptor and message limits."""
-    return grpc.aio.server(interceptors=[ContextInterceptor()], options=options)
+def create_server(options: tuple[tuple[str, Any], ...] = GRPC_OPTIONS, service_token: str = "") -> grpc.aio.Server:
+    """A grpc.aio server with the ragmesh interceptor and message limits; with a service token,
+    every call but health checks must carry it (UNAUTHENTICATED otherwise)."""
+    return grpc.aio.server(interceptors=[ContextInterceptor(service_token)], options=options)
 
 
 class WatchedHealth(HealthServicer):  # type: ignore[misc]  # grpc_health ships no types

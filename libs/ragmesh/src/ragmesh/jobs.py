@@ -25,10 +25,12 @@ class JobStore:
     def _key(self, job_id: str) -> str:
         return self._prefix + job_id
 
-    async def create(self, job_id: str, collection: str, documents: int, total: int) -> None:
+    async def create(self, job_id: str, collection: str, documents: int, total: int, owner: str = "") -> None:
+        """A queued job; `owner`: the id of the API key that submitted it (others never see it)."""
         await self._redis.hset(
             self._key(job_id),
             mapping={
+                "owner": owner,
                 "id": job_id,
                 "collection": collection,
                 "status": "queued",
@@ -65,12 +67,14 @@ class JobStore:
             pipe.expire(key, FINISHED_TTL)
             await pipe.execute()
 
-    async def get(self, job_id: str) -> dict[str, Any] | None:
-        """The job as the API shows it, or None."""
+    async def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """The job as the API shows it, or None (also when `owner` is given and the job is another key's)."""
         raw = await self._redis.hgetall(self._key(job_id))
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
+        if owner is not None and fields.get("owner", "") != owner:
+            return None
         return {
             "id": fields["id"],
             "object": "ingest.job",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -10,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+log = logging.getLogger(__name__)
 
 # A readiness check returns one status per dependency: "ok" or a reason.
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
@@ -34,7 +37,11 @@ async def ready(request: Request) -> Response:
     except TimeoutError:
         return _json({"status": "not ready", "dependencies": {"check": "timed out"}}, 503)
     ready = all(v == "ok" for v in deps.values())
-    return _json({"status": "ready" if ready else "not ready", "dependencies": deps}, 200 if ready else 503)
+    if not ready:
+        # Why a dependency is down goes to the log; the (public) answer names it, never its error text.
+        log.warning("not ready", extra={"dependencies": {k: v for k, v in deps.items() if v != "ok"}})
+    public = {name: "ok" if status == "ok" else "down" for name, status in deps.items()}
+    return _json({"status": "ready" if ready else "not ready", "dependencies": public}, 200 if ready else 503)
 
 
 async def _metrics(request: Request) -> Response:

@@ -28,6 +28,7 @@ import grpc
 import uvicorn
 from starlette.applications import Starlette
 
+from ragmesh.grpc_client import use_service_token
 from ragmesh.grpc_server import add_health, create_server, server_options, set_serving
 from ragmesh.ops import ReadyCheck, ops_routes
 from ragmesh.settings import ServiceSettings
@@ -119,12 +120,15 @@ def run_grpc_service(
     and exited after the gRPC server drained.
     """
 
+    use_service_token(settings.service_token)  # this service's own calls to its peers
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with resources() as service:
             names = list(service.service_names)
             server = create_server(
-                server_options(settings.grpc_max_connection_age, settings.grpc_max_connection_age_grace)
+                server_options(settings.grpc_max_connection_age, settings.grpc_max_connection_age_grace),
+                settings.service_token,
             )
             service.register(server)
             health = await add_health(server, names, serving=False)

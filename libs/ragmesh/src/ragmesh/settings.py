@@ -29,6 +29,10 @@ class ServiceSettings(BaseSettings):
         default="amqp://guest:guest@127.0.0.1:5672/",
         validation_alias=AliasChoices("RAGMESH_AMQP_URL", "AMQP_URL"),
     )
+    # The service credential of the gRPC plane: every call between services carries it and
+    # every server checks it (a shared token from a Kubernetes Secret, or one `make up`
+    # generates). Empty: calls are not checked (tests that start one service alone).
+    service_token: str = Field(default="", validation_alias=AliasChoices("RAGMESH_SERVICE_TOKEN"), repr=False)
     # Prefix for every queue, exchange and Redis key, so that several meshes (or
     # test runs) can share one Redis and one RabbitMQ without seeing each other.
     namespace: str = Field(default="", validation_alias=AliasChoices("RAGMESH_NAMESPACE"))

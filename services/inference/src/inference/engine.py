@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -140,12 +141,19 @@ class LlamaCppEngine:
         params.n_ctx = self._settings.n_ctx
         apply_cpu_params(params, self._settings)
         params.verbosity = 0
+        # llama.cpp's own HTTP server listens on a random loopback port (xllamacpp starts it;
+        # it has no direct call for the chat template and the tokenizer): with a key of this
+        # process's own, nothing else on the machine can generate past the mesh through it.
+        http_key = secrets.token_urlsafe(32)
+        params.api_keys = [http_key]
         started = time.perf_counter()
         self._server = xllamacpp.Server(params)
         self.created = int(os.path.getmtime(path))
-        # llama.cpp's own HTTP server listens on a random loopback port; we use it
-        # only for what xllamacpp has no direct call for (chat template, tokenizer).
-        self._http = httpx.AsyncClient(base_url=self._server.listening_address, timeout=30.0)
+        self._http = httpx.AsyncClient(
+            base_url=self._server.listening_address,
+            timeout=30.0,
+            headers={"Authorization": f"Bearer {http_key}"},
+        )
         RUNNING.labels(self.model_id).set_function(self.scheduler.in_slots)
         WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self.scheduler.in_slots()))
         log.info(
@@ -254,8 +262,8 @@ class LlamaCppEngine:
     def _body(self, request: inference_pb2.GenerateRequest, index: int) -> dict[str, Any]:
         sampling = request.sampling
         body: dict[str, Any] = {
-            # llama.cpp's own sampling extras (top_k, min_p, logit_bias, logprobs...) pass through.
-            **{k: v for k, v in _client_fields(request).items() if k not in _ENGINE_OWNED},
+            # Only the client fields on the allow-list reach llama.cpp (see client_fields).
+            **client_fields(request),
             "stream": True,
             "timings_per_token": True,
         }
@@ -375,6 +383,7 @@ class LlamaCppEngine:
         self.check_model(request.model)
         if request.WhichOneof("input") is None:
             raise invalid_request("either messages or prompt is required", param="messages")
+        client_fields(request)  # a llama.cpp-internal field is a 400 before any slot is taken
         await self._check_context(request)
         n = max(1, request.sampling.n)
         if request.priority == inference_pb2.PRIORITY_BATCH:
@@ -497,40 +506,105 @@ def _merged(chunks: list[common_pb2.GenerationChunk]) -> list[common_pb2.Generat
     return out
 
 
-# What the engine sets itself, whatever the client's request said: the mesh
-# handles n (one call per choice), stop sequences (postprocess) and the input;
-# what a typed field of GenerateRequest carries comes from that field only.
-_ENGINE_OWNED = frozenset(
+# Client fields the embedded engine takes as sent: OpenAI's documented parameters that no typed
+# field of GenerateRequest carries (the typed fields are the one authority for model, input,
+# sampling, max_tokens, response_format; n and stop are the mesh's own), plus the two sampling
+# extras the mesh offers (vLLM's spelling). Anything else a client sends is not passed on.
+ENGINE_PASSED = frozenset({"logprobs", "top_logprobs", "logit_bias", "top_k", "min_p"})
+
+# llama.cpp's own request fields: from a client they would reach past the mesh's limits
+# (n_predict over max_tokens, ignore_eos, a pinned slot past preemption, a grammar or a sampler
+# chain, cache control), so naming one is a 400 naming it rather than a silent drop.
+LLAMACPP_INTERNAL = frozenset(
     {
-        "model",
-        "messages",
-        "prompt",
-        "stream",
-        "stream_options",
-        "n",
-        "stop",
-        "tools",
-        "tool_choice",
-        "functions",
-        "function_call",
-        "response_format",
-        "max_tokens",
-        "max_completion_tokens",
-        "seed",
-        "temperature",
-        "top_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "user",
+        "n_predict",
+        "ignore_eos",
+        "id_slot",
+        "slot_id",
+        "samplers",
+        "grammar",
+        "grammar_lazy",
+        "grammar_triggers",
+        "preserved_tokens",
+        "json_schema",
+        "n_probs",
+        "cache_prompt",
+        "n_keep",
+        "n_discard",
+        "n_indent",
+        "n_cmpl",
+        "t_max_predict_ms",
+        "t_max_prompt_ms",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "dry_sequence_breakers",
+        "xtc_probability",
+        "xtc_threshold",
+        "typical_p",
+        "typ_p",
+        "top_n_sigma",
+        "dynatemp_range",
+        "dynatemp_exponent",
+        "repeat_last_n",
+        "repeat_penalty",
+        "penalize_nl",
+        "penalty_last_n",
+        "min_keep",
+        "post_sampling_probs",
+        "return_tokens",
+        "return_progress",
+        "timings_per_token",
+        "response_fields",
+        "lora",
+        "chat_template",
+        "chat_template_kwargs",
+        "reasoning_format",
+        "reasoning_budget",
+        "thinking_forced_open",
+        "enable_thinking",
+        "parse_tool_calls",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokens",
+        "input_prefix",
+        "input_suffix",
+        "input_extra",
+        "multimodal_data",
+        "image_data",
+        "id",
     }
 )
 
 
-def _client_fields(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
+def client_fields(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
+    """The client's fields the embedded engine passes to llama.cpp (ENGINE_PASSED); a 400 naming a
+    llama.cpp-internal field (LLAMACPP_INTERNAL) when the client sent one."""
     if not request.openai_json:
         return {}
-    fields: dict[str, Any] = json.loads(request.openai_json)
-    return fields
+    sent: dict[str, Any] = json.loads(request.openai_json)
+    for name in sent:
+        if name in LLAMACPP_INTERNAL:
+            raise invalid_request(
+                f"'{name}' is not a parameter of this API (it is internal to the engine); "
+                "use the OpenAI parameters (max_tokens, stop, response_format, ...).",
+                param=name,
+                code="unsupported_parameter",
+            )
+    passed = {k: v for k, v in sent.items() if k in ENGINE_PASSED}
+    if passed.get("logprobs") is None or passed.get("logprobs") is False:  # none asked: send nothing about them
+        passed.pop("logprobs", None)
+        passed.pop("top_logprobs", None)
+    top_k, min_p = passed.get("top_k"), passed.get("min_p")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000):
+        raise invalid_request("'top_k' must be an integer from 0 to 1000.", param="top_k")
+    if min_p is not None and (not isinstance(min_p, int | float) or isinstance(min_p, bool) or not 0 <= min_p <= 1):
+        raise invalid_request("'min_p' must be a number from 0 to 1.", param="min_p")
+    return passed
 
 
 # How `context` messages (grounding documents) reach a model whose chat template knows no such

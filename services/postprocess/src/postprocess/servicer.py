@@ -36,6 +36,11 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
             for response in responses:
                 yield response
             if session.done:
+                # The answer ended before the generation did (a stop sequence, a guardrail): take
+                # the chunks still on their way until the caller half-closes or cancels, so that its
+                # writes never meet a finished call (which fails the call's last reads too).
+                async for _ in request_iterator:
+                    pass
                 return
         if not session.done:
             raise RagmeshError(ErrorKind.INTERNAL, "generation ended before every choice finished")

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 import orjson
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from postprocess.guardrails import StreamGuard
-from postprocess.stops import StopMatcher
+from postprocess.choice import Choice, Guards
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, postprocess_pb2
 
@@ -40,51 +39,6 @@ class GuardConfig:
     stop_on_block: bool = True
 
 
-@dataclass
-class _Choice:
-    index: int
-    matcher: StopMatcher
-    guard: StreamGuard
-    started: bool = False
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    parts: list[str] = field(default_factory=list)
-    # What engines pass through besides text: tool calls (merged as OpenAI's
-    # SDK does: by index, arguments appended), refusal text, logprobs lists.
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    refusal: str = ""
-    logprobs: dict[str, list[Any]] = field(default_factory=dict)
-    # Legacy completions: characters the logprobs' tokens covered so far (their text_offset).
-    offset: int = 0
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def absorb(self, delta: dict[str, Any], logprobs: dict[str, Any] | None) -> None:
-        for call in delta.get("tool_calls") or []:
-            merged = self.tool_calls.setdefault(
-                int(call.get("index", 0)), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-            )
-            merged["id"] = call.get("id") or merged["id"]
-            merged["type"] = call.get("type") or merged["type"]
-            function = call.get("function") or {}
-            merged["function"]["name"] += function.get("name") or ""
-            merged["function"]["arguments"] += function.get("arguments") or ""
-        self.refusal += delta.get("refusal") or ""
-        for key, values in (logprobs or {}).items():
-            if isinstance(values, list):
-                self.logprobs.setdefault(key, []).extend(values)
-
-    def message_extras(self) -> dict[str, Any]:
-        extras: dict[str, Any] = {}
-        if self.tool_calls:
-            extras["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        if self.refusal:
-            extras["refusal"] = self.refusal
-        return extras
-
-
 def cited_numbers(text: str) -> set[int]:
     return {int(n) for group in _MARKER.findall(text) for n in group.split(",")}
 
@@ -99,10 +53,8 @@ class ProcessSession:
         self._start = start
         # UNSPECIFIED is a chat completion (see ObjectKind).
         self._chat = start.object != postprocess_pb2.OBJECT_KIND_TEXT_COMPLETION
-        self._choices = [
-            _Choice(i, StopMatcher(start.stop), StreamGuard(guards.pii, guards.blocklist, guards.stop_on_block))
-            for i in range(max(1, start.n))
-        ]
+        filters = Guards(tuple(start.stop), tuple(guards.pii), tuple(guards.blocklist), guards.stop_on_block)
+        self._choices = [Choice(i, filters) for i in range(max(1, start.n))]
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self.done = False
@@ -130,7 +82,7 @@ class ProcessSession:
                 out.append(self._chunk(choice.index, {"role": "assistant", "content": ""}, None))
         extras: dict[str, Any] = json.loads(chunk.extra_json) if chunk.extra_json else {}
         finish_override = extras.pop("finish_reason", None)
-        logprobs = extras.pop("logprobs", None)
+        raw_logprobs = extras.pop("logprobs", None)
         echoed = ""
         if not self._chat:
             prompt_logprobs = None
@@ -140,32 +92,23 @@ class ProcessSession:
                 choice.parts.append(echoed)
                 if self._start.echo_tokens:
                     prompt_logprobs = _echo_logprobs(choice, list(self._start.echo_tokens))
-            if isinstance(logprobs, dict) and "content" in logprobs:
-                logprobs = _completion_logprobs(choice, logprobs["content"] or [])
+            if isinstance(raw_logprobs, dict) and "content" in raw_logprobs:
+                raw_logprobs = _completion_logprobs(choice, raw_logprobs["content"] or [])
             if prompt_logprobs is not None:
-                logprobs = _joined(prompt_logprobs, logprobs)
-        choice.absorb(extras, logprobs)
-        text, hit = choice.matcher.push(chunk.text)
-        ending = hit or chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-        if not hit and ending:
-            text += choice.matcher.flush()
-        released = choice.guard.push(text)
-        text = released.text
-        if not released.blocked and ending:
-            tail = choice.guard.flush()
-            text += tail.text
-            released.blocked = tail.blocked
-        if released.blocked:
+                raw_logprobs = _joined(prompt_logprobs, raw_logprobs)
+        ending = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+        text, delta, logprobs, verdict = choice.push(chunk.text, extras, raw_logprobs, ending)
+        if verdict.blocked:
             choice.finish_reason = "content_filter"
-        elif hit:
+        elif verdict.stop:
             choice.finish_reason = "stop"
         elif ending:
             choice.finish_reason = finish_override or FINISH_NAMES.get(chunk.finish_reason, "stop")
         if text:
             choice.parts.append(text)
-        if self._start.stream and (text or extras or logprobs or echoed):
-            delta = {"content": echoed + text} if text or echoed else {}
-            out.append(self._chunk(choice.index, {**delta, **extras}, None, logprobs=logprobs))
+        if self._start.stream and (text or delta or logprobs or echoed):
+            content = {"content": echoed + text} if text or echoed else {}
+            out.append(self._chunk(choice.index, {**content, **delta}, None, logprobs=logprobs))
         if choice.finish_reason is not None:
             self._check_format(choice)
             last = all(c.finish_reason is not None for c in self._choices)
@@ -175,7 +118,7 @@ class ProcessSession:
                 out.extend(self._final())
         return out
 
-    def _check_format(self, choice: _Choice) -> None:
+    def _check_format(self, choice: Choice) -> None:
         """Enforce response_format on a finished answer (a truncated one is left to finish_reason)."""
         kind = self._start.response_format.type
         if kind not in ("json_object", "json_schema") or choice.finish_reason != "stop":
@@ -227,18 +170,7 @@ class ProcessSession:
             self._start.sources.extend(ParseDict(s, postprocess_pb2.Source()) for s in record.get("sources", []))
         out: list[postprocess_pb2.ProcessResponse] = []
         for choice, saved, tokens in zip(self._choices, record["choices"], record["completion_tokens"], strict=False):
-            choice.parts = [saved["text"]]
-            choice.finish_reason = saved["finish_reason"]
-            choice.absorb(
-                {
-                    "tool_calls": [
-                        {**c, "index": i} for i, c in enumerate(saved.get("extras", {}).get("tool_calls", []))
-                    ]
-                },
-                saved.get("logprobs"),
-            )
-            choice.refusal = saved.get("extras", {}).get("refusal", "")
-            choice.completion_tokens = int(tokens)
+            choice.restore(saved, int(tokens))
         if self._start.stream:
             for i, choice in enumerate(self._choices):
                 last = i == len(self._choices) - 1
@@ -373,7 +305,20 @@ class ProcessSession:
         return _dumps(body)
 
 
-def _completion_logprobs(choice: _Choice, content: list[dict[str, Any]]) -> dict[str, list[Any]]:
+def _format_error(detail: str) -> RagmeshError:
+    return RagmeshError(
+        ErrorKind.INTERNAL,
+        f"The model's answer does not satisfy response_format: {detail}.",
+        param="response_format",
+        code="response_format_violation",
+    )
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return orjson.dumps(body).decode()
+
+
+def _completion_logprobs(choice: Choice, content: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Chat-shaped logprobs (llama.cpp gives these for completions too) in the legacy completions
     shape: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset in the choice's text."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -388,7 +333,7 @@ def _completion_logprobs(choice: _Choice, content: list[dict[str, Any]]) -> dict
     return out
 
 
-def _echo_logprobs(choice: _Choice, tokens: list[str]) -> dict[str, list[Any]]:
+def _echo_logprobs(choice: Choice, tokens: list[str]) -> dict[str, list[Any]]:
     """The echoed prompt's tokens: the engine does not score a prompt, so their logprobs are null."""
     return _completion_logprobs(choice, [{"token": t, "logprob": None} for t in tokens])
 
@@ -398,16 +343,3 @@ def _joined(first: dict[str, list[Any]], then: Any) -> Any:
     if not isinstance(then, dict):
         return first
     return {key: first.get(key, []) + list(then.get(key, [])) for key in {*first, *then}}
-
-
-def _format_error(detail: str) -> RagmeshError:
-    return RagmeshError(
-        ErrorKind.INTERNAL,
-        f"The model's answer does not satisfy response_format: {detail}.",
-        param="response_format",
-        code="response_format_violation",
-    )
-
-
-def _dumps(body: dict[str, Any]) -> str:
-    return orjson.dumps(body).decode()

@@ -32,6 +32,11 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._held = ""
 
+    @property
+    def holding(self) -> bool:
+        """Whether text is held back (it may be the start of a stop sequence)."""
+        return bool(self._held)
+
     def push(self, text: str) -> tuple[str, bool]:
         """Add a delta; return (text safe to release, whether a stop sequence was hit)."""
         if not self._stops:

@@ -26,6 +26,7 @@ from preprocess.documents import Chunker, load_tokenizer
 from preprocess.files import FileStore
 from preprocess.ingest import IngestPublisher
 from preprocess.keys import KeyStore
+from preprocess.ownership import CollectionAccess
 from preprocess.queue_depth import QueueDepthMonitor
 from preprocess.reranking import Reranking
 from preprocess.serving.admin import AdminServing
@@ -40,6 +41,7 @@ from preprocess.serving.services import Serving
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import Topology
 from ragmesh.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from ragmesh.grpc_client import use_service_token
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
@@ -99,6 +101,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        use_service_token(settings.service_token)  # every gRPC call to the peers carries it
         clients = MeshClients.connect(settings)
         redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         jobs = JobStore(redis, settings.namespace)
@@ -108,13 +111,14 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         keys = KeyStore(redis, settings.namespace, settings.rate_limit_window)
         forward = ForwardServing(clients, settings)
         reranking = Reranking(clients, settings)
+        access = CollectionAccess(redis, settings.namespace)
         serving = Serving(
             settings=settings,
             clients=clients,
             keys=keys,
-            chat=ChatServing(clients, settings, keys, reranking),
+            chat=ChatServing(clients, settings, keys, reranking, access),
             embeddings=EmbeddingsServing(clients, settings, forward),
-            retrieval=RetrievalServing(clients, settings, publisher, jobs, reranking),
+            retrieval=RetrievalServing(clients, settings, publisher, jobs, reranking, access),
             models=ModelsServing(clients, settings.model_aliases),
             admin=AdminServing(clients, keys),
             forward=forward,
@@ -189,6 +193,8 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         keys=current_keys,
         enabled=settings.auth == "on",
         models_public=settings.models_public,
+        max_in_flight=settings.key_max_in_flight,
+        in_flight_ttl=settings.request_timeout + settings.stream_idle_timeout,
     )
     app.add_middleware(RequestIdMiddleware)
     return app

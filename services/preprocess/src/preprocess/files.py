@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,20 @@ _LIST_CHUNK = 200
 
 
 def not_found(file_id: str) -> RagmeshError:
-    return RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {file_id}.", param="file_id", code="file_not_found")
+    shown = file_id if FILE_ID.fullmatch(file_id) else "(not a file id)"
+    return RagmeshError(ErrorKind.NOT_FOUND, f"No such file: {shown}.", param="file_id", code="file_not_found")
+
+
+# What the mesh names files: file-<letters, digits, _> (uploads: 32 hex digits), a batch's results
+# with -output or -errors: never a dot or a slash, so an id can never name another path.
+FILE_ID = re.compile(r"file-[A-Za-z0-9_]{1,64}(?:-output|-errors)?")
+
+
+def checked(file_id: str) -> str:
+    """`file_id` when it has the mesh's format, else a 404: checked before any path or key is built."""
+    if not FILE_ID.fullmatch(file_id):
+        raise not_found(file_id)
+    return file_id
 
 
 class FileStore:
@@ -39,13 +53,22 @@ class FileStore:
         self._retention = retention
 
     def path(self, file_id: str) -> Path:
-        return self._dir / f"{file_id}.jsonl"
+        return self._dir / f"{checked(file_id)}.jsonl"
+
+    async def stored_bytes(self, owner: str) -> int:
+        """What one key's files take (its uploads and its batches' results): the storage quota's measure."""
+        ids = await self._redis.zrange(self._index(owner), 0, -1)
+        if not ids:
+            return 0
+        names = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        records = await self._redis.mget([self._key(name) for name in names])
+        return sum(int(orjson.loads(r).get("bytes", 0)) for r in records if r)
 
     def temp_path(self, file_id: str) -> Path:
         """Where a file is written before `put_path` renames it into place (same folder, same disk);
         a path of its own per call, so two writers of one file never write into each other's."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        return self._dir / f".{file_id}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self._dir / f".{checked(file_id)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _key(self, file_id: str) -> str:
         return f"{self._prefix}file:{file_id}"
@@ -111,7 +134,7 @@ class FileStore:
         return _public(info)
 
     async def _stored(self, file_id: str, owner: str | None) -> dict[str, Any]:
-        raw = await self._redis.get(self._key(file_id))
+        raw = await self._redis.get(self._key(checked(file_id)))
         info: dict[str, Any] | None = orjson.loads(raw) if raw is not None else None
         if info is None or (owner is not None and info.get("owner") != owner):
             raise not_found(file_id)

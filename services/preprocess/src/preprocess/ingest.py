@@ -132,11 +132,11 @@ class IngestPublisher:
                 )
         return job
 
-    async def submit(self, collection: str, collection_id: str, request: DocumentsRequest) -> Accepted:
+    async def submit(self, collection: str, collection_id: str, request: DocumentsRequest, owner: str = "") -> Accepted:
         job_id = f"job-{uuid.uuid4().hex}"
         job = await asyncio.to_thread(self.build_job, job_id, collection, collection_id, request)
         try:
-            await self._jobs.create(job_id, collection, len(request.documents), len(job.chunks))
+            await self._jobs.create(job_id, collection, len(request.documents), len(job.chunks), owner)
         except (RedisError, OSError) as exc:
             raise RagmeshError(ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.") from exc
         try:

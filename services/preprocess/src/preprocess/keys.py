@@ -84,6 +84,21 @@ return {allowed, refused, tostring(requests), r_full, r_one, tostring(tokens), t
 """
 
 
+# In flight: KEYS[1] the key's sorted set; ARGV[1] request id, ARGV[2] limit, ARGV[3] ttl in ms.
+# Entries older than the ttl (a replica that died mid-request) are dropped first. 1: admitted.
+_ENTER = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: str
@@ -94,6 +109,7 @@ class ApiKey:
     rpm: int  # 0: no limit
     tpm: int
     revoked: bool = False
+    max_in_flight: int = 0  # requests at once; 0: the server's default (RAGMESH_PREPROCESS_KEY_MAX_IN_FLIGHT)
 
     def public(self) -> dict[str, Any]:
         """What the admin API shows: never the secret."""
@@ -106,6 +122,7 @@ class ApiKey:
             "models": list(self.models) or None,
             "rpm": self.rpm or None,
             "tpm": self.tpm or None,
+            "max_in_flight": self.max_in_flight or None,
             "revoked": self.revoked,
         }
 
@@ -133,16 +150,27 @@ class KeyStore:
         self._by_hash = f"{ns}:apikey:"
         self._index = f"{ns}:apikeys"  # id -> hash of the secret
         self._buckets = f"{ns}:ratelimit:"
+        self._in_flight = f"{ns}:inflight:"  # sorted set per key: request id -> admitted at (ms)
         self._script = redis.register_script(_BUCKETS)
+        self._enter = redis.register_script(_ENTER)
 
     async def create(
-        self, name: str, *, expires_in: int | None, models: list[str], rpm: int, tpm: int
+        self,
+        name: str,
+        *,
+        expires_in: int | None,
+        models: list[str],
+        rpm: int,
+        tpm: int,
+        max_in_flight: int = 0,
     ) -> tuple[str, ApiKey]:
         """(the secret, shown this once; the key)."""
         if not name.strip():
             raise invalid_request("A key needs a name.", param="name")
         if rpm < 0 or tpm < 0 or (expires_in is not None and expires_in <= 0):
             raise invalid_request("rpm and tpm must be 0 or more; expires_in more than 0.", param="rpm")
+        if max_in_flight < 0:
+            raise invalid_request("max_in_flight must be 0 or more.", param="max_in_flight")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(
             id=f"key_{uuid.uuid4().hex[:16]}",
@@ -152,6 +180,7 @@ class KeyStore:
             models=tuple(models),
             rpm=rpm,
             tpm=tpm,
+            max_in_flight=max_in_flight,
         )
         digest = _hash(secret)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -159,6 +188,42 @@ class KeyStore:
             pipe.hset(self._index, key.id, digest)
             await pipe.execute()
         return secret, key
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """A key by its id (None when there is no such key)."""
+        found = await self._redis.hget(self._index, key_id)
+        digest = found.decode() if isinstance(found, bytes) else found
+        raw = await self._redis.get(self._by_hash + digest) if digest else None
+        return _key(raw) if raw else None
+
+    async def enter(self, key: ApiKey, request_id: str, limit: int, ttl_seconds: float) -> None:
+        """Count a request in flight for `key` (a 429 with Retry-After past `limit`); `leave` ends it.
+
+        Every preprocess replica counts in the same Redis set; an entry a crashed replica never
+        removed stops counting after `ttl_seconds` (the longest a request may run)."""
+        allowed = await self._enter(keys=[self._in_flight + key.id], args=[request_id, limit, int(ttl_seconds * 1000)])
+        if not int(allowed):
+            RATE_LIMITED.labels(key.name, "in_flight").inc()
+            raise RagmeshError(
+                ErrorKind.RATE_LIMITED,
+                f"Too many requests in flight for this key (at most {limit} at once); retry when one ends.",
+                code="too_many_requests_in_flight",
+                retry_after=1,
+            )
+
+    async def leave(self, key: ApiKey, request_id: str) -> None:
+        await self._redis.zrem(self._in_flight + key.id, request_id)
+
+    async def reserve_tokens(self, key: ApiKey, tokens: int) -> None:
+        """Take what a request may use from the key's token bucket at admission; `settle` at the end."""
+        if key.tpm and tokens > 0:
+            await self._run(key, "charge", tokens)
+
+    async def settle_tokens(self, key: ApiKey, reserved: int, used: int) -> None:
+        """The request ended having used `used` tokens of the `reserved`: the difference goes back."""
+        KEY_TOKENS.labels(key.name).inc(max(0, used))
+        if key.tpm and used != reserved:
+            await self._run(key, "charge", used - reserved)
 
     async def list(self) -> list[ApiKey]:
         digests = await self._redis.hgetall(self._index)

@@ -7,9 +7,11 @@ honour yet are refused with a clear 400 instead of being silently dropped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import jsonschema
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from ragmesh.errors import RagmeshError, invalid_request
@@ -195,11 +197,13 @@ class CreateCollectionRequest(BaseModel):
 
 
 class UpdateCollectionRequest(BaseModel):
-    """PATCH /v1/collections/{name}."""
+    """PATCH /v1/collections/{name}: only the fields sent change."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reranker: StrictStr | None  # null: no default reranker
+    reranker: StrictStr | None = None  # null: no default reranker
+    # Who else may use it: "private" (404 to every other key), "read" (search, RAG), "write" (documents too).
+    shared: Literal["private", "read", "write"] | None = None
 
 
 class SearchRequest(BaseModel):
@@ -262,26 +266,64 @@ def validated(model: type[RequestT], body: Any) -> RequestT:
         raise validation_error(exc) from None
 
 
-def _check_sampling(request: SamplingRequest, max_n: int) -> None:
+@dataclass(frozen=True)
+class RequestBounds:
+    """Limits on what a generation request may ask for (settings of preprocess, safe defaults)."""
+
+    # Characters per stop sequence: each is matched against every delta of every channel.
+    max_stop_chars: int = 256
+    # A response_format schema's JSON size and nesting depth (it is compiled into a grammar).
+    max_schema_bytes: int = 32 * 1024
+    max_schema_depth: int = 16
+    # Guardrails redact or block text in the answers (postprocess's settings): logprobs would
+    # show the tokens they hide, so asking for them is refused.
+    guardrails: bool = True
+
+
+DEFAULT_BOUNDS = RequestBounds()
+
+
+def _check_sampling(request: SamplingRequest, max_n: int, bounds: RequestBounds) -> None:
     stops = request.stop_list()
     if len(stops) > 4:
         raise invalid_request("'stop' accepts at most 4 sequences.", param="stop")
     if any(not s for s in stops):
         raise invalid_request("Stop sequences must not be empty.", param="stop")
+    if any(len(s) > bounds.max_stop_chars for s in stops):
+        raise invalid_request(
+            f"Stop sequences may be at most {bounds.max_stop_chars} characters long.",
+            param="stop",
+            code="stop_too_long",
+        )
     if (request.n or 1) > max_n:
         raise invalid_request(f"'n' must be at most {max_n} on this server.", param="n")
     if request.stream_options is not None and not request.stream:
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 
 
+def _refuse_logprobs(bounds: RequestBounds) -> None:
+    """Logprobs with guardrails on: a redacted token's logprob would tell what was redacted."""
+    if bounds.guardrails:
+        raise invalid_request(
+            "'logprobs' cannot be combined with this server's guardrails (PII redaction or a "
+            "blocklist): the tokens' logprobs would show the text the guardrails hide.",
+            param="logprobs",
+            code="logprobs_with_guardrails",
+        )
+
+
 # Prompts one /v1/completions request may carry (each is a generation of its own).
 MAX_PROMPTS = 64
 
 
-def parse_completion_request(body: Any, max_n: int, max_prompts: int = MAX_PROMPTS) -> CompletionRequest:
+def parse_completion_request(
+    body: Any, max_n: int, max_prompts: int = MAX_PROMPTS, bounds: RequestBounds = DEFAULT_BOUNDS
+) -> CompletionRequest:
     """Validate a legacy completion request (400 on any problem)."""
     request = validated(CompletionRequest, body)
-    _check_sampling(request, max_n)
+    _check_sampling(request, max_n, bounds)
+    if request.logprobs is not None:
+        _refuse_logprobs(bounds)
     prompts = request.prompts()
     if not prompts or any(isinstance(p, list) and not p for p in prompts):
         raise invalid_request("'prompt' must not be empty (a text, a list of texts or of token ids).", param="prompt")
@@ -295,19 +337,25 @@ def parse_completion_request(body: Any, max_n: int, max_prompts: int = MAX_PROMP
 
 
 def parse_chat_request(
-    body: Any, max_n: int, max_data_url_bytes: int = DEFAULT_MAX_DATA_URL_BYTES
+    body: Any,
+    max_n: int,
+    max_data_url_bytes: int = DEFAULT_MAX_DATA_URL_BYTES,
+    bounds: RequestBounds = DEFAULT_BOUNDS,
 ) -> ChatCompletionRequest:
     """Validate a decoded JSON body as a chat completion request (400 on any problem)."""
     request = validated(ChatCompletionRequest, body)
-    _check_sampling(request, max_n)
+    _check_sampling(request, max_n, bounds)
     if request.top_logprobs and not request.logprobs:
         raise invalid_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    if request.logprobs:
+        _refuse_logprobs(bounds)
     fmt = request.response_format
     if fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or not fmt.json_schema.schema_:
             raise invalid_request(
                 "response_format of type 'json_schema' needs json_schema.schema.", param="response_format.json_schema"
             )
+        check_schema_size(fmt.json_schema.schema_, bounds)
         check_json_schema(fmt.json_schema.schema_)
     for i, message in enumerate(request.messages):
         if isinstance(message.content, list):
@@ -320,6 +368,33 @@ def parse_chat_request(
                 code="missing_required_parameter",
             )
     return request
+
+
+def _depth(node: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counted no further than `limit` + 1."""
+    if limit < 0 or not isinstance(node, dict | list):
+        return 0
+    children = node.values() if isinstance(node, dict) else node
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+
+
+def check_schema_size(schema: dict[str, Any], bounds: RequestBounds) -> None:
+    """400 for a response_format schema over the size or depth limits: it becomes a grammar
+    the engine compiles and follows token by token."""
+    param = "response_format.json_schema.schema"
+    size = len(orjson.dumps(schema))
+    if size > bounds.max_schema_bytes:
+        raise invalid_request(
+            f"The JSON schema is {size} bytes; at most {bounds.max_schema_bytes} are accepted.",
+            param=param,
+            code="json_schema_too_large",
+        )
+    if _depth(schema, bounds.max_schema_depth) > bounds.max_schema_depth:
+        raise invalid_request(
+            f"The JSON schema nests deeper than {bounds.max_schema_depth} levels.",
+            param=param,
+            code="json_schema_too_deep",
+        )
 
 
 def check_json_schema(schema: dict[str, Any]) -> None:

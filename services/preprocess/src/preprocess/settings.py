@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
+from preprocess.protocol import RequestBounds
 from ragmesh.settings import ServiceSettings
 
 
@@ -51,6 +52,22 @@ class PreprocessSettings(ServiceSettings):
     max_data_url_bytes: int = 20 * 1024 * 1024
     # Largest n (choices per request) accepted.
     max_n: int = 8
+    # Bounds on what one request may ask for (a 400 beyond): characters per stop sequence,
+    # characters per embedding input on the interactive lane (search embeds on the same lane),
+    # a response_format schema's JSON size and nesting depth.
+    max_stop_chars: int = Field(default=256, ge=1)
+    max_embedding_input_chars: int = Field(default=100_000, ge=1)
+    max_schema_bytes: int = Field(default=32 * 1024, ge=1)
+    max_schema_depth: int = Field(default=16, ge=1)
+    # The guardrails postprocess applies, read from postprocess's own variables (one source):
+    # while any is on, logprobs (which would show the tokens they hide) are refused.
+    guardrail_pii: list[str] = Field(
+        default_factory=lambda: ["email", "phone", "card"],
+        validation_alias=AliasChoices("RAGMESH_POSTPROCESS_PII_REDACTION"),
+    )
+    guardrail_blocklist: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("RAGMESH_POSTPROCESS_BLOCKLIST")
+    )
     # Deadline of retrieval calls (search, collections, embeddings).
     retrieval_timeout: float = 30.0
 
@@ -96,6 +113,8 @@ class PreprocessSettings(ServiceSettings):
     )
     max_file_bytes: int = 30 * 1024 * 1024
     max_file_lines: int = 50_000
+    # Bytes one API key's files (uploads and batch results) may take in all; an upload past it is a 400.
+    max_file_storage_per_key: int = Field(default=1024 * 1024 * 1024, ge=1)
     # Batch lines this replica works on at once. Chat lines beyond the engine's free
     # slots wait in the engine (it admits batch work only into slots interactive
     # traffic leaves free); embedding lines in flight together share one encode, and
@@ -123,6 +142,8 @@ class PreprocessSettings(ServiceSettings):
     queue_metrics_interval: float = Field(default=15.0, ge=0)
     # Length of the per-key rate-limit window: a key's rpm and tpm are per window.
     rate_limit_window: float = Field(default=60.0, gt=0)
+    # Requests one key may have in flight at once (a key's own max_in_flight wins); past it a 429.
+    key_max_in_flight: int = Field(default=32, ge=1)
 
     # Bearer key of the admin API (keys, backends); empty: it is off.
     admin_key: str = ""
@@ -130,3 +151,12 @@ class PreprocessSettings(ServiceSettings):
     # server proxies to it). 0: no admin listener.
     admin_host: str = "127.0.0.1"
     admin_port: int = 8004
+
+    def request_bounds(self) -> RequestBounds:
+        """The bounds generation requests are checked against."""
+        return RequestBounds(
+            max_stop_chars=self.max_stop_chars,
+            max_schema_bytes=self.max_schema_bytes,
+            max_schema_depth=self.max_schema_depth,
+            guardrails=bool(self.guardrail_pii or any(t.strip() for t in self.guardrail_blocklist)),
+        )

@@ -27,7 +27,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct
 
 from ragmesh.errors import ErrorKind, RagmeshError
-from ragmesh.grpc_client import create_channel
+from ragmesh.grpc_client import call_metadata, create_channel
 from ragmesh.v1 import ingest_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval.index import ChunkRecord, Meta, Snapshot, bm25_tokens, embedding_text
 from retrieval.settings import RetrievalSettings
@@ -212,7 +212,7 @@ class CatchUp:
     async def _download(
         self, stub: retrieval_pb2_grpc.RetrievalAsyncStub, name: str
     ) -> tuple[retrieval_pb2.CollectionState, list[retrieval_pb2.ChunkBatch]]:
-        call = stub.ExportCollection(retrieval_pb2.ExportCollectionRequest(name=name))
+        call = stub.ExportCollection(retrieval_pb2.ExportCollectionRequest(name=name), metadata=call_metadata())
         state: retrieval_pb2.CollectionState | None = None
         batches: list[retrieval_pb2.ChunkBatch] = []
         async for part in call:

@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from preprocess.api.deps import AdminDep, model_body, require_admin
+from preprocess.api.deps import AdminDep, RetrievalDep, model_body, require_admin
 from preprocess.api.openapi import errors, request_body
 from preprocess.api.responses import json_response
 from preprocess.serving import schemas
-from preprocess.serving.admin import CreateKeyRequest, SetBackendKeyRequest
+from preprocess.serving.admin import CreateKeyRequest, SetBackendKeyRequest, audited
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)], responses=errors(401, 404, 503))
 
@@ -81,3 +81,13 @@ async def set_backend_key(
 )
 async def revert_backend_key(name: str, admin: AdminDep) -> Response:
     return json_response(await admin.revert_backend_key(name))
+
+
+@router.get(
+    "/v1/admin/collections",
+    summary="Every collection, whoever owns it, with its owner (a key id) and sharing.",
+    response_model=schemas.CollectionList,
+)
+async def list_all_collections(retrieval: RetrievalDep) -> Response:
+    async with audited("collections.list"):
+        return json_response(await retrieval.all_collections())

@@ -10,6 +10,7 @@ handlers (allowed models, token accounting) in the request state.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -28,11 +29,23 @@ OLLAMA_PREFIX = "/api/"
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: Callable[[], KeyStore | None], enabled: bool, models_public: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Callable[[], KeyStore | None],
+        enabled: bool,
+        models_public: bool,
+        max_in_flight: int = 32,
+        in_flight_ttl: float = 600.0,
+    ) -> None:
+        """`max_in_flight`: requests a key may have at once unless it says; `in_flight_ttl`: the
+        longest a request may run (an entry a crashed replica left stops counting then)."""
         self.app = app
         self._keys = keys
         self._enabled = enabled
         self._models_public = models_public
+        self._max_in_flight = max_in_flight
+        self._in_flight_ttl = in_flight_ttl
 
     def _needs_key(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -53,6 +66,9 @@ class AuthMiddleware:
                 raise RagmeshError(ErrorKind.UNAVAILABLE, "The key store is starting; retry shortly.", retry_after=1)
             key = await keys.authenticate(authorization)
             requests, tokens = await keys.admit(key)
+            # One key cannot hold every engine slot: past its limit in flight, a 429.
+            entry = uuid.uuid4().hex
+            await keys.enter(key, entry, key.max_in_flight or self._max_in_flight, self._in_flight_ttl)
         except RagmeshError as err:
             await _send_error(send, err, scope["path"])
             return
@@ -73,7 +89,13 @@ class AuthMiddleware:
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
-        await self.app(scope, receive, send_with_limits)
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            try:
+                await keys.leave(key, entry)
+            except (RedisError, OSError) as exc:  # the entry expires with the longest request time
+                log.warning("in-flight entry not removed: key store unavailable", extra={"error": str(exc)})
 
 
 async def _send_error(send: Send, err: RagmeshError, path: str = "") -> None:

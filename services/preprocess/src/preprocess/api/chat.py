@@ -70,14 +70,16 @@ async def respond(
 ) -> Response:
     """The answer as JSON or SSE; the generation is cancelled if the client leaves first."""
     clock = RequestClock(req.model, endpoint, bool(req.stream))
+    check_model_allowed(key, req.model)
+    # What the request may use is taken at admission: a client that leaves mid-answer has paid.
+    reserved = await chat.reserve(key, req)
     try:
-        check_model_allowed(key, req.model)
         no_cache = "no-cache" in raw_request.headers.get("cache-control", "").lower()
-        opened = chat.answer(req, chat.cacheable(req, no_cache))
+        opened = chat.answer(req, chat.cacheable(req, no_cache), key=key)
         if req.stream:
             answer, cache_state = await until_disconnect(raw_request, opened)
             return StreamingResponse(
-                chat.events(answer, clock, key),
+                chat.events(answer, clock, key, reserved),
                 media_type="text/event-stream",
                 headers={**SSE_HEADERS, CACHE_HEADER: cache_state},
             )
@@ -85,6 +87,7 @@ async def respond(
         answer, cache_state, body = await until_disconnect(raw_request, _collected(opened))
     except RagmeshError as err:
         clock.finished(err.kind.value)
+        await chat.charge(key, None, reserved)  # refused before generating: nothing used
         raise
     clock.finished("ok", answer.usage)
     # Charged once the response is out: the client does not wait for the bookkeeping.
@@ -92,5 +95,5 @@ async def respond(
         body,
         media_type="application/json",
         headers={CACHE_HEADER: cache_state},
-        background=BackgroundTask(chat.charge, key, answer),
+        background=BackgroundTask(chat.charge, key, answer, reserved),
     )

@@ -7,8 +7,7 @@ import logging
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -116,6 +115,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RagmeshError, _ragmesh_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(RedisConnectionError, _store_unavailable)
-    app.add_exception_handler(RedisTimeoutError, _store_unavailable)
+    # Any Redis error (away, slow, loading, read-only, refusing): a dependency down, 503.
+    app.add_exception_handler(RedisError, _store_unavailable)
     app.add_exception_handler(Exception, _unhandled)

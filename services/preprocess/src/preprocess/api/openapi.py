@@ -23,6 +23,7 @@ _BODY_MODELS: dict[str, type[BaseModel]] = {}
 ERROR_DESCRIPTIONS = {
     400: "Invalid request (the parameter is named in error.param)",
     401: "Missing or invalid API key",
+    403: "The key may see the object but not do this (a collection shared read-only)",
     404: "Unknown model, object or URL",
     405: "Method not allowed",
     409: "Conflict with the object's state (exists already, cannot be cancelled)",

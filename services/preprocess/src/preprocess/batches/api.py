@@ -98,6 +98,16 @@ class BatchApi:
                 param="file",
             )
         lines = await asyncio.to_thread(parse_batch_lines, data, self._settings.max_file_lines)
+        if owner is not None:
+            quota = self._settings.max_file_storage_per_key
+            used = await self._files.stored_bytes(owner)
+            if used + len(data) > quota:
+                raise invalid_request(
+                    f"This key's files take {used} bytes; with this one they would pass its quota of {quota} "
+                    "bytes. Delete files it no longer needs (DELETE /v1/files/{id}).",
+                    param="file",
+                    code="storage_quota_exceeded",
+                )
         return await self._files.put(data, filename, purpose, len(lines), owner, now=self._clock())
 
     async def create(self, body: Any, owner: str | None) -> dict[str, Any]:
@@ -137,7 +147,7 @@ class BatchApi:
         }
         await self._store.create(doc, [line.custom_id for line in lines], int(now * 1000))
         try:
-            await self._publish_lines(batch_id, lines)
+            await self._publish_lines(batch_id, lines, owner)
         except Exception as exc:
             # Lines already published find the batch failed and do nothing.
             errors = {"object": "list", "data": [{"code": "queue_unavailable", "message": repr(exc)}]}
@@ -156,7 +166,7 @@ class BatchApi:
         await self._finalizer.maybe_finalize(batch_id)  # every line may have finished already
         return public(await self._store.load(batch_id))
 
-    async def _publish_lines(self, batch_id: str, lines: list[BatchLine]) -> None:
+    async def _publish_lines(self, batch_id: str, lines: list[BatchLine], owner: str | None = None) -> None:
         channel = await self._publisher.get()
         exchange = await channel.get_exchange(Topology(self._settings.namespace).requests_exchange)
         for begin in range(0, len(lines), PUBLISH_WINDOW):
@@ -164,7 +174,7 @@ class BatchApi:
                 *(
                     exchange.publish(
                         aio_pika.Message(
-                            line_body(batch_id, line),
+                            line_body(batch_id, line, owner),
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                             content_type="application/json",
                             message_id=f"{batch_id}/{line.custom_id}",

@@ -68,10 +68,17 @@ def parse_batch_lines(data: bytes, max_lines: int) -> list[BatchLine]:
     return lines
 
 
-def line_body(batch_id: str, line: BatchLine) -> bytes:
-    """The message body of one batch line."""
+def line_body(batch_id: str, line: BatchLine, owner: str | None = None) -> bytes:
+    """The message body of one batch line (`owner`: the id of the key it runs for)."""
     return orjson.dumps(
-        {"v": SCHEMA_VERSION, "batch_id": batch_id, "custom_id": line.custom_id, "url": line.url, "body": line.body}
+        {
+            "v": SCHEMA_VERSION,
+            "batch_id": batch_id,
+            "custom_id": line.custom_id,
+            "url": line.url,
+            "body": line.body,
+            "owner": owner,
+        }
     )
 
 
@@ -83,6 +90,7 @@ class Request:
     body: dict[str, Any]
     batch_id: str | None = None
     custom_id: str | None = None
+    owner: str | None = None  # a batch line's key id (checked and charged like HTTP)
 
 
 class UnreadableError(Exception):
@@ -107,4 +115,5 @@ def decode_request(raw: bytes) -> Request:
     batch_id, custom_id = payload.get("batch_id"), payload.get("custom_id")
     if batch_id is not None and (not isinstance(batch_id, str) or not isinstance(custom_id, str)):
         raise UnreadableError("A batch line needs 'batch_id' and 'custom_id' strings.")
-    return Request(url, body, batch_id, custom_id)
+    owner = payload.get("owner") if batch_id is not None else None
+    return Request(url, body, batch_id, custom_id, owner if isinstance(owner, str) else None)

@@ -31,4 +31,4 @@ class Outcome:
 
 
 # Runs a request once for a message: its outcome, or None when it went to the retry queue.
-Attempt = Callable[[AbstractIncomingMessage, str, dict[str, Any]], Awaitable[Outcome | None]]
+Attempt = Callable[[AbstractIncomingMessage, str, dict[str, Any], str | None], Awaitable[Outcome | None]]

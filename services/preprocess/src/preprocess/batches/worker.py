@@ -27,6 +27,7 @@ from preprocess.batches.finalizer import Finalizer, line_result
 from preprocess.batches.lines import Request, UnreadableError, decode_request
 from preprocess.batches.outcome import LINES, RUNNING, Outcome, Verdict
 from preprocess.batches.store import BatchStore
+from preprocess.keys import KeyStore
 from preprocess.serving.operations import generates
 from preprocess.settings import PreprocessSettings
 from ragmesh.amqp import (
@@ -57,8 +58,8 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
 # How often a running line looks whether its batch was stopped (on any replica).
 CANCEL_CHECK_SECONDS = 1.0
 
-# Runs one request (url, body) through the mesh; returns the response body.
-Runner = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Runs one request (url, body, the id of the key it runs for) through the mesh; returns the response body.
+Runner = Callable[[str, dict[str, Any], str | None], Awaitable[dict[str, Any]]]
 
 
 class StoppedError(Exception):
@@ -92,7 +93,8 @@ class BatchWorker:
         self._clock = clock
         self._topology = Topology(settings.namespace)
         self._generating = asyncio.Semaphore(max(1, settings.batch_generation_workers))
-        self._direct = DirectProtocol(store.redis, settings.namespace, publisher, self.attempt)
+        keys = KeyStore(store.redis, settings.namespace, settings.rate_limit_window) if settings.auth == "on" else None
+        self._direct = DirectProtocol(store.redis, settings.namespace, publisher, self.attempt, keys)
         # Per batch: when its state was last read and the read (shared by all its lines in flight).
         self._stop_reads: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
         self._consumer = SupervisedConsumer(
@@ -199,7 +201,7 @@ class BatchWorker:
             outcome: Outcome | None = Outcome(None, CANCELLED)
         else:
             try:
-                outcome = await self._watched(batch_id, self.attempt(message, request.url, request.body))
+                outcome = await self._watched(batch_id, self.attempt(message, request.url, request.body, request.owner))
             except StoppedError as stop:
                 if stop.reason != "cancelled":
                     if stop.reason == "expired":
@@ -266,14 +268,16 @@ class BatchWorker:
 
     # --- running a request ------------------------------------------------------------------
 
-    async def attempt(self, message: AbstractIncomingMessage, url: str, body: dict[str, Any]) -> Outcome | None:
+    async def attempt(
+        self, message: AbstractIncomingMessage, url: str, body: dict[str, Any], owner: str | None = None
+    ) -> Outcome | None:
         """Run a request once: its outcome, or None when it went to the retry queue for later."""
         try:
             if not generates(url):
-                response = await self._run(url, body)
+                response = await self._run(url, body, owner)
             else:
                 async with self._generating:
-                    response = await self._run(url, body)
+                    response = await self._run(url, body, owner)
         except RagmeshError as err:
             retries = retries_of(message)
             if err.kind not in TRANSIENT:

@@ -62,6 +62,10 @@ class CreateKeyRequest(BaseModel):
     models: list[StrictStr] | None = Field(default=None, description="Models the key may use; none: all.")
     rpm: StrictInt | None = Field(default=None, description="Requests per minute; none or 0: no limit.")
     tpm: StrictInt | None = Field(default=None, description="Tokens per minute; none or 0: no limit.")
+    max_in_flight: StrictInt | None = Field(
+        default=None,
+        description="Requests at once; none or 0: the server's default (RAGMESH_PREPROCESS_KEY_MAX_IN_FLIGHT).",
+    )
 
 
 def check_admin(authorization: str | None, admin_key: str) -> None:
@@ -107,6 +111,7 @@ class AdminServing:
                 models=list(request.models or []),
                 rpm=request.rpm or 0,
                 tpm=request.tpm or 0,
+                max_in_flight=request.max_in_flight or 0,
             )
         return {**key.public(), "key": secret}
 

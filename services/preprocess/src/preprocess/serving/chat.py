@@ -22,9 +22,10 @@ from google.protobuf.json_format import MessageToDict
 from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
-from preprocess.keys import ApiKey, KeyStore
+from preprocess.keys import ApiKey, KeyStore, check_model_allowed
 from preprocess.metrics import RAG_STAGE_SECONDS, RequestClock
 from preprocess.normalize import normalize_text
+from preprocess.ownership import CollectionAccess
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
@@ -145,11 +146,17 @@ def rag_spec(req: SamplingRequest, alias: ModelAlias | None) -> RagSpec | None:
 
 
 def cache_key(
-    req: SamplingRequest, generate: inference_pb2.GenerateRequest, spec: RagSpec | None, retrieved: Retrieved | None
+    req: SamplingRequest,
+    generate: inference_pb2.GenerateRequest,
+    spec: RagSpec | None,
+    retrieved: Retrieved | None,
+    tenant: str | None = None,
 ) -> str:
-    """What makes two requests the same answer: inputs, sampling and (RAG) the collection's version."""
+    """What makes two requests the same answer: the tenant (one key is never answered from
+    another's request), inputs, sampling and (RAG) the collection's version."""
     material: dict[str, Any] = {
-        "v": 2,
+        "v": 3,
+        "tenant": tenant,
         "request": req.model_dump(
             mode="json", exclude_unset=True, by_alias=True, exclude={"rag", "cache", "stream", "stream_options"}
         ),
@@ -179,7 +186,9 @@ class ChatServing:
         settings: PreprocessSettings,
         keys: KeyStore | None = None,
         reranking: Reranking | None = None,
+        access: CollectionAccess | None = None,
     ) -> None:
+        self._access = access
         self._clients = clients
         self._settings = settings
         self._keys = keys
@@ -203,20 +212,52 @@ class ChatServing:
         """Whether the answer may come from (and go to) the response cache."""
         return self._settings.response_cache and req.cache is not False and not no_cache and req.deterministic()
 
-    async def charge(self, key: ApiKey | None, answer: Answer) -> None:
-        """Tokens count against the key's per-minute budget once the answer is done."""
-        if self._keys is None or key is None or answer.usage is None:
-            return
+    def reservation(self, req: SamplingRequest) -> int:
+        """The tokens a request may use: its prompt (bounded from its size: a token is at least
+        one byte of text, plus the template's markers) and its completion limit per choice."""
+        if isinstance(req, ChatCompletionRequest):
+            prompt = sum(len(req.text_of(i).encode()) + 8 for i in range(len(req.messages)))
+        else:
+            assert isinstance(req, CompletionRequest)
+            prompt = len(req.prompt_text().encode())
+        completion = req.completion_limit() or self._settings.rag_completion_reserve
+        return prompt + completion * (req.n or 1)
+
+    async def reserve(self, key: ApiKey | None, req: SamplingRequest) -> int:
+        """Take the request's reservation from the key's token budget at admission (0: nothing taken)."""
+        if self._keys is None or key is None or not key.tpm:
+            return 0
+        tokens = self.reservation(req)
         try:
-            await self._keys.spend_tokens(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
+            await self._keys.reserve_tokens(key, tokens)
+        except (RedisError, OSError) as exc:
+            log.warning("tokens not reserved: key store unavailable", extra={"error": str(exc)})
+            return 0
+        return tokens
+
+    async def charge(self, key: ApiKey | None, answer: Answer | None, reserved: int = 0) -> None:
+        """Settle the reservation once the answer is done: the key pays what the answer used. A
+        request that ended without usage (it failed before generating) pays nothing."""
+        if self._keys is None or key is None:
+            return
+        used = answer.usage.prompt_tokens + answer.usage.completion_tokens if answer and answer.usage else 0
+        try:
+            await self._keys.settle_tokens(key, reserved, used)
         except (RedisError, OSError) as exc:
             log.warning("tokens not charged: key store unavailable", extra={"error": str(exc)})
 
-    async def complete(self, req: SamplingRequest) -> dict[str, Any]:
-        """The whole (non-streamed) response of a batch line or a queued request: batch priority, no stream."""
+    async def complete(self, req: SamplingRequest, key: ApiKey | None = None) -> dict[str, Any]:
+        """The whole (non-streamed) response of a batch line or a queued request: batch priority, no
+        stream; checked against `key`'s models and charged to its token budget like HTTP."""
+        check_model_allowed(key, req.model)
         req = req.model_copy(update={"stream": False, "stream_options": None})
-        answer, _ = await self.answer(req, self.cacheable(req), inference_pb2.PRIORITY_BATCH)
-        body: dict[str, Any] = orjson.loads(await answer.collect())
+        reserved = await self.reserve(key, req)
+        answer: Answer | None = None
+        try:
+            answer, _ = await self.answer(req, self.cacheable(req), inference_pb2.PRIORITY_BATCH, key)
+            body: dict[str, Any] = orjson.loads(await answer.collect())
+        finally:
+            await self.charge(key, answer, reserved)
         return body
 
     async def answer(
@@ -224,11 +265,12 @@ class ChatServing:
         req: SamplingRequest,
         cacheable: bool,
         priority: inference_pb2.Priority.ValueType = inference_pb2.PRIORITY_INTERACTIVE,
+        key: ApiKey | None = None,
     ) -> tuple[Answer, str]:
         """An opened answer (from the cache, or a generation under way) and the cache state."""
         if isinstance(req, CompletionRequest) and len(req.prompts()) > 1:
             # One generation per prompt, joined into one response (see serving.prompts).
-            opened = await opened_all([self.answer(req.one_prompt(p), cacheable, priority) for p in req.prompts()])
+            opened = await opened_all([self.answer(req.one_prompt(p), cacheable, priority, key) for p in req.prompts()])
             states = {state for _, state in opened}
             include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
             joined = MultiPromptAnswer([answer for answer, _ in opened], req.n or 1, include_usage)
@@ -246,6 +288,9 @@ class ChatServing:
             generate = inference_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling_of(req))
             generate.prompt_ids.extend(req.prompt_ids())
         start = to_process_start(req)
+        if spec is not None and self._access is not None:
+            # The request's own `rag` or an alias's binding alike: only a collection the key may read.
+            await self._access.check(spec.collection, key, "read")
         if isinstance(req, CompletionRequest) and req.echo:
             # The client's own prompt, as sent (RAG passages are not echoed).
             start.echo = req.prompt_text()
@@ -258,7 +303,7 @@ class ChatServing:
 
         cache_state = "off"
         if cacheable:
-            start.cache_key = cache_key(req, generate, spec, retrieved)
+            start.cache_key = cache_key(req, generate, spec, retrieved, key.id if key is not None else None)
             if retrieved is not None:
                 start.rag.CopyFrom(retrieved.report)
             cached = CachedAnswer(self._clients, start, self._settings.request_timeout)
@@ -293,9 +338,12 @@ class ChatServing:
         await pipeline.open()
         return pipeline, cache_state
 
-    async def chunks(self, answer: Answer, clock: RequestClock, key: ApiKey | None = None) -> AsyncGenerator[str, None]:
+    async def chunks(
+        self, answer: Answer, clock: RequestClock, key: ApiKey | None = None, reserved: int = 0
+    ) -> AsyncGenerator[str, None]:
         """The answer's stream chunks (OpenAI chunk objects as JSON text) as they come; counted and
-        charged at the end. Raises RagmeshError (counted) when the stream fails or falls silent.
+        charged at the end (the reservation settled to the usage). Raises RagmeshError (counted) when
+        the stream fails or falls silent.
 
         Closing this generator (the client went away) closes the answer, which
         cancels its gRPC calls and frees the engine slot."""
@@ -320,7 +368,8 @@ class ChatServing:
                         first = False
                     yield response.chunk_json
             clock.finished("ok", answer.usage)
-            await self.charge(key, answer)
+            # A client that leaves before this point keeps paying its whole reservation.
+            await self.charge(key, answer, reserved)
         except RagmeshError as err:
             log.warning("stream failed", extra={"kind": err.kind.value, "error": err.message})
             clock.finished(err.kind.value)
@@ -328,9 +377,11 @@ class ChatServing:
         finally:
             await responses.aclose()
 
-    async def events(self, answer: Answer, clock: RequestClock, key: ApiKey | None = None) -> AsyncIterator[bytes]:
+    async def events(
+        self, answer: Answer, clock: RequestClock, key: ApiKey | None = None, reserved: int = 0
+    ) -> AsyncIterator[bytes]:
         """The answer as SSE events, ending in [DONE] (or an error event once the stream started)."""
-        chunks = self.chunks(answer, clock, key)
+        chunks = self.chunks(answer, clock, key, reserved)
         try:
             async for chunk in chunks:
                 yield sse_event(chunk)

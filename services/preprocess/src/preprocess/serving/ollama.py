@@ -247,7 +247,9 @@ def chat_request(body: Any, settings: PreprocessSettings, known: set[str] | None
         openai["stream_options"] = {"include_usage": True}  # the done line's counts
     if req.tools:
         openai["tools"] = req.tools
-    return parse_chat_request({**openai, **_logprobs(req)}, settings.max_n, settings.max_data_url_bytes)
+    return parse_chat_request(
+        {**openai, **_logprobs(req)}, settings.max_n, settings.max_data_url_bytes, settings.request_bounds()
+    )
 
 
 def generate_request(
@@ -272,13 +274,15 @@ def generate_request(
         if req.format:
             raise invalid_request("'format' needs the chat template: leave out 'raw'.", param="format")
         common.setdefault("max_tokens", None)
-        return req, parse_completion_request({**common, "prompt": req.prompt}, settings.max_n)
+        return req, parse_completion_request(
+            {**common, "prompt": req.prompt}, settings.max_n, bounds=settings.request_bounds()
+        )
     messages: list[OllamaMessage] = []
     if req.system:
         messages.append(OllamaMessage(role="system", content=req.system))
     messages.append(OllamaMessage(role="user", content=req.prompt, images=req.images))
     chat = {**common, "messages": _openai_messages(messages), **_logprobs(req)}
-    return req, parse_chat_request(chat, settings.max_n, settings.max_data_url_bytes)
+    return req, parse_chat_request(chat, settings.max_n, settings.max_data_url_bytes, settings.request_bounds())
 
 
 def embed_request(body: Any) -> EmbeddingsRequest:

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from preprocess.keys import ApiKey, check_model_allowed
 from preprocess.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,7 +29,7 @@ from preprocess.protocol import (
 from preprocess.serving import schemas
 from preprocess.serving.services import Serving
 from preprocess.settings import PreprocessSettings
-from ragmesh.errors import invalid_request
+from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 
 Req = TypeVar("Req", bound=BaseModel)
 
@@ -41,8 +42,9 @@ class Operation(Generic[Req]):
     response: type[BaseModel]
     # A decoded JSON body as the validated request (400 naming the parameter).
     parse: Callable[[Any, PreprocessSettings], Req]
-    # The whole (non-streamed) answer at batch priority: what a batch line gets.
-    run: Callable[[Serving, Req], Awaitable[dict[str, Any]]]
+    # The whole (non-streamed) answer at batch priority: what a batch line gets (checked against
+    # the key's models and charged to it, when the line has one).
+    run: Callable[[Serving, Req, ApiKey | None], Awaitable[dict[str, Any]]]
     # Takes an engine slot: batch workers run fewer of these at once.
     generates: bool
 
@@ -52,8 +54,10 @@ CHAT = Operation(
     summary="Chat completion (streamed with `stream: true`; RAG with `rag` or a model alias).",
     request=ChatCompletionRequest,
     response=schemas.ChatCompletionResponse,
-    parse=lambda body, settings: parse_chat_request(body, settings.max_n, settings.max_data_url_bytes),
-    run=lambda serving, request: serving.chat.complete(request),
+    parse=lambda body, settings: parse_chat_request(
+        body, settings.max_n, settings.max_data_url_bytes, settings.request_bounds()
+    ),
+    run=lambda serving, request, key: serving.chat.complete(request, key),
     generates=True,
 )
 EMBEDDINGS = Operation(
@@ -62,7 +66,7 @@ EMBEDDINGS = Operation(
     request=EmbeddingsRequest,
     response=schemas.EmbeddingsResponse,
     parse=lambda body, settings: validated(EmbeddingsRequest, body),
-    run=lambda serving, request: serving.embeddings.create(request),
+    run=lambda serving, request, key: _embed(serving, request, key),
     generates=False,
 )
 COMPLETIONS = Operation(
@@ -70,10 +74,16 @@ COMPLETIONS = Operation(
     summary="Legacy text completion, one prompt per request.",
     request=CompletionRequest,
     response=schemas.CompletionResponse,
-    parse=lambda body, settings: parse_completion_request(body, settings.max_n),
-    run=lambda serving, request: serving.chat.complete(request),
+    parse=lambda body, settings: parse_completion_request(body, settings.max_n, bounds=settings.request_bounds()),
+    run=lambda serving, request, key: serving.chat.complete(request, key),
     generates=True,
 )
+
+
+async def _embed(serving: Serving, request: EmbeddingsRequest, key: ApiKey | None) -> dict[str, Any]:
+    check_model_allowed(key, request.model)
+    return await serving.embeddings.create(request)
+
 
 OPERATIONS: dict[str, Operation[Any]] = {op.url: op for op in (CHAT, EMBEDDINGS, COMPLETIONS)}
 # What a batch line's `url` (and a batch's `endpoint`) may be.
@@ -100,6 +110,17 @@ class OperationRunner:
     def __init__(self, serving: Serving) -> None:
         self._serving = serving
 
-    async def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def __call__(self, url: str, body: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        """`owner`: the id of the key the request runs for (None: auth off); an owner whose key is
+        gone or revoked gets a 401."""
         op = operation(url)
-        return await op.run(self._serving, op.parse(body, self._serving.settings))
+        key = await self._key(owner)
+        return await op.run(self._serving, op.parse(body, self._serving.settings), key)
+
+    async def _key(self, owner: str | None) -> ApiKey | None:
+        if owner is None:
+            return None
+        key = await self._serving.keys.get(owner)
+        if key is None or key.revoked:
+            raise RagmeshError(ErrorKind.AUTHENTICATION, "The batch's API key was revoked.", code="invalid_api_key")
+        return key

@@ -154,6 +154,9 @@ class Collection(_Open):
     index_version: int
     index_type: str
     reranker: str | None = Field(default=None, description="Default reranking model of its searches.")
+    shared: Literal["private", "read", "write"] | None = Field(
+        default=None, description="Who else may use it; null: the operator's, read by every key."
+    )
 
 
 class CollectionList(_Open):
@@ -299,6 +302,7 @@ class ApiKeyObject(_Open):
     models: list[str] | None = None
     rpm: int | None = None
     tpm: int | None = None
+    max_in_flight: int | None = None
     revoked: bool
 
 

@@ -288,7 +288,8 @@ def test_create_drop_a_file_watch_the_job_and_search(watched: Watched, mesh: Mes
     )
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
     lines = [{"id": "glaciers", "title": "Glaciers", "text": "Glaciers are rivers of ice that carve valleys."}]
-    page.set_input_files("#upload-files", files=FilePayload(name="more.jsonl", mimeType="text/plain", buffer=jsonl(lines)))
+    more = FilePayload(name="more.jsonl", mimeType="text/plain", buffer=jsonl(lines))
+    page.set_input_files("#upload-files", files=more)
     for name in ("volcanoes.md", "more.jsonl"):
         status = page.locator(f'#jobs li[data-file="{name}"] .job-status')
         expect(status).to_have_attribute("data-status", "succeeded", timeout=60_000)

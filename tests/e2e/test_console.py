@@ -179,7 +179,7 @@ def test_chat_answer_streams_in_and_grows(watched: Watched, mesh: Mesh, api_key:
           if (a.length) window.lengths.push(a[a.length - 1].textContent.length); })
         .observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true}); }"""
     )
-    ask(page, "Count from one to twenty, in words.", max_tokens=40)
+    ask(page, "Tell me a short story about a cat and a boat.", max_tokens=64)
     finished(page)
     lengths = page.evaluate("window.lengths")
     growing = [n for n in lengths if n > 0]
@@ -402,7 +402,9 @@ def test_every_control_is_labelled_and_reachable_by_keyboard(watched: Watched, m
         .map(e => e.id || e.outerHTML)"""
     )
     assert unlabelled == []
-    # From the top: the skip link first, then the pages, each link shows where focus is.
+    # From the top of a fresh page: the skip link first, then the pages, focus always visible.
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.className") == "skip"
     for name in ("chat", "collections"):
@@ -423,3 +425,47 @@ def test_usable_at_phone_width(watched: Watched, mesh: Mesh, api_key: str, fragm
     for control in page.locator(f"#page-{fragment} button:visible, #page-{fragment} input:visible").all():
         box = control.bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, control.evaluate("e => e.id || e.outerHTML")
+
+
+# --- screenshots (README) ---------------------------------------------------------------------
+
+
+def test_screenshots_of_chat_with_citations_and_collections(
+    watched: Watched, mesh: Mesh, api_key: str, facts: str, tmp_path: Path
+) -> None:
+    """Desktop and phone width. RAGMESH_CONSOLE_SCREENSHOTS=docs makes the README's pictures."""
+    out = Path(os.environ.get("RAGMESH_CONSOLE_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    page = watched.page
+    for name, width, height in (("desktop", 1280, 860), ("phone", 390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        open_console(page, mesh.gateway, api_key)
+        page.wait_for_selector(f'#chat-collection option[value="{facts}"]', state="attached")
+        page.fill("#chat-system", "Answer in one sentence.")
+        page.fill("#chat-topk", "2")
+        ask(page, "What causes ocean tides?", max_tokens=40, collection=facts)
+        finished(page)
+        expect(last_answer(page).locator("button.citation")).to_have_count(2)
+        page.screenshot(path=str(out / f"console-chat-{name}.png"), full_page=True)
+        last_answer(page).locator("button.citation").first.click()
+        expect(page.locator("#passage")).to_be_visible()
+        page.screenshot(path=str(out / f"console-citation-{name}.png"))
+        page.keyboard.press("Escape")
+
+        page.goto(f"{mesh.gateway}/#collections")
+        page.wait_for_selector(f'#search-collection option[value="{facts}"]', state="attached")
+        page.select_option("#upload-collection", facts)
+        note = f"Spring tides are the highest tides; they follow the new and the full moon ({name})."
+        page.set_input_files(
+            "#upload-files", files=FilePayload(name=f"spring-{name}.md", mimeType="text/markdown", buffer=note.encode())
+        )
+        status = page.locator(f'#jobs li[data-file="spring-{name}.md"] .job-status')
+        expect(status).to_have_attribute("data-status", "succeeded", timeout=60_000)
+        page.select_option("#search-collection", facts)
+        page.fill("#search-query", "what moves the sea")
+        page.fill("#search-topk", "3")
+        page.click("#search-form button[type=submit]")
+        expect(page.locator("#search-results li.result")).to_have_count(3)
+        page.screenshot(path=str(out / f"console-collections-{name}.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert len(list(out.glob("console-*.png"))) >= 6

@@ -72,7 +72,9 @@ def api(mesh: Mesh, api_key: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def browser(mesh: Mesh) -> Iterator[Browser]:
+    # After the mesh, so closed before it: while Playwright runs, its loop is this thread's
+    # running loop, and the mesh's teardown (asyncio.run) could not run.
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium package"
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -77,10 +77,24 @@ def mesh(work: Path, replicas: str, threads: int) -> Iterator[Mesh]:
         RAGMESH_GATEWAY_BURST="100000",
         OMP_NUM_THREADS="1",
     )
-    for name in ("GATEWAY", "PREPROCESS_HTTP", "INFERENCE_HTTP", "RETRIEVAL_HTTP", "POSTPROCESS_HTTP"):
+    # Every port its own, the admin listeners' too (8081 and 8004 belong to `make up`).
+    for name in (
+        "GATEWAY",
+        "GATEWAY_ADMIN",
+        "PREPROCESS_HTTP",
+        "PREPROCESS_ADMIN",
+        "INFERENCE_HTTP",
+        "RETRIEVAL_HTTP",
+        "POSTPROCESS_HTTP",
+        "INFERENCE_GRPC",
+        "RETRIEVAL_GRPC",
+        "POSTPROCESS_GRPC",
+    ):
         env[f"RAGMESH_{name}_PORT"] = str(free_port())
-    for name in ("INFERENCE_GRPC", "RETRIEVAL_GRPC", "POSTPROCESS_GRPC"):
-        env[f"RAGMESH_{name}_PORT"] = str(free_port())
+    # Peer addresses follow from the ports above, not from the caller's environment.
+    for peer in ("INFERENCE", "RETRIEVAL", "POSTPROCESS"):
+        env.pop(f"RAGMESH_PREPROCESS_{peer}_ADDR", None)
+    env.pop("RAGMESH_RETRIEVAL_PEERS", None)
     launcher = [sys.executable, str(ROOT / "scripts" / "mesh.py")]
     print(f"starting a mesh: {replicas}, {threads} thread(s) per engine", file=sys.stderr, flush=True)
     subprocess.run([*launcher, "up", "--timeout", "300"], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -109,7 +123,8 @@ def corpus(limit: int) -> tuple[list[dict[str, str]], list[str]]:
 
 def seed(m: Mesh, docs: list[dict[str, str]]) -> None:
     with httpx.Client(base_url=m.v1, timeout=120) as http:
-        http.post("/collections", json={"name": COLLECTION}).raise_for_status()
+        created = http.post("/collections", json={"name": COLLECTION})
+        assert created.status_code == 201, f"creating the collection: {created.status_code} {created.text}"
         job = http.post(f"/collections/{COLLECTION}/documents", json={"documents": docs}).json()["job_id"]
         while (status := http.get(f"/jobs/{job}").json()["status"]) not in ("succeeded", "failed"):
             time.sleep(0.5)

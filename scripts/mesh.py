@@ -497,6 +497,25 @@ def gateway_ready(plan: Plan) -> bool:
         return False
 
 
+def replica_ready(replica: Replica) -> bool:
+    """Whether one replica answers its readiness probe with 200."""
+    try:
+        with urllib.request.urlopen(replica.ready_url, timeout=3) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def not_ready(plan: Plan) -> list[str]:
+    """What is not ready yet: the gateway, and every replica by its program name.
+
+    The gateway's own probe vouches for one preprocess replica only (whichever nginx
+    picked); the mesh is ready when every process of every service is.
+    """
+    waiting = [] if gateway_ready(plan) else ["the gateway"]
+    return waiting + [r.program for service in SERVICES for r in plan.replicas[service] if not replica_ready(r)]
+
+
 def tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -532,9 +551,9 @@ def up(plan: Plan, env: dict[str, str], timeout: float) -> int:
         print("the mesh is already running; waiting until it is ready", flush=True)
     started = time.monotonic()
     try:
-        wait_for(lambda: gateway_ready(plan), timeout, "the gateway")
+        wait_for(lambda: not not_ready(plan), timeout, "the mesh")
     except TimeoutError as exc:
-        print(f"{exc}. Last log lines:", file=sys.stderr)
+        print(f"{exc} ({', '.join(not_ready(plan))}). Last log lines:", file=sys.stderr)
         programs = [r.program for service in SERVICES for r in plan.replicas[service]]
         for name in (*programs, "nginx"):
             print(f"--- {name}\n{tail(plan.log_dir / f'{name}.log')}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -117,10 +118,28 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
         )
     finally:
         stop_mesh(env)
-        # The mesh's queues and exchanges leave the shared broker with it.
-        replica = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+        # The mesh's queues and exchanges leave the shared broker with it (every retrieval
+        # replica's events queues included).
         amqp_url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], (replica,))
+        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], retrieval_replica_ids(run_dir, env))
+
+
+def launcher() -> Any:
+    """scripts/mesh.py as a module (the launcher's own plan: ports, replicas, environments)."""
+    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def retrieval_replica_ids(run_dir: Path, env: dict[str, str]) -> list[str]:
+    """The replica id of every retrieval replica the launcher started (one events queue each)."""
+    mesh = launcher()
+    own = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+    replicas = mesh.make_plan(env, run_dir, running=True).replicas["retrieval"]
+    return [mesh.replica_env(r, str(run_dir)).get("RAGMESH_RETRIEVAL_REPLICA_ID", own) for r in replicas]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""Two replicas of every service: balanced calls, a crash, an empty replica, a rollout under load.
+"""Two replicas of every service: balanced calls, a crash, an empty replica, a preprocess
+replica refusing connections or draining its streams, a rollout under load.
 
 One mesh for the module (RAGMESH_REPLICAS, one engine thread per inference
 replica), started the way `make up` starts it; every request goes through
-nginx with the real openai client unless the test says otherwise.
+nginx with the real openai client unless the test says otherwise. Shared
+helpers (the steady load, metrics readers) are in replicas.py.
 """
 
 from __future__ import annotations
@@ -18,46 +20,33 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import httpx
-import httpx2  # the openai client's own HTTP library
 import openai
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from .conftest import MODEL, ROOT, Mesh, mesh_env, running_mesh
+from .conftest import MODEL, ROOT, mesh_env, running_mesh
+from .replicas import (
+    EMBEDDING_MODEL,
+    SERVICES,
+    Load,
+    Replicated,
+    alive,
+    calls,
+    chat,
+    chat_body,
+    engine_requests,
+    refuses_connections,
+    stream_chat,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
-
-SERVICES = ("inference", "retrieval", "postprocess", "preprocess")
-EMBEDDING_MODEL = "all-MiniLM-L6-v2"
-
-
-@dataclass
-class Replicated:
-    mesh: Mesh
-    # service -> [{"program", "http", "grpc"}], as `make up` wrote run/mesh.json
-    replicas: dict[str, list[dict[str, Any]]]
-
-    def metrics(self, service: str, index: int) -> str:
-        port = self.replicas[service][index]["http"]
-        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-
-    def ready(self, service: str, index: int) -> bool:
-        port = self.replicas[service][index]["http"]
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/v1/health/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def program(self, service: str, index: int) -> str:
-        return str(self.replicas[service][index]["program"])
 
 
 @pytest.fixture(scope="module")
@@ -75,45 +64,6 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicated]
         layout = json.loads((run_dir / "mesh.json").read_text())["replicas"]
         assert {service: len(layout[service]) for service in SERVICES} == dict.fromkeys(SERVICES, 2)
         yield Replicated(mesh, layout)
-
-
-def calls(metrics: str, method: str) -> float:
-    """Calls a gRPC server handled for one method (every status)."""
-    pattern = rf'^ragmesh_grpc_server_requests_total\{{[^}}]*method="/ragmesh\.v1\.{method}"[^}}]*\}} (\S+)$'
-    return sum(float(value) for value in re.findall(pattern, metrics, re.M))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
-        time.sleep(0.2)
-
-
-HELLO: list[Any] = [{"role": "user", "content": "Say hello."}]
-
-
-def chat_body(**extra: Any) -> dict[str, Any]:
-    """A short chat request's HTTP body."""
-    return {"model": MODEL, "messages": HELLO, "max_tokens": 4, **extra}
-
-
-def chat(client: openai.OpenAI, max_tokens: int = 4) -> ChatCompletion:
-    """A short sampled chat answer (never from the response cache)."""
-    return client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens, temperature=0.8)
-
-
-def stream_chat(client: openai.OpenAI, max_tokens: int = 4) -> list[ChatCompletionChunk]:
-    """A short sampled streamed answer, every chunk of it (the client raises on an error event)."""
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=HELLO,
-        max_tokens=max_tokens,
-        temperature=0.8,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    return list(stream)
 
 
 # --- balancing -----------------------------------------------------------------------------
@@ -209,26 +159,21 @@ def test_an_empty_retrieval_replica_catches_up_from_its_peer(replicated: Replica
 # --- a crash ------------------------------------------------------------------------------------
 
 
-def engine_running(replicated: Replicated, index: int) -> float:
-    text = replicated.metrics("inference", index)
-    return sum(float(v) for v in re.findall(r"^ragmesh:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
-
-
 def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(replicated: Replicated) -> None:
     mesh = replicated.mesh
-    client = mesh.openai(timeout=120)
+    client = mesh.openai(timeout=120)  # max_retries=0: a failure is seen as the mesh answered it
     count: list[Any] = [{"role": "user", "content": "Count slowly to one thousand."}]
-    started = threading.Barrier(7)
-    outcomes: list[Any] = [None] * 6
+    # ignore_eos: llama.cpp's own field, passed through: each answer lasts 400 tokens.
+    long: dict[str, Any] = {"model": MODEL, "messages": count, "max_tokens": 400, "temperature": 0.8}
+    long["extra_body"] = {"ignore_eos": True}
+    kinds = ["stream"] * 4 + ["whole"] * 2
+    started = threading.Barrier(kinds.count("stream") + 1)
+    outcomes: list[Any] = [None] * len(kinds)
 
     def stream(slot: int) -> None:
         try:
-            # ignore_eos: llama.cpp's own field, passed through: each stream lasts 400 tokens.
-            chunks = client.chat.completions.create(
-                model=MODEL, messages=count, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
-            )
             first = True
-            for _ in chunks:
+            for _ in client.chat.completions.create(stream=True, **long):
                 if first:
                     started.wait(60)
                     first = False
@@ -236,107 +181,121 @@ def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(repli
         except openai.APIError as exc:
             outcomes[slot] = exc
 
-    threads = [threading.Thread(target=stream, args=(slot,)) for slot in range(6)]
+    def whole(slot: int) -> None:
+        try:
+            reply = client.chat.completions.create(**long)
+            outcomes[slot] = "ok" if reply.choices[0].finish_reason == "length" else reply
+        except openai.APIError as exc:
+            outcomes[slot] = exc
+
+    threads = [
+        threading.Thread(target=stream if kind == "stream" else whole, args=(slot,)) for slot, kind in enumerate(kinds)
+    ]
     for thread in threads:
         thread.start()
     started.wait(60)  # every stream has its first token
+    wait_until(
+        lambda: engine_requests(replicated, 0) + engine_requests(replicated, 1) == len(kinds),
+        60,
+        "every request in an engine",
+    )
     victim = 1
-    in_flight = engine_running(replicated, victim)
-    assert in_flight >= 1 and engine_running(replicated, 0) >= 1, "the streams landed on both replicas"
+    in_flight = engine_requests(replicated, victim)
+    assert in_flight >= 1 and engine_requests(replicated, 0) >= 1, "the requests landed on both replicas"
     program = replicated.program("inference", victim)
     pid = int(mesh.supervisorctl("pid", program))
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not _alive(pid), 10, "the killed process to be gone")
+    wait_until(lambda: not alive(pid), 10, "the killed process to be gone")
     # Every request started after the kill succeeds, on the other replica.
     after = [chat(client) for _ in range(4)]
     assert all(reply.choices[0].message.content is not None for reply in after)
     assert [c for c in stream_chat(client) if c.choices and c.choices[0].finish_reason]
     for thread in threads:
         thread.join(180)
-    failed = [o for o in outcomes if o != "ok"]
-    # Exactly the streams the killed engine was generating failed, each with an error event.
+    failed = [(kinds[slot], o) for slot, o in enumerate(outcomes) if o != "ok"]
+    # Exactly the requests the killed engine held failed: a stream with an error event
+    # after its 200, a whole answer with an OpenAI-shaped 5xx.
     assert len(failed) == in_flight, outcomes
-    for exc in failed:
+    for kind, exc in failed:
         assert isinstance(exc, openai.APIError) and isinstance(exc.body, dict), exc
         assert exc.body["type"] == "server_error" and exc.body["code"] == "service_unavailable", exc.body
+        assert {"message", "type", "param", "code"} <= set(exc.body), exc.body
+        if kind == "whole":
+            assert isinstance(exc, openai.APIStatusError) and exc.status_code == 503, exc
+        else:
+            assert not isinstance(exc, openai.APIStatusError), "a stream fails with an error event, after its 200"
     wait_until(lambda: replicated.ready("inference", victim), 120, "the killed replica restarted by the supervisor")
 
 
-def _alive(pid: int) -> bool:
+# --- a preprocess replica going away ----------------------------------------------------------
+
+
+def restart(replicated: Replicated, service: str, index: int) -> None:
+    """Start a stopped replica again and wait until it is ready."""
+    program = replicated.program(service, index)
+    assert f"{program}: started" in replicated.mesh.supervisorctl("start", program)
+    wait_until(lambda: replicated.ready(service, index), 120, f"{program} back")
+
+
+def test_nginx_passes_a_request_refused_by_a_preprocess_replica_to_the_other(replicated: Replicated) -> None:
+    mesh = replicated.mesh
+    program, port = replicated.program("preprocess", 1), replicated.replicas["preprocess"][1]["http"]
+    error_log = mesh.run_dir / "logs" / "nginx-error.log"
+    logged = error_log.read_text() if error_log.exists() else ""
+    # Stopped without leaving nginx's rotation (a crash, or a pod gone before the
+    # endpoints caught up): its port refuses connections.
+    assert f"{program}: stopped" in mesh.supervisorctl("stop", program)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        assert refuses_connections(port)
+        # No keep-alive: each request opens its connection, so least_conn picks afresh.
+        with httpx.Client(base_url=mesh.v1, timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            for i in range(6):
+                reply = http.post("/embeddings", json={"model": EMBEDDING_MODEL, "input": f"refused {i}"})
+                assert reply.status_code == 200, reply.text
+                assert len(reply.json()["data"][0]["embedding"]) == 384
+        # nginx did try the stopped replica, and passed the POST on (it had not been sent).
+        tried = error_log.read_text()[len(logged) :]
+        assert re.search(rf"Connection refused\) while connecting to upstream.*127\.0\.0\.1:{port}/", tried), tried
+    finally:
+        restart(replicated, "preprocess", 1)
+
+
+def test_sigterm_lets_a_preprocess_replica_finish_its_open_streams(replicated: Replicated) -> None:
+    mesh = replicated.mesh
+    program, port = replicated.program("preprocess", 1), replicated.replicas["preprocess"][1]["http"]
+    body = chat_body(max_tokens=200, temperature=0.8, stream=True, ignore_eos=True)
+    body["stream_options"] = {"include_usage": True}
+    stopped: list[str] = []
+    stopper = threading.Thread(target=lambda: stopped.append(mesh.supervisorctl("stop", program)))
+    try:
+        # Straight to the replica: the SSE stream is open on this very process.
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as http,
+            http.stream("POST", "/chat/completions", json=body) as reply,
+        ):
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            stopper.start()  # SIGTERM, as supervisord (and Kubernetes) stops a process
+            wait_until(lambda: refuses_connections(port), 30, "the replica to stop listening")
+            # It is draining, and the answer is still being generated.
+            held = engine_requests(replicated, 0) + engine_requests(replicated, 1)
+            assert held >= 1, "the stream was over before the replica drained"
+            rest = list(lines)
+        stopper.join(120)
+        assert stopped and f"{program}: stopped" in stopped[0], stopped
+        events = [json.loads(line[6:]) for line in [first, *rest] if line.startswith("data: {")]
+        assert not [event for event in events if "error" in event], events[-3:]
+        assert "data: [DONE]" in rest
+        assert [e for e in events if e["choices"] and e["choices"][0]["finish_reason"] == "length"]
+        assert events[-1]["usage"]["completion_tokens"] == 200
+    finally:
+        if stopper.ident is not None:
+            stopper.join(120)
+        restart(replicated, "preprocess", 1)
 
 
 # --- a rollout under load -------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    """Steady mixed traffic through the gateway until stopped; every outcome recorded."""
-
-    mesh: Mesh
-    stop: threading.Event = field(default_factory=threading.Event)
-    done: Counter[str] = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for work in (self._streams, self._chats, self._searches, self._embeddings):
-            thread = threading.Thread(target=self._loop, args=(work,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(180)
-
-    def _loop(self, work: Callable[[openai.OpenAI, httpx.Client], str]) -> None:
-        # A connection per request: nginx's reload (a preprocess replica in or out of
-        # rotation) closes idle keep-alive connections, and a request written onto one
-        # at that instant is lost in transit. That race belongs to HTTP/1.1 keep-alive
-        # itself (clients retry it: the openai SDK does by default); with retries off
-        # here, it would hide what this test looks for, a request the mesh dropped.
-        client = self.mesh.openai(
-            timeout=120, http_client=openai.DefaultHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0))
-        )
-        http = httpx.Client(base_url=self.mesh.v1, timeout=120, limits=httpx.Limits(max_keepalive_connections=0))
-        while not self.stop.is_set():
-            try:
-                self.done[work(client, http)] += 1
-            except Exception as exc:  # noqa: BLE001 - every failure is the test's business
-                self.failures.append(f"{work.__name__}: {exc!r}")
-            time.sleep(0.05)
-        http.close()
-
-    @staticmethod
-    def _streams(client: openai.OpenAI, http: httpx.Client) -> str:
-        chunks = stream_chat(client, max_tokens=24)
-        # Whole: a finish_reason, then the usage chunk (the client raised on an error event).
-        assert [c for c in chunks if c.choices and c.choices[0].finish_reason], "stream ended without finishing"
-        assert chunks[-1].usage is not None, "stream ended before its usage chunk"
-        return "stream"
-
-    @staticmethod
-    def _chats(client: openai.OpenAI, http: httpx.Client) -> str:
-        reply = chat(client, max_tokens=8)
-        assert reply.choices[0].finish_reason in ("stop", "length")
-        return "chat"
-
-    @staticmethod
-    def _searches(client: openai.OpenAI, http: httpx.Client) -> str:
-        reply = http.post("/search", json={"collection": "rollout", "query": "moon and sea", "top_k": 3})
-        assert reply.status_code == 200 and len(reply.json()["results"]) == 3, reply.text
-        return "search"
-
-    @staticmethod
-    def _embeddings(client: openai.OpenAI, http: httpx.Client) -> str:
-        reply = client.embeddings.create(model=EMBEDDING_MODEL, input=["rolling out", f"at {time.time()}"])
-        assert len(reply.data) == 2 and len(reply.data[0].embedding) == 384
-        return "embedding"
 
 
 def test_rollout_of_every_service_under_load_drops_nothing(replicated: Replicated) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import configparser
+import http.server
 import importlib.util
 import os
+import socket
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -65,3 +69,49 @@ def test_one_replica_keeps_the_single_process_layout(mesh: ModuleType, tmp_path:
     conf.read(mesh.render_supervisord(plan, tmp_path / "nginx.conf", {}))
     assert "program:inference" in conf and "environment" not in conf["program:inference"]
     assert mesh.service_env(plan, {})["RAGMESH_PREPROCESS_INFERENCE_ADDR"] == "127.0.0.1:50051"
+
+
+class _Probe(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the status its server was given."""
+
+    def do_GET(self) -> None:  # http.server calls it by this name
+        self.send_response(self.server.status)  # type: ignore[attr-defined]
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def probes() -> Iterator[dict[int, int]]:
+    """Two real HTTP servers on loopback: status -> port (200 ready, 503 not yet)."""
+    servers = []
+    for status in (200, 503):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Probe)
+        server.status = status  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield {s.status: s.server_address[1] for s in servers}  # type: ignore[attr-defined]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_up_waits_for_every_replica_not_only_the_one_behind_the_gateway(
+    mesh: ModuleType, tmp_path: Path, probes: dict[int, int]
+) -> None:
+    def plan_with(preprocess_1: int) -> object:
+        replicas = {
+            service: [mesh.Replica(service, i, 2, probes[200], None) for i in range(2)] for service in mesh.SERVICES
+        }
+        replicas["preprocess"][1] = mesh.Replica("preprocess", 1, 2, preprocess_1, None)
+        return mesh.Plan(tmp_path, Path(sys.executable), "127.0.0.1", probes[200], {}, replicas)
+
+    assert mesh.not_ready(plan_with(probes[200])) == []
+    # The gateway answers ready (through preprocess-0), preprocess-1 does not yet.
+    assert mesh.gateway_ready(plan_with(probes[503]))
+    assert mesh.not_ready(plan_with(probes[503])) == ["preprocess-1"]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nothing = unused.getsockname()[1]
+    assert mesh.not_ready(plan_with(nothing)) == ["preprocess-1"]  # not listening yet

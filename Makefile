@@ -22,7 +22,7 @@ PYPROJECTS := libs/ragmesh/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: help up down rollout test lint proto buf logs install nginx clean
+.PHONY: help up down rollout test lint proto buf logs install nginx chromium clean
 
 help:
 	@echo "make up     install what is missing, start the mesh, wait until it is ready"
@@ -57,6 +57,13 @@ nginx:
 		(echo "installing nginx with apt-get" && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx \
 		 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx))
 
+# The console's browser tests drive Debian's Chromium (Playwright for Python, from PyPI, with
+# executable_path: Playwright's own browser downloads are never used).
+chromium:
+	@test -x /usr/bin/chromium || \
+		(echo "installing chromium with apt-get" && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium))
+
 up: install
 	$(BIN)/python scripts/mesh.py up
 
@@ -77,7 +84,7 @@ $(BUF):
 buf: $(BUF)
 	scripts/proto-gate
 
-test: install buf
+test: install buf chromium
 	$(BIN)/python -m pytest
 
 lint: $(INSTALL_STAMP) $(PROTO_STAMP)

@@ -281,6 +281,8 @@ def render_nginx(plan: Plan, env: dict[str, str], down: str | None = None) -> Pa
         # The admin server: loopback unless told otherwise, whatever the public listener is.
         "NGINX_ADMIN_LISTEN": f"{env.get('RAGMESH_GATEWAY_ADMIN_HOST', '127.0.0.1')}:{plan.ports['gateway_admin']}",
         "NGINX_PREPROCESS_ADMIN_SERVERS": nginx_servers(plan, down, admin=True),
+        # The web console's static files, served as they are in the checkout (no build step).
+        "NGINX_CONSOLE_DIR": str(ROOT / "console"),
     }
     template = string.Template((ROOT / "nginx" / "nginx.conf.template").read_text())
     conf = nginx_dir / "nginx.conf"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -117,20 +118,28 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
         )
     finally:
         stop_mesh(env)
-        # The mesh's queues and exchanges leave the shared broker with it.
+        # The mesh's queues and exchanges leave the shared broker with it (every retrieval
+        # replica's events queues included).
         amqp_url = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
         delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], retrieval_replica_ids(run_dir, env))
 
 
-def retrieval_replica_ids(run_dir: Path, env: dict[str, str]) -> tuple[str, ...]:
-    """Every retrieval replica's id (each has its own index.events queues), named as the launcher
-    names them: the first as a single replica is, the others <host>-<index>."""
-    first = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
-    try:
-        count = len(json.loads((run_dir / "mesh.json").read_text())["replicas"]["retrieval"])
-    except (OSError, ValueError, KeyError):
-        count = 1
-    return (first, *(f"{socket.gethostname()}-{index}" for index in range(1, count)))
+def launcher() -> Any:
+    """scripts/mesh.py as a module (the launcher's own plan: ports, replicas, environments)."""
+    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def retrieval_replica_ids(run_dir: Path, env: dict[str, str]) -> list[str]:
+    """The replica id of every retrieval replica the launcher started (one events queue each)."""
+    mesh = launcher()
+    own = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+    replicas = mesh.make_plan(env, run_dir, running=True).replicas["retrieval"]
+    return [mesh.replica_env(r, str(run_dir)).get("RAGMESH_RETRIEVAL_REPLICA_ID", own) for r in replicas]
 
 
 @pytest.fixture(scope="session")

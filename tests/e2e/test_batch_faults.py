@@ -9,7 +9,6 @@ counted, read from that Redis), never on a timer.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -26,8 +25,9 @@ import openai
 import pytest
 import redis
 
-from ..conftest import free_port
+from ..conftest import free_port, private_redis_server
 from .conftest import ROOT, Mesh, mesh_env, running_mesh
+from .conftest import launcher as load_launcher
 
 pytestmark = pytest.mark.e2e
 
@@ -35,26 +35,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server of this module's own: the only one a test may pause."""
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert server.poll() is None and time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    client.close()
-    server.terminate()
-    server.wait(10)
+    with private_redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +53,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, private_redis: str) -> Iterat
         yield started
 
 
-def _launcher() -> Any:
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class ExtraReplicas:
     """Preprocess replicas beside the mesh's own: same namespace, Redis and broker, ports of their own."""
@@ -88,7 +61,7 @@ class ExtraReplicas:
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self) -> int:
-        launcher = _launcher()
+        launcher = load_launcher()
         env = launcher.service_env(launcher.make_plan(self.mesh.env, self.mesh.run_dir), self.mesh.env)
         port = free_port()
         env["RAGMESH_PREPROCESS_HTTP_PORT"] = str(port)

@@ -21,7 +21,7 @@ from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval.server import retrieval_service
 from retrieval.settings import RetrievalSettings
 
-from ..conftest import free_port
+from ..conftest import free_port, remember_replica
 from .conftest import serving
 
 
@@ -43,6 +43,7 @@ async def run_replica(
     data_dir: Path, replica_id: str, namespace: str, redis_url: str, amqp_url: str, **overrides: Any
 ) -> AsyncIterator[Replica]:
     port = free_port()
+    remember_replica(namespace, replica_id)  # its events queues leave the broker with the namespace
     settings = RetrievalSettings.model_validate(
         {
             "grpc_port": port,

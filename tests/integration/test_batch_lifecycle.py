@@ -4,6 +4,7 @@ per owner, files, and workers that lose their channel. Time moves by hand (a fak
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from preprocess.batches import api as api_module
+from preprocess.batches import finalizer as finalizer_module
+from preprocess.batches import lines as lines_module
 from preprocess.batches import worker as worker_module
 from ragmesh import amqp
 from ragmesh.errors import RagmeshError
@@ -248,3 +252,34 @@ async def test_workers_that_lose_their_channel_come_back_and_say_so_meanwhile(
         await until(consuming, what="the workers consuming again")
         batch = await wait_final(worker, (await submit(worker, embedding_lines(3)))["id"])
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 3
+
+
+async def test_big_files_are_parsed_and_written_off_the_event_loop(
+    tmp_path: Path,
+    redis_url: str,
+    amqp_url: str,
+    broker: str,
+    clean_redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Up to 50,000 lines / 30 MB: parsing the input (upload, create) and writing the output
+    (finalize) run in worker threads, never on the event loop that serves every other request."""
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[bool]] = {"parse": set(), "write": set()}
+    real_parse, real_write = lines_module.parse_batch_lines, finalizer_module._Sink.write
+
+    def parse(data: bytes, max_lines: int) -> Any:
+        threads["parse"].add(threading.get_ident() == loop_thread)
+        return real_parse(data, max_lines)
+
+    def write(self: Any, custom_ids: list[str], values: list[bytes | None]) -> None:
+        threads["write"].add(threading.get_ident() == loop_thread)
+        real_write(self, custom_ids, values)
+
+    monkeypatch.setattr(api_module, "parse_batch_lines", parse)
+    monkeypatch.setattr(finalizer_module._Sink, "write", write)
+    settings = settings_for(broker, redis_url, amqp_url, tmp_path, batch_workers=2)
+    async with replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner()) as api:
+        batch = await wait_final(api, (await submit(api, embedding_lines(3)))["id"])
+    assert batch["status"] == "completed"
+    assert threads == {"parse": {False}, "write": {False}}, "parsed (upload, create) and written, in threads only"

@@ -287,3 +287,113 @@ async def test_a_direct_request_that_cannot_be_read_is_answered_then_dead_letter
     for answer in answers.values():
         assert answer["v"] == 1 and answer["status_code"] == 400
         assert {"message", "type", "param", "code"} <= set(answer["body"]["error"])
+
+
+async def test_a_redis_timeout_as_create_marks_the_batch_in_progress_does_not_leave_it_stuck(
+    tmp_path: Path, redis_url: str, amqp_url: str, broker: str, clean_redis: aioredis.Redis
+) -> None:
+    """create published every line, then Redis timed out on the validating -> in_progress write:
+    the client is told to retry (a Redis error), the lines run all the same, and the batch must
+    end `completed` once they are done, not wait in `validating` for its completion window."""
+    settings = settings_for(broker, redis_url, amqp_url, tmp_path, batch_workers=4)
+    flaky_api = faulty_redis(redis_url)
+    refused: list[bool] = []
+
+    async def time_out_the_in_progress_write(args: tuple[Any, ...], reply: Any) -> None:
+        if not refused and writes_status(args, "in_progress"):
+            refused.append(True)
+            raise RedisTimeout("injected: Timeout reading from socket")
+
+    flaky_api.before.append(time_out_the_in_progress_write)
+    async with (
+        replica(settings, flaky_api, FakeRunner(), workers=False) as api,
+        replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner()),
+    ):
+        uploaded = await api.upload(embedding_lines(5), "lines.jsonl", "batch", None)
+        with pytest.raises(RedisTimeout):
+            await api.create({"input_file_id": uploaded["id"], "endpoint": "/v1/embeddings"}, None)
+        assert refused, "the fault was injected"
+        [batch_id] = [b["id"] for b in (await api.list(20, None, None))["data"]]
+        done = await wait_final(api, batch_id)
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
+    one_result_each(tmp_path, 5)
+
+
+class HugeNumberRunner(FakeRunner):
+    """Answers line t1 with an integer JSON allows and orjson cannot write (past 64 bits), as an
+    upstream's answer may: storing that line's result raises."""
+
+    async def __call__(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer = await super().__call__(url, body)
+        if body.get("input") == "t1":
+            answer["usage"] = {"prompt_tokens": 2**70}
+        return answer
+
+
+async def test_a_line_whose_handling_raises_fails_alone_and_the_batch_still_ends(
+    tmp_path: Path, redis_url: str, amqp_url: str, broker: str, clean_redis: aioredis.Redis
+) -> None:
+    """A poison line (its handler raised something that is no dependency failure) goes to
+    batch.dead, and its failure is recorded: the batch ends with that line failed instead of
+    waiting in_progress for its completion window."""
+    settings = settings_for(broker, redis_url, amqp_url, tmp_path, batch_workers=2)
+    async with (
+        replica(settings, aioredis.Redis.from_url(redis_url), FakeRunner(), workers=False) as api,
+        replica(settings, aioredis.Redis.from_url(redis_url), HugeNumberRunner()),
+    ):
+        batch = await submit(api, embedding_lines(3))
+        done = await wait_final(api, batch["id"])
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            dead = await channel.get_queue(f"{broker}.batch.dead")
+            found: list[bytes] = []
+
+            async def dead_lettered() -> bool:
+                message = await dead.get(fail=False)
+                if message is not None:
+                    found.append(message.body)
+                    await message.ack()
+                return bool(found)
+
+            await until(dead_lettered, what="the poison line in batch.dead")
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    records = {r["custom_id"]: r for r in one_result_each(tmp_path, 3)}
+    assert records["l1"]["response"]["status_code"] == 500 and records["l1"]["error"]["code"] == "line_failed"
+    assert [orjson.loads(body)["custom_id"] for body in found] == ["l1"]
+
+
+async def test_a_direct_request_whose_handling_raises_is_answered_500_then_dead_lettered(
+    tmp_path: Path, redis_url: str, amqp_url: str, broker: str, clean_redis: aioredis.Redis
+) -> None:
+    """The producer waiting on reply_to hears about a request that broke its handler, too."""
+    settings = settings_for(broker, redis_url, amqp_url, tmp_path, batch_workers=2)
+    async with replica(settings, aioredis.Redis.from_url(redis_url), HugeNumberRunner()) as worker:
+        assert await worker.check() == "ok"
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            exchange = await channel.get_exchange(f"{broker}.requests")
+            request = {"v": 1, "url": "/v1/embeddings", "body": {"model": "m", "input": "t1"}}
+            await exchange.publish(
+                aio_pika.Message(orjson.dumps(request), reply_to=replies.name, correlation_id="c1", message_id="m1"),
+                routing_key="request",
+            )
+            answers: list[dict[str, Any]] = []
+
+            async def answered() -> bool:
+                message = await replies.get(fail=False)
+                if message is not None:
+                    assert message.correlation_id == "c1"
+                    answers.append(orjson.loads(message.body))
+                    await message.ack()
+                return bool(answers)
+
+            await until(answered, what="the reply")
+            dead = await channel.get_queue(f"{broker}.batch.dead")
+            assert await dead.get(timeout=10) is not None
+    assert answers[0]["v"] == 1 and answers[0]["status_code"] == 500
+    assert answers[0]["body"]["error"]["code"] == "line_failed"

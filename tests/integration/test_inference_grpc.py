@@ -57,6 +57,28 @@ async def test_tokenize_counts_the_prompt_the_engine_sees(stub: inference_pb2_gr
     assert reply.max_context == 2048
 
 
+async def test_tokenize_batch_counts_each_input_as_tokenize_does(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
+    conversation = chat("Which sources mention dragons?").chat
+    prompts = ["[1] Dragons\nDragons breathe fire.\n\n", "[2] Cats\nCats purr.\n\n", ""]
+    batch = await stub.TokenizeBatch(
+        inference_pb2.TokenizeBatchRequest(
+            model=MODEL,
+            inputs=[
+                inference_pb2.TokenizeInput(chat=conversation),
+                *(inference_pb2.TokenizeInput(prompt=p) for p in prompts),
+            ],
+        )
+    )
+    one_by_one = [await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, chat=conversation))]
+    one_by_one += [await stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, prompt=p)) for p in prompts]
+    assert list(batch.counts) == [r.count for r in one_by_one]
+    assert batch.counts[1] > batch.counts[2] > 0
+    assert batch.max_context == 2048
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.TokenizeBatch(inference_pb2.TokenizeBatchRequest(model="gpt-nothing", inputs=[]))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_prompt_over_the_context_fails_before_any_chunk(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
     call = stub.Generate(chat("word " * 3000, temperature=0))
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -25,25 +25,27 @@ async def test_accepted_job_is_on_the_durable_queue(redis_url: str, amqp_url: st
     settings = PreprocessSettings(namespace=namespace, redis_url=redis_url, amqp_url=amqp_url)
     publisher = IngestPublisher(settings, Chunker(load_tokenizer(), 16, 4), jobs)
     try:
-        accepted = await publisher.submit("facts", "id-1", documents(*CORPUS))
-        assert accepted.documents == 4 and accepted.chunks > 4  # 16-token chunks split these texts
-        job = await jobs.get(accepted.job_id)
-        assert job is not None and job["status"] == "queued" and job["total"] == accepted.chunks
+        try:
+            accepted = await publisher.submit("facts", "id-1", documents(*CORPUS))
+            assert accepted.documents == 4 and accepted.chunks > 4  # 16-token chunks split these texts
+            job = await jobs.get(accepted.job_id)
+            assert job is not None and job["status"] == "queued" and job["total"] == accepted.chunks
+        finally:
+            await publisher.close()
+        connection = await aio_pika.connect_robust(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(Topology(namespace).ingest_queue, passive=True)
+            message = await queue.get(timeout=5)
+            assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+            body = ingest_pb2.IngestJob.FromString(message.body)
+            assert body.job_id == accepted.job_id and body.collection_id == "id-1"
+            assert {c.document_id for c in body.chunks} == {d[0] for d in CORPUS}
+            assert all(c.title for c in body.chunks)
+            await message.ack()
     finally:
-        await publisher.close()
-    connection = await aio_pika.connect_robust(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(Topology(namespace).ingest_queue, passive=True)
-        message = await queue.get(timeout=5)
-        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-        body = ingest_pb2.IngestJob.FromString(message.body)
-        assert body.job_id == accepted.job_id and body.collection_id == "id-1"
-        assert {c.document_id for c in body.chunks} == {d[0] for d in CORPUS}
-        assert all(c.title for c in body.chunks)
-        await message.ack()
-    await delete_topology(amqp_url, namespace)
-    await redis.aclose()
+        await delete_topology(amqp_url, namespace)  # a failed run leaves nothing on the broker either
+        await redis.aclose()
 
 
 async def test_broker_down_is_503_and_leaves_no_job(redis_url: str) -> None:

@@ -6,17 +6,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aio_pika
 import grpc
 import numpy as np
 import pytest
 import torch
 from sentence_transformers import CrossEncoder
 
-from ragmesh.amqp import Topology
 from ragmesh.v1 import common_pb2, retrieval_pb2
 
-from ..conftest import unique_namespace
+from ..conftest import delete_topology, unique_namespace
 from ..rerank_models import TINY_MAX_LENGTH, build_tiny_cross_encoder
 from .retrieval_harness import Replica, run_replica
 
@@ -47,13 +45,7 @@ async def replica(
         ) as running:
             yield running
     finally:
-        connection = await aio_pika.connect(amqp_url)
-        async with connection, connection.channel() as channel:
-            topology = Topology(namespace)
-            for queue in (topology.index_events_queue("r"), topology.ingest_queue, topology.ingest_dead_queue):
-                await channel.queue_delete(queue)
-            for exchange in (topology.index_events_exchange, topology.ingest_dead_exchange):
-                await channel.exchange_delete(exchange)
+        await delete_topology(amqp_url, namespace)
 
 
 async def test_the_cross_encoder_orders_by_its_own_scores(replica: Replica, tiny_model: Path) -> None:

@@ -53,7 +53,7 @@ def test_same_document_again_replaces_its_chunks(empty: Snapshot) -> None:
     )
     snap = snap.with_chunks(records("a", ["new text"]), unit_vectors(1, 2), PARAMS, version=2, job_id="j2")
     assert sorted(c.text for c in snap.chunks) == ["new text", "three"]
-    assert snap.faiss_index.ntotal == 2 and len(snap.vectors) == 2
+    assert len(snap.vectors) == 2 and len(snap.chunks) == 2
     assert snap.documents == 2
 
 
@@ -62,26 +62,31 @@ def test_hnsw_past_the_threshold(empty: Snapshot) -> None:
     snap = empty.with_chunks(
         records("a", [f"t{i}" for i in range(8)]), unit_vectors(8, 3), small, version=1, job_id="j1"
     )
-    assert snap.index_type == "flat"
+    assert snap.index_type == "flat" and not snap.needs_hnsw(small)
     snap = snap.with_chunks(
         records("b", [f"u{i}" for i in range(8)]), unit_vectors(8, 4), small, version=2, job_id="j2"
     )
-    assert snap.index_type == "hnsw" and snap.faiss_index.ntotal == 16
+    # Past the threshold the graph is built in the background (the store's HnswBuilder), not by the job.
+    assert snap.index_type == "flat" and snap.needs_hnsw(small)
+    snap = snap.with_hnsw(snap.build_hnsw(small))
+    assert snap.index_type == "hnsw" and snap.hnsw is not None and snap.hnsw.index.ntotal == 16
+    assert not snap.needs_hnsw(small)
 
 
 def test_save_and_load_round_trip(empty: Snapshot, tmp_path: Path) -> None:
     vectors = unit_vectors(2, 5)
     snap = empty.with_chunks(records("a", ["alpha beta", "gamma delta"]), vectors, PARAMS, version=3, job_id="j9")
-    snap.save(tmp_path / "c")
+    snap = snap.save(tmp_path / "c")
     loaded = Snapshot.load(tmp_path / "c", PARAMS)
     assert loaded is not None
-    assert loaded.meta == snap.meta
+    assert loaded.meta == snap.meta and loaded.saved == snap.saved
     assert loaded.chunks == snap.chunks
     assert np.array_equal(loaded.vectors, snap.vectors)
     assert loaded.dense(vectors[1], 1)[0][0] == 1
     assert [p for p, _ in loaded.sparse(bm25_tokens(["gamma"])[0], 2)] == [1]
-    # Only the live version is left on disk.
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["CURRENT", "v3"]
+    # Only the live generation is left on disk.
+    assert snap.saved is not None
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["CURRENT", snap.saved.generation]
 
 
 def test_a_folder_without_current_loads_as_nothing(tmp_path: Path) -> None:

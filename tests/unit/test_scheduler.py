@@ -2,7 +2,8 @@
 slots, batch preemption, and waiters woken when a slot frees or the reserve window ends."""
 
 import asyncio
-import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -89,27 +90,71 @@ async def test_a_batch_waiter_wakes_when_a_slot_is_vacated() -> None:
     await asyncio.wait_for(waiter, 5)
 
 
-async def test_a_batch_waiter_wakes_when_the_reserve_window_ends_with_no_slot_released() -> None:
+class FakeTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose time is the test's clock: the scheduler's timer fires when the test
+    moves the clock past it, never because real time passed."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self._fake = clock
+
+    def time(self) -> float:
+        return self._fake.now
+
+
+def on_fake_time(test: Callable[[Clock], Coroutine[Any, Any, None]]) -> None:
+    clock = Clock()
+    loop = FakeTimeLoop(clock)
+    try:
+        loop.run_until_complete(test(clock))
+    finally:
+        loop.close()
+
+
+async def turns(n: int = 5) -> None:
+    """Let the loop run its ready callbacks and due timers a few times (no real time passes)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_a_batch_waiter_wakes_when_the_reserve_window_ends_with_no_slot_released() -> None:
     """Interactive traffic reserved the free slot; nothing finishes. When the window ends the slot
     is batch's: the waiter must get it then, not at the next release (there may be none)."""
-    slots = SlotScheduler(2, 64, 1, 0.05, time.monotonic)
-    slots.occupy(batch=True)
-    slots.interactive_arrived()
-    assert slots.batch_room() == 0
-    await asyncio.wait_for(slots.wait_for_batch_room(), 5)
-    assert slots.batch_room() == 1
+
+    async def run(clock: Clock) -> None:
+        slots = scheduler(1, n_parallel=2, window=5.0, clock=clock)
+        slots.occupy(batch=True)
+        slots.interactive_arrived()
+        assert slots.batch_room() == 0
+        waiter = asyncio.ensure_future(slots.wait_for_batch_room())
+        await turns()
+        clock.now += 4.9
+        await turns()
+        assert not waiter.done(), "the window is not over yet"
+        clock.now += 0.1
+        await turns()
+        assert waiter.done() and slots.batch_room() == 1
+
+    on_fake_time(run)
 
 
-async def test_the_window_extended_by_new_traffic_keeps_the_waiter_waiting_until_it_ends() -> None:
-    slots = SlotScheduler(2, 64, 1, 0.05, time.monotonic)
-    slots.occupy(batch=True)
-    slots.interactive_arrived()
-    waiter = asyncio.ensure_future(slots.wait_for_batch_room())
-    await asyncio.sleep(0.03)
-    slots.interactive_arrived()  # the window starts again
-    await asyncio.sleep(0.03)
-    assert not waiter.done() and slots.batch_room() == 0
-    await asyncio.wait_for(waiter, 5)
+def test_the_window_extended_by_new_traffic_keeps_the_waiter_waiting_until_it_ends() -> None:
+    async def run(clock: Clock) -> None:
+        slots = scheduler(1, n_parallel=2, window=5.0, clock=clock)
+        slots.occupy(batch=True)
+        slots.interactive_arrived()
+        waiter = asyncio.ensure_future(slots.wait_for_batch_room())
+        await turns()
+        clock.now += 3.0
+        slots.interactive_arrived()  # the window starts again: it now ends 5 s from here
+        clock.now += 2.0  # the first window's end: its timer fires, the waiter looks and waits on
+        await turns()
+        assert not waiter.done() and slots.batch_room() == 0
+        clock.now += 3.0
+        await turns()
+        assert waiter.done() and slots.batch_room() == 1
+
+    on_fake_time(run)
 
 
 def test_admission_past_the_limit_is_overload() -> None:

@@ -40,6 +40,15 @@ TTFT = Histogram(
     "Engine time from request to first token",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# The engine's own timers (llama.cpp's `timings`) of each finished choice: reading the
+# prompt, and writing the completion. What the mesh adds is measured against them.
+_MODEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+PREFILL_SECONDS = Histogram(
+    "ragmesh_inference_prefill_seconds", "Engine time reading the prompt", buckets=_MODEL_BUCKETS
+)
+DECODE_SECONDS = Histogram(
+    "ragmesh_inference_decode_seconds", "Engine time generating the completion", buckets=_MODEL_BUCKETS
+)
 
 FINISH_REASONS: dict[str, common_pb2.FinishReason.ValueType] = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -69,6 +78,8 @@ class _ChoiceState:
     cached_tokens: int = 0
     finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
     error: RagmeshError | None = None
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
 
 
 def _engine_error(payload: dict[str, Any]) -> RagmeshError:
@@ -174,7 +185,10 @@ class LlamaCppEngine:
 
     # --- tokens -----------------------------------------------------------------
 
-    async def count_tokens(self, request: inference_pb2.TokenizeRequest | inference_pb2.GenerateRequest) -> list[int]:
+    async def count_tokens(
+        self,
+        request: inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest,
+    ) -> list[int]:
         """Token ids of the prompt exactly as the engine will see it (chat template applied)."""
         assert self._http is not None, "engine not loaded"
         if request.WhichOneof("input") == "chat":
@@ -268,6 +282,8 @@ class LlamaCppEngine:
                 state.prompt_tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
                 state.cached_tokens = timings.get("cache_n", 0)
                 state.completion_tokens = timings.get("predicted_n", state.completion_tokens)
+                state.prompt_ms = timings.get("prompt_ms", state.prompt_ms)
+                state.predicted_ms = timings.get("predicted_ms", state.predicted_ms)
             usage = chunk.get("usage")
             if usage:
                 state.prompt_tokens = usage.get("prompt_tokens", state.prompt_tokens)
@@ -306,6 +322,8 @@ class LlamaCppEngine:
                 return
             if not cancelled.is_set():
                 TOKENS_GENERATED.inc(state.completion_tokens)
+                PREFILL_SECONDS.observe(state.prompt_ms / 1000)
+                DECODE_SECONDS.observe(state.predicted_ms / 1000)
                 PROMPT_TOKENS.inc(state.prompt_tokens - state.cached_tokens)
                 emit(
                     common_pb2.GenerationChunk(

@@ -36,6 +36,14 @@ REQUESTS = Counter(
     "Chat, legacy completion and rerank requests by outcome",
     ["model", "endpoint", "stream", "status"],
 )
+# RAG's own stages as preprocess sees them: the search call (query embedding and search in
+# retrieval, reranking when asked), and fitting the passages into the prompt (token counts).
+RAG_STAGE_SECONDS = Histogram(
+    "ragmesh_preprocess_rag_stage_seconds",
+    "Time of a RAG stage",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5),
+)
 PROMPT_TOKENS = Counter("ragmesh:prompt_tokens_total", "Prompt tokens of finished requests (from usage)", ["model"])
 GENERATION_TOKENS = Counter(
     "ragmesh:generation_tokens_total", "Completion tokens of finished requests (from usage)", ["model"]

@@ -125,6 +125,24 @@ class RagPlanner:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
+    async def _count_many(self, model: str, inputs: list[inference_pb2.TokenizeInput]) -> tuple[list[int], int]:
+        """(tokens of each input, the model's context) in one TokenizeBatch call; an inference
+        replica that predates it (UNIMPLEMENTED) is asked one Tokenize call per input."""
+        request = inference_pb2.TokenizeBatchRequest(model=model, inputs=inputs)
+        try:
+            reply = await self._clients.inference.TokenizeBatch(request, timeout=10, metadata=call_metadata())
+            return list(reply.counts), reply.max_context
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise from_rpc_error(exc) from None
+        replies = await asyncio.gather(
+            *(
+                self._count(model, list(i.chat.messages)) if i.HasField("chat") else self._count(model, prompt=i.prompt)
+                for i in inputs
+            )
+        )
+        return [r.count for r in replies], replies[0].max_context if replies else 0
+
     async def retrieve(self, messages: list[common_pb2.ChatMessage], spec: RagSpec) -> Retrieved:
         """Search the collection for the conversation (a failure follows spec.on_error)."""
         report = postprocess_pb2.RagReport(collection=spec.collection, rerank="off")
@@ -192,23 +210,25 @@ class RagPlanner:
     ) -> tuple[list[common_pb2.ChatMessage], list[retrieval_pb2.SearchHit], int]:
         """Best passages first, as many as fit; (messages, passages used, tokens they added)."""
         passages = [format_passage(i + 1, hit) for i, hit in enumerate(hits)]
-        plain, bare, *sizes = await asyncio.gather(
-            self._count(model, messages),
-            self._count(model, with_sources(messages, [])),
-            *(self._count(model, prompt=p + "\n\n") for p in passages),
-        )
-        budget = plain.max_context - (max_tokens or self._completion_reserve)
-        total = bare.count
+        # One call for the conversation without and with the (empty) sources block and each passage.
+        inputs = [
+            inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=messages)),
+            inference_pb2.TokenizeInput(chat=inference_pb2.ChatInput(messages=with_sources(messages, []))),
+            *(inference_pb2.TokenizeInput(prompt=p + "\n\n") for p in passages),
+        ]
+        (plain, bare, *sizes), max_context = await self._count_many(model, inputs)
+        budget = max_context - (max_tokens or self._completion_reserve)
+        total = bare
         chosen: list[int] = []
         for i, size in enumerate(sizes):
-            if total + size.count <= budget:
+            if total + size <= budget:
                 chosen.append(i)
-                total += size.count
+                total += size
         while True:
             # Renumber so that the sources the model sees are [1]..[n] in rank order.
             used = [hits[i] for i in chosen]
             fitted = with_sources(messages, [format_passage(n + 1, h) for n, h in enumerate(used)])
             exact = (await self._count(model, fitted)).count
             if exact <= budget or not chosen:
-                return fitted, used, max(0, exact - plain.count)
+                return fitted, used, max(0, exact - plain)
             chosen.pop()  # token boundaries merge differently once joined: drop the weakest

@@ -1,60 +1,79 @@
-"""One collection's searchable state: chunk store, FAISS index, BM25 index.
+"""One collection's searchable state: chunks, vectors, BM25 postings and, past a size, an HNSW graph.
 
 A `Snapshot` is immutable once built: a change builds a new snapshot (in a
 worker thread) and the collection swaps its reference, so searches running in
-other threads never see a half-applied change. Snapshots are saved under
-`<data_dir>/<collection>/v<version>/` (written to a temporary folder, then
-renamed) and `CURRENT` names the live one (also replaced by rename), so a crash
-leaves either the old or the new state on disk, never a mix.
+other threads never see a half-applied change. Snapshots of one lineage share
+an append-only `ChunkLog` (retrieval/chunk_log.py) and each sees its first `n`
+rows, so adding a job costs O(job), whatever the collection holds.
+
+Dense search is exact (FAISS brute-force inner product over the rows) up to
+`hnsw_threshold` chunks. Past it an HNSW graph over the first rows is built in
+the background (`with_hnsw`, run by the store) and searched together with the
+rows added since, which stay exact; the graph is rebuilt over every row once
+that tail passes a tenth of it. Removing chunks (a document ingested again)
+starts a new log, as a full rebuild does. Files: retrieval/index_files.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import bm25s
 import faiss
 import numpy as np
 import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
 
-from ragmesh.durable import fsync_dir, write_atomic
+from retrieval.chunk_log import ChunkLog, ChunkRecord, ChunkView
+
+__all__ = ["ChunkRecord", "HnswBase", "IndexParams", "Meta", "SavedState", "Snapshot", "bm25_tokens", "embedding_text"]
 
 _STEMMER = Stemmer.Stemmer("english")
 
+# An HNSW graph is rebuilt once the rows added since it was built pass this many,
+# and a tenth of the graph's own rows.
+HNSW_MIN_TAIL = 2000
+
+
+# What bm25s.tokenize(stopwords="en", stemmer=_STEMMER) makes, without its cost per call (a
+# job is tokenized alone, so per-call work would grow with the number of jobs): the same
+# split, stop words and stems, with stems remembered across calls.
+_SPLIT = re.compile(r"(?u)\b\w\w+\b").findall
+_STOPWORDS = frozenset(STOPWORDS_EN)
+_STEMS: dict[str, str] = {}
+_STEMS_MAX = 1_000_000
+_STEMMER_LOCK = threading.Lock()  # a PyStemmer object is not thread-safe
+
 
 def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    """Lower-cased, English stop words removed, Snowball-stemmed tokens."""
-    return list(bm25s.tokenize(list(texts), stopwords="en", stemmer=_STEMMER, return_ids=False, show_progress=False))
+    """Lower-cased, English stop words removed, Snowball-stemmed tokens (bm25s's tokenizer)."""
+    split = []
+    unknown: set[str] = set()
+    for text in texts:
+        kept = [w for w in _SPLIT(text.lower()) if w not in _STOPWORDS]
+        split.append(kept)
+        unknown.update(w for w in kept if w not in _STEMS)
+    fresh: dict[str, str] = {}
+    if unknown:
+        ordered = list(unknown)
+        with _STEMMER_LOCK:
+            fresh = dict(zip(ordered, _STEMMER.stemWords(ordered), strict=True))
+        if len(_STEMS) > _STEMS_MAX:
+            _STEMS.clear()
+        _STEMS.update(fresh)
+    return [[fresh[w] if w in fresh else _stem(w) for w in words] for words in split]
 
 
-@dataclass(frozen=True)
-class ChunkRecord:
-    chunk_id: str
-    document_id: str
-    title: str
-    text: str
-    metadata: dict[str, Any]
-    tokens: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "chunk_id": self.chunk_id,
-            "document_id": self.document_id,
-            "title": self.title,
-            "text": self.text,
-            "metadata": self.metadata,
-            "tokens": self.tokens,
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> ChunkRecord:
-        return cls(raw["chunk_id"], raw["document_id"], raw["title"], raw["text"], raw["metadata"], raw["tokens"])
+def _stem(word: str) -> str:
+    stem = _STEMS.get(word)
+    if stem is None:  # dropped by a clear() in another thread meanwhile
+        with _STEMMER_LOCK:
+            stem = _STEMMER.stemWord(word)
+    return stem
 
 
 def embedding_text(title: str, text: str) -> str:
@@ -91,24 +110,60 @@ class Meta:
             "dimensions": self.dimensions,
         }
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Meta:
+        return cls(
+            name=raw["name"],
+            id=raw["id"],
+            created=raw["created"],
+            version=raw["version"],
+            applied_jobs=tuple(raw["applied_jobs"]),
+            dimensions=raw["dimensions"],
+        )
+
+
+@dataclass(frozen=True)
+class HnswBase:
+    """An HNSW graph over the first `rows` rows of a log (read-only once built)."""
+
+    index: Any
+    rows: int
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What of a snapshot's lineage is on disk: a generation folder holding its first `rows` rows."""
+
+    generation: str
+    rows: int
+    chunk_bytes: int  # of chunks.jsonl that count (what a crash left past them does not)
+    hnsw_rows: int = 0  # rows the graph saved in the folder covers (0: none saved)
+    meta: Meta | None = None  # the state saved with them
+
 
 @dataclass(frozen=True)
 class Snapshot:
     meta: Meta
-    chunks: tuple[ChunkRecord, ...] = ()
-    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-    faiss_index: Any = None
-    bm25: Any = None
+    log: ChunkLog | None = None
+    n: int = 0
+    total_length: float = 0.0  # BM25 tokens in the first n chunks
+    documents: int = 0
+    hnsw: HnswBase | None = None
+    saved: SavedState | None = None
 
     @property
-    def documents(self) -> int:
-        return len({c.document_id for c in self.chunks})
+    def chunks(self) -> Sequence[ChunkRecord]:
+        return ChunkView(self.log.chunks, self.n) if self.log is not None else ()
+
+    @property
+    def vectors(self) -> np.ndarray:
+        if self.log is None:
+            return np.zeros((0, self.meta.dimensions), dtype=np.float32)
+        return self.log.vectors(self.n)
 
     @property
     def index_type(self) -> str:
-        if self.faiss_index is None:
-            return "flat"
-        return "hnsw" if isinstance(self.faiss_index, faiss.IndexHNSWFlat) else "flat"
+        return "hnsw" if self.hnsw is not None else "flat"
 
     # --- building -------------------------------------------------------------
 
@@ -121,133 +176,136 @@ class Snapshot:
         version: int,
         job_id: str,
     ) -> Snapshot:
-        """A snapshot with `new_chunks` added; chunks of the same documents already present are replaced."""
-        replaced = {c.document_id for c in new_chunks}
-        keep = [i for i, c in enumerate(self.chunks) if c.document_id not in replaced]
+        """A snapshot with `new_chunks` added; chunks of the same documents already present are replaced.
+
+        Appending (no document replaced) costs O(job); replacing rebuilds the log from what is kept.
+        """
+        del params  # the HNSW graph is built in the background (needs_hnsw / with_hnsw)
+        new_vectors = np.ascontiguousarray(new_vectors, dtype=np.float32)
         dims = new_vectors.shape[1] if len(new_vectors) else self.meta.dimensions
-        old_vectors = self.vectors if len(self.vectors) else np.zeros((0, dims), dtype=np.float32)
-        if len(keep) == len(self.chunks):
-            chunks = (*self.chunks, *new_chunks)
-            vectors = np.concatenate([old_vectors, new_vectors]) if len(new_vectors) else old_vectors
-            faiss_index = _extend_faiss(self.faiss_index, vectors, new_vectors, params)
-        else:  # some documents replaced: rebuild from what is kept
-            chunks = (*(self.chunks[i] for i in keep), *new_chunks)
-            vectors = np.concatenate([old_vectors[keep], new_vectors])
-            faiss_index = _build_faiss(vectors, params)
         meta = replace(
-            self.meta,
-            version=version,
-            applied_jobs=(*self.meta.applied_jobs, job_id)[-1000:],
-            dimensions=dims,
+            self.meta, version=version, applied_jobs=(*self.meta.applied_jobs, job_id)[-1000:], dimensions=dims
         )
-        return Snapshot(meta, chunks, vectors, faiss_index, _build_bm25(chunks))
+        replaced = {c.document_id for c in new_chunks}
+        log = self.log
+        if log is not None and any(log.has_document(d, self.n) for d in replaced):
+            kept = [c for c in self.chunks if c.document_id not in replaced]
+            keep_rows = [i for i, c in enumerate(self.chunks) if c.document_id not in replaced]
+            vectors = np.concatenate([self.vectors[keep_rows], new_vectors])
+            return Snapshot.build(meta, [*kept, *new_chunks], vectors)
+        if not len(new_chunks):
+            return replace(self, meta=meta)
+        if log is None or log.dimensions != dims:
+            if self.n:
+                raise ValueError(f"vectors of {dims} dimensions for a collection of {log.dimensions if log else 0}")
+            log = ChunkLog(dims)
+        elif log.size != self.n:
+            log = _fork(log, self.n)  # a newer snapshot of this log exists (never installed): branch off
+        log.append(new_chunks, new_vectors)
+        return replace(
+            self,
+            meta=meta,
+            log=log,
+            n=self.n + len(new_chunks),
+            total_length=self.total_length + log.lengths_total(self.n, self.n + len(new_chunks)),
+            documents=self.documents + len(replaced),
+        )
 
     @classmethod
-    def build(cls, meta: Meta, chunks: Sequence[ChunkRecord], vectors: np.ndarray, params: IndexParams) -> Snapshot:
-        """A snapshot of exactly these chunks and vectors (another replica's copy, imported whole)."""
+    def build(
+        cls, meta: Meta, chunks: Sequence[ChunkRecord], vectors: np.ndarray, params: IndexParams | None = None
+    ) -> Snapshot:
+        """A snapshot of exactly these chunks and vectors (a full rebuild, or another replica's copy)."""
+        del params  # the HNSW graph is built in the background (needs_hnsw / with_hnsw)
         if len(chunks) != len(vectors):
             raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        if not len(chunks):
+            return cls(meta)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        return cls(meta, tuple(chunks), vectors, _build_faiss(vectors, params), _build_bm25(chunks))
+        log = ChunkLog(vectors.shape[1])
+        log.append(chunks, vectors)
+        return cls(
+            replace(meta, dimensions=vectors.shape[1]),
+            log,
+            len(chunks),
+            log.lengths_total(0, len(chunks)),
+            len({c.document_id for c in chunks}),
+        )
+
+    def needs_hnsw(self, params: IndexParams) -> bool:
+        """Whether the background should (re)build the HNSW graph of this snapshot."""
+        if self.n <= params.hnsw_threshold:
+            return False
+        if self.hnsw is None:
+            return True
+        tail = self.n - self.hnsw.rows
+        return tail >= max(HNSW_MIN_TAIL, self.hnsw.rows // 10)
+
+    def build_hnsw(self, params: IndexParams) -> HnswBase:
+        """An HNSW graph over every row of this snapshot (blocking, CPU-heavy: the background's job)."""
+        index = faiss.IndexHNSWFlat(self.log.dimensions if self.log else 0, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.hnsw_ef_construction
+        index.hnsw.efSearch = params.hnsw_ef_search
+        index.add(self.vectors)
+        return HnswBase(index, self.n)
+
+    def with_hnsw(self, base: HnswBase, saved_rows: int = 0) -> Snapshot:
+        """This snapshot searching `base` (built over a prefix of its log) plus the rows after it."""
+        saved = replace(self.saved, hnsw_rows=saved_rows) if self.saved is not None and saved_rows else self.saved
+        return replace(self, hnsw=base, saved=saved)
+
+    def same_lineage(self, other: Snapshot) -> bool:
+        """Whether `other`'s rows are a prefix of this snapshot's (same log, fewer or as many rows)."""
+        return self.log is not None and self.log is other.log and other.n <= self.n
 
     # --- searching ------------------------------------------------------------
 
     def dense(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(chunk position, cosine similarity), best first."""
-        if self.faiss_index is None or not self.chunks:
+        if not self.n or k <= 0:
             return []
-        scores, ids = self.faiss_index.search(query.reshape(1, -1), min(k, len(self.chunks)))
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        hits: list[tuple[int, float]] = []
+        start = 0
+        if self.hnsw is not None:
+            start = self.hnsw.rows
+            scores, ids = self.hnsw.index.search(q, min(k, start))
+            hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        if self.n > start:
+            tail = self.vectors[start:]
+            scores, ids = faiss.knn(q, tail, min(k, len(tail)), metric=faiss.METRIC_INNER_PRODUCT)
+            hits += [(start + int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        if start:  # two rankings: one order
+            hits.sort(key=lambda hit: (-hit[1], hit[0]))
+        return hits[:k]
 
     def sparse(self, query_tokens: list[str], k: int) -> list[tuple[int, float]]:
         """(chunk position, BM25 score), best first; chunks sharing no term are left out."""
-        if self.bm25 is None or not self.chunks or not query_tokens:
+        if self.log is None or not self.n or not query_tokens or k <= 0:
             return []
-        ids, scores = self.bm25.retrieve([query_tokens], k=min(k, len(self.chunks)), show_progress=False, n_threads=1)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
+        scores = self.log.bm25(query_tokens, self.n, self.total_length)
+        positive = np.flatnonzero(scores > 0)
+        order = np.lexsort((positive, -scores[positive]))[:k]  # ties: the earlier chunk first
+        return [(int(positive[i]), float(scores[positive[i]])) for i in order]
 
-    # --- persistence ----------------------------------------------------------
+    # --- persistence (retrieval/index_files.py) --------------------------------
 
-    def save(self, collection_dir: Path) -> None:
-        """Write this snapshot as `v<version>` and point CURRENT at it, atomically."""
-        collection_dir.mkdir(parents=True, exist_ok=True)
-        final = collection_dir / f"v{self.meta.version}"
-        tmp = collection_dir / f".tmp-v{self.meta.version}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as out:
-            for chunk in self.chunks:
-                out.write(json.dumps(chunk.to_json(), ensure_ascii=False) + "\n")
-        np.save(tmp / "vectors.npy", self.vectors)
-        if self.faiss_index is not None:
-            faiss.write_index(self.faiss_index, str(tmp / "faiss.index"))
-        if self.bm25 is not None:
-            self.bm25.save(str(tmp / "bm25"), show_progress=False)
-        (tmp / "meta.json").write_text(json.dumps(self.meta.to_json()))
-        fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomic(collection_dir / "CURRENT", final.name.encode())
-        for old in collection_dir.iterdir():
-            if old.name not in (final.name, "CURRENT") and (old.name.startswith("v") or old.name.startswith(".tmp")):
-                shutil.rmtree(old, ignore_errors=True)
+    def save(self, collection_dir: Path) -> Snapshot:
+        """Make this snapshot durable: its new rows appended to its generation's files when it
+        has one on disk, else a new generation written whole; the snapshot, knowing what is saved."""
+        from retrieval.index_files import save
+
+        return save(self, collection_dir)
 
     @classmethod
     def load(cls, collection_dir: Path, params: IndexParams) -> Snapshot | None:
         """The snapshot CURRENT names, or None when there is none (never finished writing)."""
-        try:
-            current = collection_dir / (collection_dir / "CURRENT").read_text().strip()
-        except FileNotFoundError:
-            return None
-        meta_raw = json.loads((current / "meta.json").read_text())
-        meta = Meta(
-            name=meta_raw["name"],
-            id=meta_raw["id"],
-            created=meta_raw["created"],
-            version=meta_raw["version"],
-            applied_jobs=tuple(meta_raw["applied_jobs"]),
-            dimensions=meta_raw["dimensions"],
-        )
-        with open(current / "chunks.jsonl", encoding="utf-8") as lines:
-            chunks = tuple(ChunkRecord.from_json(json.loads(line)) for line in lines)
-        vectors = np.load(current / "vectors.npy")
-        faiss_index = faiss.read_index(str(current / "faiss.index")) if (current / "faiss.index").exists() else None
-        if isinstance(faiss_index, faiss.IndexHNSWFlat):
-            faiss_index.hnsw.efSearch = params.hnsw_ef_search
-        bm25 = bm25s.BM25.load(str(current / "bm25"), show_progress=False) if (current / "bm25").exists() else None
-        return cls(meta, chunks, vectors, faiss_index, bm25)
+        from retrieval.index_files import load
+
+        return load(collection_dir, params)
 
 
-def _build_faiss(vectors: np.ndarray, params: IndexParams) -> Any:
-    if not len(vectors):
-        return None
-    dims = vectors.shape[1]
-    index: Any
-    if len(vectors) > params.hnsw_threshold:
-        index = faiss.IndexHNSWFlat(dims, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.hnsw_ef_construction
-        index.hnsw.efSearch = params.hnsw_ef_search
-    else:
-        index = faiss.IndexFlatIP(dims)
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
-
-
-def _extend_faiss(index: Any, all_vectors: np.ndarray, new_vectors: np.ndarray, params: IndexParams) -> Any:
-    crossing = len(all_vectors) > params.hnsw_threshold and not isinstance(index, faiss.IndexHNSWFlat)
-    if index is None or crossing:
-        return _build_faiss(all_vectors, params)
-    if not len(new_vectors):
-        return index
-    extended = faiss.clone_index(index)  # the old snapshot keeps serving searches meanwhile
-    extended.add(np.ascontiguousarray(new_vectors, dtype=np.float32))
-    return extended
-
-
-def _build_bm25(chunks: Iterable[ChunkRecord]) -> Any:
-    tokens = [c.tokens for c in chunks]
-    if not tokens:
-        return None
-    bm25 = bm25s.BM25()
-    bm25.index(tokens, show_progress=False)
-    return bm25
+def _fork(log: ChunkLog, n: int) -> ChunkLog:
+    fork = ChunkLog(log.dimensions)
+    fork.append(log.chunks[:n], log.vectors(n))
+    return fork

@@ -38,6 +38,11 @@ SEARCH_SECONDS = Histogram(
     ["mode"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+QUERY_EMBEDDING_SECONDS = Histogram(
+    "ragmesh_retrieval_query_embedding_seconds",
+    "Time to embed a search query (cache lookup included)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,10 @@ class Searcher:
             return []
         with SEARCH_SECONDS.labels(mode).time():
             candidates = max(top_k, self._settings.fusion_candidates)
-            vector = (await self._embedder.embed([query]))[0] if mode != "sparse" else None
+            vector = None
+            if mode != "sparse":
+                with QUERY_EMBEDDING_SECONDS.time():
+                    vector = (await self._embedder.embed([query]))[0]
             tokens = bm25_tokens([query])[0] if mode != "dense" else []
 
             def run() -> list[Hit]:

@@ -49,6 +49,7 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         asyncio.to_thread(embedder.load), asyncio.to_thread(store.load_all), asyncio.to_thread(rerankers.load)
     )
     await store.reconcile()
+    store.start_background()
     catch_up = CatchUp(settings, store) if settings.peers else None
     # Missing collections: this replica serves only once it has copied them from a peer.
     missing = await catch_up.missing() if catch_up is not None else []
@@ -79,6 +80,7 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         )
     finally:
         await ingestion.close()
+        await store.close()
         rerankers.close()
         embedder.close()
         await redis.aclose()

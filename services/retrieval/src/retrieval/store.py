@@ -26,7 +26,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
-from retrieval.index import ChunkRecord, IndexParams, Meta, Snapshot
+from retrieval.hnsw_builder import HnswBuilder
+from retrieval.index import ChunkRecord, HnswBase, IndexParams, Meta, Snapshot
+from retrieval.index_files import prune_hnsw, save_hnsw
 from retrieval.settings import RetrievalSettings
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class CollectionStore:
         self.params = IndexParams(
             settings.hnsw_threshold, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search
         )
+        self.hnsw = HnswBuilder(self)
 
     # --- startup ----------------------------------------------------------------
 
@@ -188,8 +191,8 @@ class CollectionStore:
 
     async def install(self, snapshot: Snapshot) -> None:
         """Save and serve a whole copy of a collection, replacing this replica's (call under its lock)."""
-        await asyncio.to_thread(snapshot.save, self._root / snapshot.meta.name)
-        self._snapshots[snapshot.meta.name] = snapshot
+        self._snapshots[snapshot.meta.name] = await asyncio.to_thread(snapshot.save, self._root / snapshot.meta.name)
+        self.hnsw.schedule(snapshot.meta.name)
 
     def lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -244,8 +247,7 @@ class CollectionStore:
         return await self._install_empty(Meta(name=name, id=entry.id, created=entry.created))
 
     async def _install_empty(self, meta: Meta) -> Snapshot:
-        snapshot = Snapshot(meta)
-        await asyncio.to_thread(snapshot.save, self._root / meta.name)
+        snapshot = await asyncio.to_thread(Snapshot(meta).save, self._root / meta.name)
         self._snapshots[meta.name] = snapshot
         return snapshot
 
@@ -381,8 +383,7 @@ class CollectionStore:
             updated = snapshot.with_chunks(chunks, vectors, self.params, version=version, job_id=job_id)
             if self.is_gone(snapshot.meta.id):
                 raise CollectionGoneError()  # deleted while this was built: do not write it back
-            updated.save(self._root / snapshot.meta.name)
-            return updated
+            return updated.save(self._root / snapshot.meta.name)
 
         if self.is_gone(snapshot.meta.id) or not await self._registered(snapshot):
             raise CollectionGoneError()
@@ -390,7 +391,38 @@ class CollectionStore:
         if self.is_gone(snapshot.meta.id):
             raise CollectionGoneError()  # its files go with the cleanup that waits for this lock
         self._snapshots[snapshot.meta.name] = updated
+        self.hnsw.schedule(snapshot.meta.name)
         return updated
+
+    async def adopt_hnsw(self, name: str, built_from: Snapshot, base: HnswBase) -> bool:
+        """Swap in a graph built over `built_from`'s rows, saved with the collection, if the
+        collection is still that lineage (rows may have been added since); whether it was."""
+        async with self.lock(name):
+            current = self._snapshots.get(name)
+            if current is None or not current.same_lineage(built_from) or self.is_gone(current.meta.id):
+                return False
+            if current.hnsw is not None and current.hnsw.rows >= base.rows:
+                return True
+            folder = self._root / name
+
+            def persist() -> Snapshot:
+                if not save_hnsw(current, base, folder):
+                    return current.with_hnsw(base)  # not on disk: built again after a restart
+                updated = current.with_hnsw(base, saved_rows=base.rows).save(folder)
+                prune_hnsw(folder, updated)
+                return updated
+
+            self._snapshots[name] = await asyncio.to_thread(persist)
+            return True
+
+    def start_background(self) -> None:
+        """Build the graphs the loaded collections lack (call once the event loop runs)."""
+        for name in list(self._snapshots):
+            self.hnsw.schedule(name)
+
+    async def close(self) -> None:
+        """Stop background work."""
+        await self.hnsw.close()
 
 
 def check_model_name(name: str) -> None:

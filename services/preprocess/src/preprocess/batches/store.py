@@ -9,6 +9,8 @@ batches still running by expiry time, the finished ones by deletion time.
   counted twice (a line delivered again finds its result and is not counted again).
 - The status moves only forward, by compare-and-set:
   validating -> in_progress -> finalizing -> completed (or expired),
+  validating -> finalizing when every line is done although create could not mark the batch
+  in_progress (Redis failed right after the lines were published),
   validating | in_progress -> cancelling -> cancelled, validating -> failed.
 - Closing a batch (the last line done, its window over) sets `closing` to the end it is
   going to; from then on results are frozen (a late line records nothing), and one
@@ -86,10 +88,9 @@ local done = tonumber(s[5]) + tonumber(s[6]) >= tonumber(s[4])
 local ending = ''
 if status == 'cancelling' then
   if done or ARGV[1] == 'expire' then ending = 'cancelled' end
-elseif status == 'in_progress' then
+elseif status == 'in_progress' or status == 'validating' then
+  -- validating and done: create published every line, then failed to mark the batch in_progress.
   if done then ending = 'completed' elseif ARGV[1] == 'expire' then ending = 'expired' end
-elseif status == 'validating' and ARGV[1] == 'expire' then
-  ending = 'expired'
 end
 if ending == '' then return '' end
 redis.call('HSET', KEYS[1], 'closing', ending, 'lease', now + tonumber(ARGV[3]))

@@ -22,7 +22,7 @@ from typing import Any
 import redis.exceptions
 from aio_pika.abc import AbstractIncomingMessage
 
-from preprocess.batches.direct import DirectProtocol
+from preprocess.batches.direct import DirectProtocol, error_body
 from preprocess.batches.finalizer import Finalizer, line_result
 from preprocess.batches.lines import Request, UnreadableError, decode_request
 from preprocess.batches.outcome import LINES, RUNNING, Outcome, Verdict
@@ -133,14 +133,39 @@ class BatchWorker:
             log.warning("batch line deferred: a dependency failed", extra={"error": repr(exc)})
             await asyncio.sleep(REQUEUE_DELAY)
             await settle(message, requeue=True)
-        except Exception:
+        except Exception as exc:
             LINES.labels("poison").inc()
             log.exception("batch line handler failed; the message is dead-lettered")
+            await self._answer_poison(message, exc)
             await settle(message)
         else:
             await settle(message, ack=verdict is Verdict.ACK)
         finally:
             RUNNING.dec()
+
+    async def _answer_poison(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """A request whose handling raised (no dependency failure: it would raise again) still gets
+        an outcome, so nothing waits for it for ever: a batch line's failure is recorded (the batch
+        can end), a direct request's producer gets a 500 in the protocol's shape. Best effort: the
+        message goes to batch.dead whatever happens here."""
+        try:
+            request = decode_request(message.body)
+        except UnreadableError:
+            return  # answered (if it could be) by _handle already
+        err = RagmeshError(
+            ErrorKind.INTERNAL, f"internal error handling this request: {type(exc).__name__}", code="line_failed"
+        )
+        try:
+            if request.batch_id is None:
+                await self._direct.reply(message, error_body(err))
+                return
+            assert request.custom_id is not None
+            record = line_result(request.batch_id, request.custom_id, None, err, request_id_var.get())
+            recorded = await self._store.record(request.batch_id, request.custom_id, record, ok=False)
+            if recorded.complete:
+                await self._finalizer.maybe_finalize(request.batch_id)
+        except Exception as again:  # noqa: BLE001 - the dead letter keeps the request; the sweeper ends the batch
+            log.warning("poison request left without an outcome", extra={"error": repr(again)})
 
     async def _handle(self, message: AbstractIncomingMessage) -> Verdict:
         try:

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from preprocess.clients import MeshClients
 from preprocess.keys import ApiKey, KeyStore
-from preprocess.metrics import RequestClock
+from preprocess.metrics import RAG_STAGE_SECONDS, RequestClock
 from preprocess.normalize import normalize_text
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -223,7 +223,10 @@ class ChatServing:
             messages = [common_pb2.ChatMessage(role="user", content=prompt)]  # what retrieval searches for
             generate = inference_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling_of(req))
         start = to_process_start(req)
-        retrieved = await self._rag.retrieve(messages, spec) if spec is not None else None
+        retrieved = None
+        if spec is not None:
+            with RAG_STAGE_SECONDS.labels("search").time():
+                retrieved = await self._rag.retrieve(messages, spec)
 
         cache_state = "off"
         if cacheable:
@@ -238,7 +241,8 @@ class ChatServing:
         fixed = None
         rag_system = None
         if retrieved is not None:
-            planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
+            with RAG_STAGE_SECONDS.labels("fit").time():
+                planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
             start.rag.CopyFrom(planned.report)
             start.sources.extend(planned.sources)
             if planned.report.status == "ok":

@@ -10,7 +10,7 @@ random unit vectors cost the index what embeddings cost it.
 Arms, each in a fresh subprocess and data folder:
 - ours, 1 job with every document (the baseline the target names);
 - ours, `--jobs` jobs (100: about 52 documents each);
-- old: the same two on the code of `--base` (default main's merge base), loaded
+- old: the same two on the code of `--base` (default: just before chunk_log.py came), loaded
   from git into a temporary folder: every job rebuilt BM25 over the collection,
   cloned FAISS and rewrote every file.
 
@@ -167,6 +167,20 @@ def old_code(base: str) -> Path:
     return folder
 
 
+def old_revision() -> str:
+    """The commit before append-only collections came (the parent of the one adding chunk_log.py)."""
+    added = subprocess.run(
+        ["git", "log", "--format=%H", "--diff-filter=A", "--", "services/retrieval/src/retrieval/chunk_log.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    if not added:
+        raise SystemExit("no commit adds chunk_log.py: pass --base")
+    return f"{added[-1]}^"
+
+
 def arm(label: str, jobs: int, files: tuple[Path, Path], python_path: Path | None, check: bool) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if python_path is not None:
@@ -193,7 +207,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--limit", type=int, default=0, help="only the first N documents")
-    parser.add_argument("--base", default="", help="git revision of the old code (default: merge base with main)")
+    parser.add_argument(
+        "--base",
+        default="",
+        help="git revision of the old code (default: the parent of the commit adding chunk_log.py)",
+    )
     parser.add_argument("--no-old", action="store_true", help="skip the old code's arms")
     parser.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -221,12 +239,7 @@ def main() -> None:
     runs["ours, 1 job"] = arm("ours, 1 job", 1, files, None, False)
     runs[f"ours, {args.jobs} jobs"] = arm(f"ours, {args.jobs} jobs", args.jobs, files, None, True)
     if not args.no_old:
-        base = (
-            args.base
-            or subprocess.run(
-                ["git", "merge-base", "HEAD", "main"], cwd=ROOT, check=True, capture_output=True, text=True
-            ).stdout.strip()
-        )
+        base = args.base or old_revision()
         old = old_code(base)
         runs["old, 1 job"] = arm("old, 1 job", 1, files, old, False)
         runs[f"old, {args.jobs} jobs"] = arm(f"old, {args.jobs} jobs", args.jobs, files, old, False)

@@ -33,18 +33,23 @@ from ragmesh.errors import ErrorKind, RagmeshError
 Req = TypeVar("Req", bound=BaseModel)
 
 
+# The dependencies below are `async def` although they never wait: FastAPI runs a plain
+# `def` dependency in its thread pool, a thread hop per dependency per request on the
+# hot path (seen with py-spy under load, bench/gateway_overhead.py).
+
+
 def _starting() -> RagmeshError:
     return RagmeshError(ErrorKind.UNAVAILABLE, "The service is starting; retry shortly.", retry_after=1)
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
     serving = getattr(request.app.state, "serving", None)
     if not isinstance(serving, Serving):
         raise _starting()
     return serving
 
 
-def get_batches(request: Request) -> Batches:
+async def get_batches(request: Request) -> Batches:
     batches = getattr(request.app.state, "batches", None)
     if not isinstance(batches, Batches):
         raise _starting()
@@ -55,39 +60,39 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 BatchesDep = Annotated[Batches, Depends(get_batches)]
 
 
-def _settings(serving: ServingDep) -> PreprocessSettings:
+async def _settings(serving: ServingDep) -> PreprocessSettings:
     return serving.settings
 
 
-def _chat(serving: ServingDep) -> ChatServing:
+async def _chat(serving: ServingDep) -> ChatServing:
     return serving.chat
 
 
-def _embeddings(serving: ServingDep) -> EmbeddingsServing:
+async def _embeddings(serving: ServingDep) -> EmbeddingsServing:
     return serving.embeddings
 
 
-def _retrieval(serving: ServingDep) -> RetrievalServing:
+async def _retrieval(serving: ServingDep) -> RetrievalServing:
     return serving.retrieval
 
 
-def _models(serving: ServingDep) -> ModelsServing:
+async def _models(serving: ServingDep) -> ModelsServing:
     return serving.models
 
 
-def _admin(serving: ServingDep) -> AdminServing:
+async def _admin(serving: ServingDep) -> AdminServing:
     return serving.admin
 
 
-def _forward(serving: ServingDep) -> ForwardServing:
+async def _forward(serving: ServingDep) -> ForwardServing:
     return serving.forward
 
 
-def _rerank(serving: ServingDep) -> RerankServing:
+async def _rerank(serving: ServingDep) -> RerankServing:
     return serving.rerank
 
 
-def _api_key(request: Request) -> ApiKey | None:
+async def _api_key(request: Request) -> ApiKey | None:
     return api_key_of(request)
 
 
@@ -103,7 +108,7 @@ RerankDep = Annotated[RerankServing, Depends(_rerank)]
 ApiKeyDep = Annotated[ApiKey | None, Depends(_api_key)]
 
 
-def _owner(key: ApiKeyDep) -> str | None:
+async def _owner(key: ApiKeyDep) -> str | None:
     return key.id if key is not None else None
 
 

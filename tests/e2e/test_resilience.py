@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..conftest import delete_topology_now
-from .conftest import MODEL, Mesh, mesh_env, retrieval_replica_ids, start_mesh, stop_mesh
+from .conftest import MODEL, Mesh, mesh_env, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -96,17 +95,12 @@ def _listening(port: str) -> bool:
 
 def test_down_stops_everything_up_started(tmp_path: Path) -> None:
     env = mesh_env(tmp_path)
-    start_mesh(env)
-    try:
+    # running_mesh: `down` at the end, then the mesh's queues and exchanges leave the broker.
+    with running_mesh(tmp_path, env):
         supervisord = int((tmp_path / "supervisord.pid").read_text())
         nginx = int((tmp_path / "nginx" / "nginx.pid").read_text())
         ports = [v for k, v in env.items() if re.fullmatch(r"RAGMESH_\w+_PORT", k)]
         assert all(_listening(p) for p in ports)
-    finally:
-        stop_mesh(env)
-        # `down` stops processes; the queues they declared are the test's to delete.
-        amqp_url = env.get("RAGMESH_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-        delete_topology_now(amqp_url, env["RAGMESH_NAMESPACE"], retrieval_replica_ids(tmp_path, env))
     for pid in (supervisord, nginx):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -74,14 +74,17 @@ async def _answer(
     """Run `req` as the OpenAI routes do (keys, cache, metrics, charge) and answer in Ollama's shape."""
     started = time.perf_counter()
     clock = RequestClock(req.model, endpoint, bool(req.stream))
+    check_model_allowed(key, req.model)
+    # As on the OpenAI routes: tokens reserved at admission, the tenant in the cache key and the
+    # collection access of an alias checked.
+    reserved = await chat.reserve(key, req)
     try:
-        check_model_allowed(key, req.model)
         no_cache = "no-cache" in raw_request.headers.get("cache-control", "").lower()
-        opened = chat.answer(req, chat.cacheable(req, no_cache))
+        opened = chat.answer(req, chat.cacheable(req, no_cache), key=key)
         if req.stream:
             answer, _ = await until_disconnect(raw_request, opened)
             return StreamingResponse(
-                _stream(chat.chunks(answer, clock, key), req.model, is_chat, started),
+                _stream(chat.chunks(answer, clock, key, reserved), req.model, is_chat, started),
                 media_type=NDJSON,
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -93,6 +96,7 @@ async def _answer(
         answer, body = await until_disconnect(raw_request, collected())
     except RagmeshError as err:
         clock.finished(err.kind.value)
+        await chat.charge(key, None, reserved)  # refused before generating: nothing used
         raise
     clock.finished("ok", answer.usage)
     openai = orjson.loads(body)
@@ -100,7 +104,9 @@ async def _answer(
         ollama.chat_body(openai, req.model, started) if is_chat else ollama.generate_body(openai, req.model, started)
     )
     return Response(
-        orjson.dumps(shaped), media_type="application/json", background=BackgroundTask(chat.charge, key, answer)
+        orjson.dumps(shaped),
+        media_type="application/json",
+        background=BackgroundTask(chat.charge, key, answer, reserved),
     )
 
 

@@ -56,6 +56,8 @@ class _Choice:
     logprobs: dict[str, list[Any]] = field(default_factory=dict)
     # Legacy completions: characters the logprobs' tokens covered so far (their text_offset).
     offset: int = 0
+    # One guard per tool call: its arguments are text a client reads, held to the same guardrails.
+    call_guards: dict[int, StreamGuard] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -96,6 +98,7 @@ class ProcessSession:
         if len(start.stop) > 4:
             raise invalid_request("stop accepts at most 4 sequences", param="stop")
         guards = guards or GuardConfig()
+        self._guards = guards
         self._start = start
         # UNSPECIFIED is a chat completion (see ObjectKind).
         self._chat = start.object != postprocess_pb2.OBJECT_KIND_TEXT_COMPLETION
@@ -144,9 +147,14 @@ class ProcessSession:
                 logprobs = _completion_logprobs(choice, logprobs["content"] or [])
             if prompt_logprobs is not None:
                 logprobs = _joined(prompt_logprobs, logprobs)
+        calls_blocked = self._guard_calls(choice, extras.get("tool_calls"))
         choice.absorb(extras, logprobs)
         text, hit = choice.matcher.push(chunk.text)
-        ending = hit or chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+        ending = hit or chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED or calls_blocked
+        tails: dict[str, Any] = {}
+        if ending and not calls_blocked:
+            tails, calls_blocked = self._flush_calls(choice)
+            choice.absorb(tails, None)
         if not hit and ending:
             text += choice.matcher.flush()
         released = choice.guard.push(text)
@@ -155,7 +163,7 @@ class ProcessSession:
             tail = choice.guard.flush()
             text += tail.text
             released.blocked = tail.blocked
-        if released.blocked:
+        if released.blocked or calls_blocked:
             choice.finish_reason = "content_filter"
         elif hit:
             choice.finish_reason = "stop"
@@ -166,6 +174,8 @@ class ProcessSession:
         if self._start.stream and (text or extras or logprobs or echoed):
             delta = {"content": echoed + text} if text or echoed else {}
             out.append(self._chunk(choice.index, {**delta, **extras}, None, logprobs=logprobs))
+        if self._start.stream and tails:
+            out.append(self._chunk(choice.index, tails, None))
         if choice.finish_reason is not None:
             self._check_format(choice)
             last = all(c.finish_reason is not None for c in self._choices)
@@ -174,6 +184,34 @@ class ProcessSession:
             if last:
                 out.extend(self._final())
         return out
+
+    def _guard_calls(self, choice: _Choice, calls: Any) -> bool:
+        """Tool-call argument deltas through the guardrails (in place: what is released goes on);
+        True when a blocklisted term ends the answer."""
+        blocked = False
+        for call in calls or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not function.get("arguments"):
+                continue
+            guard = choice.call_guards.setdefault(int(call.get("index", 0)), self._new_guard())
+            released = guard.push(str(function["arguments"]))
+            function["arguments"] = released.text
+            blocked = blocked or released.blocked
+        return blocked
+
+    def _flush_calls(self, choice: _Choice) -> tuple[dict[str, Any], bool]:
+        """What the tool-call guards still hold at the end of the answer, as one more delta."""
+        tails = []
+        blocked = False
+        for index, guard in sorted(choice.call_guards.items()):
+            tail = guard.flush()
+            blocked = blocked or tail.blocked
+            if tail.text:
+                tails.append({"index": index, "function": {"arguments": tail.text}})
+        return ({"tool_calls": tails} if tails else {}), blocked
+
+    def _new_guard(self) -> StreamGuard:
+        return StreamGuard(self._guards.pii, self._guards.blocklist, self._guards.stop_on_block)
 
     def _check_format(self, choice: _Choice) -> None:
         """Enforce response_format on a finished answer (a truncated one is left to finish_reason)."""

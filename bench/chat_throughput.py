@@ -1,10 +1,12 @@
 """Streaming chat throughput and time to first token: the mesh vs the model served directly.
 
 N concurrent streaming chat requests (64 new tokens, temperature 0) go through
-the gateway (nginx -> preprocess -> inference -> postprocess) and, in the same
-run, to llama.cpp's own OpenAI HTTP server (built into xllamacpp) loaded with
-the same model, slots, context and threads as the mesh's inference service.
-Rounds alternate between the two so both see the same machine load.
+the gateway (nginx -> preprocess -> inference -> postprocess) on the OpenAI
+route (/v1/chat/completions, SSE) and on Ollama's (/api/chat, NDJSON), and, in
+the same run, to llama.cpp's own OpenAI HTTP server (built into xllamacpp)
+loaded with the same model, slots, context, threads and chat template as the
+mesh's inference service. Rounds alternate between the three so all see the
+same machine load.
 
 Needs a running mesh (`make up`). Usage:
     .venv/bin/python bench/chat_throughput.py [--gateway http://127.0.0.1:8080] [--rounds 3]
@@ -72,9 +74,37 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
     return Result(ttft=ttft, tokens=tokens)
 
 
+async def one_ollama_request(client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int) -> Result:
+    """The same request on Ollama's /api/chat: NDJSON lines, the counts on the done line."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[index % len(TOPICS)]}."}],
+        "options": {"num_predict": max_tokens, "temperature": 0},
+        "stream": True,
+    }
+    started = time.perf_counter()
+    ttft = 0.0
+    tokens = 0
+    # Measure generation, not ragmesh's response cache.
+    async with client.stream("POST", url, json=body, headers={"Cache-Control": "no-cache"}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            chunk: dict[str, Any] = orjson.loads(line)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if not ttft and (chunk.get("message") or {}).get("content"):
+                ttft = time.perf_counter() - started
+            if chunk.get("done"):
+                tokens = int(chunk.get("eval_count", 0))
+    return Result(ttft=ttft, tokens=tokens)
+
+
 async def run_round(client: httpx.AsyncClient, url: str, model: str, n: int, max_tokens: int) -> Round:
     started = time.perf_counter()
-    results = await asyncio.gather(*(one_request(client, url, model, i, max_tokens) for i in range(n)))
+    request = one_ollama_request if url.endswith("/api/chat") else one_request
+    results = await asyncio.gather(*(request(client, url, model, i, max_tokens) for i in range(n)))
     return Round(wall=time.perf_counter() - started, results=list(results))
 
 
@@ -90,6 +120,11 @@ def start_direct_server() -> tuple[Any, str]:
     params.model.path = settings.resolved_model_path()
     params.n_parallel = settings.n_parallel
     params.n_ctx = settings.n_ctx
+    # The engine's chat template settings, as inference.engine sets them.
+    params.use_jinja = True
+    template = settings.resolved_chat_template()
+    if template:
+        params.chat_template = template
     apply_cpu_params(params, settings)
     params.verbosity = 0
     server = xllamacpp.Server(params)
@@ -128,13 +163,14 @@ async def main() -> int:
         targets = {
             "direct": f"{direct_base}/v1/chat/completions",
             "mesh": f"{args.gateway}/v1/chat/completions",
+            "ollama": f"{args.gateway}/api/chat",
         }
         for url in targets.values():  # warm up both (first-call allocations, prompt cache)
             await run_round(client, url, args.model, 2, 8)
 
         rows = []
         for n in (int(x) for x in args.concurrency.split(",")):
-            rounds: dict[str, list[Round]] = {"direct": [], "mesh": []}
+            rounds: dict[str, list[Round]] = {side: [] for side in targets}
             for _ in range(args.rounds):
                 for side, url in targets.items():
                     rounds[side].append(await run_round(client, url, args.model, n, args.max_tokens))
@@ -154,16 +190,18 @@ async def main() -> int:
     print(f"streaming chat, {args.max_tokens} new tokens, temperature 0, median of {args.rounds} rounds per cell")
     header = (
         f"{'N':>3} | {'direct tok/s':>12} | {'mesh tok/s':>10} | {'mesh/direct':>11} | "
-        f"{'direct TTFT p50/p95 ms':>22} | {'mesh TTFT p50/p95 ms':>20} | {'TTFT p50 overhead ms':>20}"
+        f"{'direct TTFT p50/p95 ms':>22} | {'mesh TTFT p50/p95 ms':>20} | {'TTFT p50 overhead ms':>20} | "
+        f"{'ollama tok/s':>12} | {'ollama/mesh':>11} | {'ollama TTFT p50/p95 ms':>22}"
     )
     print(header)
     print("-" * len(header))
     for n, s in rows:
-        d, m = s["direct"], s["mesh"]
+        d, m, o = s["direct"], s["mesh"], s["ollama"]
         print(
             f"{n:>3} | {d['tps']:>12.1f} | {m['tps']:>10.1f} | {m['tps'] / d['tps']:>11.2f} | "
             f"{d['p50']:>10.1f} / {d['p95']:>9.1f} | {m['p50']:>8.1f} / {m['p95']:>9.1f} | "
-            f"{m['p50'] - d['p50']:>20.1f}"
+            f"{m['p50'] - d['p50']:>20.1f} | {o['tps']:>12.1f} | {o['tps'] / m['tps']:>11.2f} | "
+            f"{o['p50']:>10.1f} / {o['p95']:>9.1f}"
         )
     n_max, s_max = rows[-1]
     n_min, s_min = rows[0]
@@ -175,6 +213,11 @@ async def main() -> int:
     print(f"target: mesh throughput >= 0.90x direct at N={n_max}: {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}")
     print(
         f"target: TTFT p50 overhead <= 15 ms at N={n_min}: {overhead:.1f} ms -> {'PASS' if overhead <= 15 else 'FAIL'}"
+    )
+    ollama_ratio = s_max["ollama"]["tps"] / s_max["mesh"]["tps"]
+    print(
+        f"target: Ollama /api/chat throughput >= 0.95x the OpenAI route at N={n_max}: {ollama_ratio:.2f}x -> "
+        f"{'PASS' if ollama_ratio >= 0.95 else 'FAIL'}"
     )
     return 0
 

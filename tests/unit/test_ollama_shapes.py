@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest
-from preprocess.serving import ollama
+from preprocess.serving import ollama, ollama_answers
 from preprocess.settings import PreprocessSettings
 from ragmesh.errors import RagmeshError
 
@@ -92,7 +92,7 @@ async def test_ndjson_lines_stream_text_then_whole_tool_calls_then_done() -> Non
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
         {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}},
     ]
-    lines = [json.loads(line) async for line in ollama.ndjson_lines(_events(events), "m", True, 0.0)]
+    lines = [json.loads(line) async for line in ollama_answers.ndjson_lines(_events(events), "m", True, 0.0)]
     assert [line["done"] for line in lines] == [False, False, True]
     assert lines[0]["message"] == {"role": "assistant", "content": "He"}
     assert lines[1]["message"]["tool_calls"] == [{"id": "c1", "function": {"name": "f", "arguments": {"a": 1}}}]

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from inference.scheduler import Slot, SlotScheduler
 from inference.settings import InferenceSettings, apply_cpu_params
+from inference.tools import message_extras, tool_request
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, inference_pb2
 
@@ -79,6 +80,9 @@ class _ChoiceState:
     cached_tokens: int = 0
     finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
     error: RagmeshError | None = None
+    # parallel_tool_calls: false. llama.cpp's grammar lets any template's calls repeat, so the
+    # choice ends where a second call would begin.
+    one_call: bool = False
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
 
@@ -139,6 +143,11 @@ class LlamaCppEngine:
         params.model.path = path
         params.n_parallel = self._settings.n_parallel
         params.n_ctx = self._settings.n_ctx
+        # Jinja chat templates: tools in the prompt, tool calls parsed (and held to a grammar).
+        params.use_jinja = True
+        template = self._settings.resolved_chat_template()
+        if template:
+            params.chat_template = template
         apply_cpu_params(params, self._settings)
         params.verbosity = 0
         # llama.cpp's own HTTP server listens on a random loopback port (xllamacpp starts it;
@@ -268,7 +277,13 @@ class LlamaCppEngine:
             "timings_per_token": True,
         }
         if request.WhichOneof("input") == "chat":
-            body["messages"] = _messages(request.chat.messages)
+            client = _client_fields(request)
+            body["messages"] = _messages(request.chat.messages, client.get("messages"))
+            tools, prefill = tool_request(client, self._settings.tool_call_start)
+            body.update(tools)
+            if prefill:
+                # The assistant turn begins with the call marker: llama.cpp continues it.
+                body["messages"].append({"role": "assistant", "content": prefill})
         else:
             body["prompt"] = list(request.prompt_ids) if request.prompt_ids else request.prompt
         if sampling.HasField("max_tokens"):
@@ -303,6 +318,7 @@ class LlamaCppEngine:
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
             nonlocal first
+            ended = False
             if "error" in chunk:
                 state.error = _engine_error(chunk["error"])
                 return True
@@ -318,14 +334,23 @@ class LlamaCppEngine:
                 state.prompt_tokens = usage.get("prompt_tokens", state.prompt_tokens)
                 state.completion_tokens = usage.get("completion_tokens", state.completion_tokens)
             text = ""
-            extra = ""
+            extras: dict[str, Any] = {}
             for choice in chunk.get("choices", ()):
                 reason = choice.get("finish_reason")
                 if reason:
                     state.finish_reason = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_STOP)
-                text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                delta = choice.get("delta") or {}
+                text += delta.get("content") or choice.get("text") or ""
                 if choice.get("logprobs"):
-                    extra = json.dumps({"logprobs": choice["logprobs"]})
+                    extras["logprobs"] = choice["logprobs"]
+                calls = delta.get("tool_calls") or []
+                if state.one_call and any(int(call.get("index", 0)) > 0 for call in calls):
+                    calls = [call for call in calls if int(call.get("index", 0)) == 0]
+                    state.finish_reason = common_pb2.FINISH_REASON_TOOL_CALLS
+                    ended = True
+                if calls:
+                    extras["tool_calls"] = calls
+            extra = json.dumps(extras) if extras else ""
             if text or first or extra:
                 if first:
                     TTFT.observe(time.perf_counter() - started)
@@ -341,7 +366,7 @@ class LlamaCppEngine:
                         extra_json=extra,
                     )
                 )
-            return cancelled.is_set()
+            return ended or cancelled.is_set()
 
         try:
             handle = self._server.handle_chat_completions if chat else self._server.handle_completions
@@ -433,9 +458,14 @@ class LlamaCppEngine:
                 loop.call_soon_threadsafe(self.scheduler.vacate, slot)
 
         chat = request.WhichOneof("input") == "chat"
-        state = _ChoiceState(index=index, model=self.model_id)
+        body = self._body(request, index)
+        state = _ChoiceState(
+            index=index,
+            model=self.model_id,
+            one_call=bool(body.get("tools")) and body.get("parallel_tool_calls") is False,
+        )
         try:
-            self._executor.submit(self._run_choice, chat, self._body(request, index), state, emit, slot.stop)
+            self._executor.submit(self._run_choice, chat, body, state, emit, slot.stop)
         except RuntimeError:  # executor shut down: the service is stopping
             self.scheduler.release()
             slot.stop.set()
@@ -581,6 +611,15 @@ LLAMACPP_INTERNAL = frozenset(
 )
 
 
+def _client_fields(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
+    """The client's whole JSON body: read by the mesh's own mappings (tool calling, the messages'
+    extras), never passed to llama.cpp as it is (client_fields is what passes)."""
+    if not request.openai_json:
+        return {}
+    fields: dict[str, Any] = json.loads(request.openai_json)
+    return fields
+
+
 def client_fields(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
     """The client's fields the embedded engine passes to llama.cpp (ENGINE_PASSED); a 400 naming a
     llama.cpp-internal field (LLAMACPP_INTERNAL) when the client sent one."""
@@ -615,15 +654,18 @@ GROUNDING = (
 )
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
-    """The conversation for the chat template: `context` messages folded into a grounding block."""
-    out: list[dict[str, str]] = []
+def _messages(messages: Any, raw: Any = None) -> list[dict[str, Any]]:
+    """The conversation for the chat template: `context` messages folded into a grounding block, an
+    assistant's tool calls and a tool result's call id from the client's message at the same place."""
+    out: list[dict[str, Any]] = []
     context = []
-    for m in messages:
+    # The client's messages line up with the typed ones unless RAG rewrote the conversation.
+    extras = raw if isinstance(raw, list) and len(raw) == len(messages) else [None] * len(messages)
+    for m, sent in zip(messages, extras, strict=True):
         if m.role == "context":
             context.append(m.content)
             continue
-        msg = {"role": m.role, "content": m.content}
+        msg: dict[str, Any] = {"role": m.role, "content": m.content, **message_extras(sent)}
         if m.name:
             msg["name"] = m.name
         out.append(msg)

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 UPSTREAM_CALLS = Counter(
     "ragmesh_inference_backend_calls_total", "Engine calls by backend and outcome", ["backend", "outcome"]
 )
-# The embedded llama.cpp engine: text in, text out (tools are refused).
-EMBEDDED_CAPABILITIES = ("chat", "completion")
+# The embedded llama.cpp engine: text in, text out, tool calls (Jinja templates, see inference.tools).
+EMBEDDED_CAPABILITIES = ("chat", "completion", "tools")
 # The capability a content part needs; a type not listed needs a capability of its own name.
 PART_CAPABILITIES = {"image_url": "vision", "input_audio": "audio", "video_url": "video"}
 CIRCUIT_OPEN = Gauge(
@@ -68,12 +68,6 @@ class EmbeddedAdapter:
     ) -> AsyncGenerator[common_pb2.GenerationChunk, None]:
         if request.openai_json:
             asked = json.loads(request.openai_json)
-            if asked.get("tools") or asked.get("functions"):
-                raise RagmeshError(
-                    ErrorKind.INVALID_REQUEST,
-                    f"The model `{model}` (the embedded engine) does not support tool calling.",
-                    param="tools",
-                )
             if asked.get("suffix"):
                 raise RagmeshError(
                     ErrorKind.INVALID_REQUEST,

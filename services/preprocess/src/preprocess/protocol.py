@@ -349,6 +349,7 @@ def parse_chat_request(
         raise invalid_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     if request.logprobs:
         _refuse_logprobs(bounds)
+    _check_tools(request)
     fmt = request.response_format
     if fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or not fmt.json_schema.schema_:
@@ -394,6 +395,46 @@ def check_schema_size(schema: dict[str, Any], bounds: RequestBounds) -> None:
             f"The JSON schema nests deeper than {bounds.max_schema_depth} levels.",
             param=param,
             code="json_schema_too_deep",
+        )
+
+
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    """tools and tool_choice in OpenAI's shapes (400 naming the parameter), before any generation."""
+    names = []
+    for i, tool in enumerate(request.tools or ()):
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, dict) or not function.get("name"):
+            raise invalid_request(
+                f"Invalid value for 'tools[{i}]': a tool is {{'type': 'function', 'function': {{'name': ...}}}}.",
+                param=f"tools[{i}]",
+            )
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid_request(
+                f"Invalid value for 'tools[{i}].function.parameters': a JSON schema object.",
+                param=f"tools[{i}].function.parameters",
+            )
+        names.append(function["name"])
+    choice = request.tool_choice
+    if choice is None:
+        return
+    if not request.tools:
+        raise invalid_request("'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice")
+    if isinstance(choice, str) and choice in _TOOL_CHOICES:
+        return
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise invalid_request(
+            "Invalid value for 'tool_choice': 'none', 'auto', 'required' or "
+            "{'type': 'function', 'function': {'name': ...}}.",
+            param="tool_choice",
+        )
+    if name not in names:
+        raise invalid_request(
+            f"tool_choice names the function {name!r}, which is not among the tools.", param="tool_choice"
         )
 
 

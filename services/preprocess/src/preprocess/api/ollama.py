@@ -25,7 +25,7 @@ from preprocess.api.responses import json_response
 from preprocess.keys import ApiKey, check_model_allowed
 from preprocess.metrics import RequestClock
 from preprocess.protocol import SamplingRequest, validated
-from preprocess.serving import ollama
+from preprocess.serving import ollama, ollama_answers
 from preprocess.serving import ollama_schemas as schemas
 from preprocess.serving.chat import ChatServing
 from preprocess.serving.ollama_models import OllamaModels
@@ -101,7 +101,9 @@ async def _answer(
     clock.finished("ok", answer.usage)
     openai = orjson.loads(body)
     shaped = (
-        ollama.chat_body(openai, req.model, started) if is_chat else ollama.generate_body(openai, req.model, started)
+        ollama_answers.chat_body(openai, req.model, started)
+        if is_chat
+        else ollama_answers.generate_body(openai, req.model, started)
     )
     return Response(
         orjson.dumps(shaped),
@@ -112,12 +114,12 @@ async def _answer(
 
 async def _stream(chunks: Any, model: str, is_chat: bool, started: float) -> Any:
     """NDJSON lines; a failure after the first line is Ollama's error line (the client raises it)."""
-    lines = ollama.ndjson_lines(chunks, model, is_chat, started)
+    lines = ollama_answers.ndjson_lines(chunks, model, is_chat, started)
     try:
         async for line in lines:
             yield line
     except RagmeshError as err:
-        yield ollama.error_line(err)
+        yield ollama_answers.error_line(err)
     finally:
         await lines.aclose()
 
@@ -149,7 +151,7 @@ async def generate(raw_request: Request, serving: ServingDep, chat: ChatDep, key
         # An empty prompt loads the model in Ollama; the mesh's are loaded: say so, if it exists.
         model = ollama.model_name(asked.model, await OllamaModels(serving.models).names(key))
         await OllamaModels(serving.models).show(model, key)
-        return json_response(ollama.loaded_body(asked.model))
+        return json_response(ollama_answers.loaded_body(asked.model))
     return await _answer(raw_request, chat, "ollama_generate", req, key, is_chat=False)
 
 

@@ -311,7 +311,7 @@ def test_a_no_stream_backend_is_asked_for_whole_answers_and_the_client_still_str
 
 def test_model_cards_say_what_each_model_does_and_where_it_runs(mesh: Mesh) -> None:
     cards = {m["id"]: m for m in httpx.get(f"{mesh.v1}/models", timeout=30).json()["data"]}
-    assert (cards[MODEL]["capabilities"], cards[MODEL]["backend_type"]) == (["chat", "completion"], "embedded")
+    assert (cards[MODEL]["capabilities"], cards[MODEL]["backend_type"]) == (["chat", "completion", "tools"], "embedded")
     assert cards[LOCAL_EMBEDDER]["capabilities"] == ["embedding"]
     assert cards["scripted/vlm"]["capabilities"] == ["chat", "vision"]
     assert cards["scripted/vlm"]["backend_type"] == "openai"

@@ -196,18 +196,29 @@ def test_chat_answer_streams_in_and_grows(watched: Watched, mesh: Mesh, api_key:
     expect(page.locator("#messages li.user")).to_have_count(2)
 
 
+def choices_stopped(mesh: Mesh) -> float:
+    text = httpx.get(mesh.inference_metrics, timeout=5).text
+    match = re.search(r"^ragmesh_inference_choices_stopped_total (\S+)$", text, re.M)
+    assert match, "inference exports ragmesh_inference_choices_stopped_total"
+    return float(match.group(1))
+
+
 def test_stop_cancels_the_generation_and_frees_the_engine(watched: Watched, mesh: Mesh, api_key: str) -> None:
     page = watched.page
     open_console(page, mesh.gateway, api_key)
     ask(page, "Write a very long essay about the history of the sea.", max_tokens=1500)
     expect(last_answer(page).locator(".content")).not_to_have_text("", timeout=60_000)
     assert active_requests(mesh) == 1
+    stopped = choices_stopped(mesh)
     page.click("#chat-stop")
-    # The browser closes the stream; nginx drops the upstream, preprocess cancels the calls.
-    deadline = time.monotonic() + 1.0
-    while active_requests(mesh) != 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert active_requests(mesh) == 0, "the engine still generates a second after Stop"
+    # The browser closes the stream; nginx drops the upstream, preprocess cancels the calls, and
+    # the engine's thread leaves its slot at its next token: the stop counter proves the choice
+    # ended by the stop (a 1,500-token essay running to its end would not count). The deadline
+    # only keeps a broken cancel from hanging the test.
+    deadline = time.monotonic() + 60
+    while (active_requests(mesh) != 0 or choices_stopped(mesh) == stopped) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert active_requests(mesh) == 0 and choices_stopped(mesh) == stopped + 1, "Stop did not stop the engine"
     expect(last_answer(page)).to_contain_text("Stopped.")
     expect(page.locator("#chat-send")).to_be_enabled()
     expect(page.locator("#chat-stop")).to_be_disabled()

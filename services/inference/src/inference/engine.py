@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 TOKENS_GENERATED = Counter("ragmesh_inference_tokens_generated_total", "Completion tokens generated")
 PROMPT_TOKENS = Counter("ragmesh_inference_prompt_tokens_total", "Prompt tokens processed")
+CHOICES_STOPPED = Counter(
+    "ragmesh_inference_choices_stopped_total", "Choices stopped before their end (caller gone or batch preempted)"
+)
 # Named after vLLM's vllm:num_requests_running / vllm:num_requests_waiting.
 RUNNING = Gauge("ragmesh:num_requests_running", "Choices generating in an engine slot", ["model"])
 WAITING = Gauge("ragmesh:num_requests_waiting", "Choices admitted and waiting for an engine slot", ["model"])
@@ -374,7 +377,9 @@ class LlamaCppEngine:
             if state.error is not None:
                 emit(state.error)
                 return
-            if not cancelled.is_set():
+            if cancelled.is_set():
+                CHOICES_STOPPED.inc()
+            else:
                 TOKENS_GENERATED.inc(state.completion_tokens)
                 PREFILL_SECONDS.observe(state.prompt_ms / 1000)
                 DECODE_SECONDS.observe(state.predicted_ms / 1000)

@@ -39,6 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+# Its sibling module, however this file is loaded (as a script, by rollout.py, by tests).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mesh_env import agreed, without_secrets
+
 ROOT = Path(__file__).resolve().parent.parent
 # Backends first, the front after them: the order of `up` and of `rollout all`.
 SERVICES = ("inference", "retrieval", "postprocess", "preprocess")
@@ -243,6 +247,8 @@ def service_env(plan: Plan, env: dict[str, str]) -> dict[str, str]:
     # else (RAGMESH_GATEWAY_HOST=0.0.0.0, a LAN address) keeps auth on.
     if plan.gateway_host in LOOPBACK:
         out.setdefault("RAGMESH_PREPROCESS_AUTH", "off")
+    # Values that must agree across the gateway and preprocess, derived from one source.
+    out.update(agreed(env)[0])
     out.setdefault("OMP_NUM_THREADS", "1")
     out.setdefault("HF_HUB_OFFLINE", "1")
     out.setdefault("PYTHONUNBUFFERED", "1")
@@ -270,7 +276,8 @@ def render_nginx(plan: Plan, env: dict[str, str], down: str | None = None) -> Pa
         "NGINX_WORKERS": env.get("RAGMESH_NGINX_WORKERS", "1"),
         "NGINX_RUN_DIR": str(nginx_dir),
         "NGINX_LOG_DIR": str(plan.log_dir),
-        "NGINX_MAX_BODY": env.get("RAGMESH_GATEWAY_MAX_BODY", "32m"),
+        # preprocess's own limit (or the gateway's, when only that one is set): one value.
+        "NGINX_MAX_BODY": agreed(env)[0]["RAGMESH_GATEWAY_MAX_BODY"],
         "NGINX_TIMEOUT": env.get("RAGMESH_GATEWAY_TIMEOUT", "600s"),
         "NGINX_API_TIMEOUT": env.get("RAGMESH_GATEWAY_API_TIMEOUT", "120s"),
         "NGINX_CLIENT_TIMEOUT": env.get("RAGMESH_GATEWAY_CLIENT_TIMEOUT", "30s"),
@@ -339,7 +346,8 @@ def render_supervisord(plan: Plan, nginx_conf: Path, env: dict[str, str]) -> Pat
     programs: list[tuple[str, str, int, dict[str, str], int]] = [
         (
             r.program,
-            f"{plan.python} -m {r.service}",
+            # Started without the secrets this service does not read (scripts/mesh_env.py).
+            without_secrets(r.service, f"{plan.python} -m {r.service}"),
             priority[r.service],
             replica_env(r, env.get("RAGMESH_DATA_DIR") or str(plan.run_dir / "data")),
             stop_wait_seconds(env, r.service),
@@ -348,7 +356,7 @@ def render_supervisord(plan: Plan, nginx_conf: Path, env: dict[str, str]) -> Pat
         for r in plan.replicas[service]
     ]
     nginx_command = f"{nginx} -p {nginx_conf.parent} -c {nginx_conf} -e {plan.log_dir}/nginx-error.log -g 'daemon off;'"
-    programs.append(("nginx", nginx_command, priority["nginx"], {}, 20))
+    programs.append(("nginx", without_secrets("nginx", nginx_command), priority["nginx"], {}, 20))
     for name, command, order, extra_env, stop_wait in programs:
         lines += [
             f"[program:{name}]",
@@ -568,6 +576,10 @@ def tail(path: Path, lines: int = 25) -> str:
 def up(plan: Plan, env: dict[str, str], timeout: float) -> int:
     plan.log_dir.mkdir(parents=True, exist_ok=True)
     pidfile = plan.run_dir / "supervisord.pid"
+    problems = agreed(env)[1]
+    if problems:
+        print("settings that must agree do not:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
     if read_pid(pidfile) is None:
         if reachable(plan.gateway_host, plan.gateway_port, 0.5):
             print(f"port {plan.gateway_port} is taken by another program; set RAGMESH_GATEWAY_PORT", file=sys.stderr)

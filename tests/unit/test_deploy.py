@@ -154,7 +154,7 @@ def test_env_example_lists_every_setting_and_gateway_variable() -> None:
     text = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^#? ?(RAGMESH_[A-Z0-9_]+)=", text, re.M))
     wanted = set().union(*(env_names(s) for s in SERVICES.values()))
-    launcher = (ROOT / "scripts" / "mesh.py").read_text()
+    launcher = (ROOT / "scripts" / "mesh.py").read_text() + (ROOT / "scripts" / "mesh_env.py").read_text()
     wanted |= set(re.findall(r'env\.get\("(RAGMESH_GATEWAY_[A-Z_]+)"', launcher))
     missing = wanted - listed
     assert not missing, f"missing from .env.example: {sorted(missing)}"

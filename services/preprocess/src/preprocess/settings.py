@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from preprocess.protocol import RequestBounds
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import AmqpSettings, RedisSettings
 
 
 class ModelAlias(BaseModel):
@@ -29,7 +29,8 @@ class ModelAlias(BaseModel):
     rerank_required: bool = False
 
 
-class PreprocessSettings(ServiceSettings):
+class PreprocessSettings(RedisSettings, AmqpSettings):
+    # HTTP only: a gRPC client of the three others, so no gRPC port or connection-age settings.
     model_config = SettingsConfigDict(env_prefix="RAGMESH_PREPROCESS_", extra="ignore")
 
     http_port: int = 8000
@@ -151,6 +152,26 @@ class PreprocessSettings(ServiceSettings):
     # server proxies to it). 0: no admin listener.
     admin_host: str = "127.0.0.1"
     admin_port: int = 8004
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> PreprocessSettings:
+        # Values that bound one another: a limit another one can never reach is a setting
+        # that lies (a 30 MiB file limit behind a 20 MiB body limit), so start-up refuses it.
+        problems = []
+        if self.max_file_bytes > self.max_body_bytes:
+            problems.append(
+                f"RAGMESH_PREPROCESS_MAX_FILE_BYTES ({self.max_file_bytes}) is over RAGMESH_PREPROCESS_MAX_BODY_BYTES "
+                f"({self.max_body_bytes}): an upload that size can never arrive"
+            )
+        for name in ("stream_idle_timeout", "rag_search_timeout"):
+            if getattr(self, name) > self.request_timeout:
+                problems.append(
+                    f"RAGMESH_PREPROCESS_{name.upper()} ({getattr(self, name)}) is over "
+                    f"RAGMESH_PREPROCESS_REQUEST_TIMEOUT ({self.request_timeout}), the whole request's deadline"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def request_bounds(self) -> RequestBounds:
         """The bounds generation requests are checked against."""

@@ -19,6 +19,7 @@ from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval.catchup import CatchUp
 from retrieval.embedder import Embedder
+from retrieval.index import Meta
 from retrieval.ingestion import Ingestion
 from retrieval.rerankers import Rerankers
 from retrieval.search import Searcher
@@ -45,9 +46,10 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
     store = CollectionStore(settings, redis)
     builtin = [SentenceReranker(settings.sentence_reranker, embedder)] if settings.sentence_reranker else []
     rerankers = Rerankers.from_specs(settings.rerankers, builtin)
-    await asyncio.gather(
+    _, loaded, _ = await asyncio.gather(
         asyncio.to_thread(embedder.load), asyncio.to_thread(store.load_all), asyncio.to_thread(rerankers.load)
     )
+    check_dimensions(loaded, embedder)
     await store.reconcile()
     store.start_background()
     catch_up = CatchUp(settings, store) if settings.peers else None
@@ -84,6 +86,23 @@ async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcSe
         rerankers.close()
         embedder.close()
         await redis.aclose()
+
+
+def check_dimensions(collections: list[Meta], embedder: Embedder) -> None:
+    """Refuse to start when the embedding model's vectors do not fit the collections on disk.
+
+    A model changed under existing collections (RAGMESH_RETRIEVAL_EMBEDDING_MODEL_PATH) would
+    fail every search and ingestion of theirs; said once at start, with what to do.
+    """
+    wrong = sorted(
+        f"{m.name} ({m.dimensions})" for m in collections if m.dimensions and m.dimensions != embedder.dimensions
+    )
+    if wrong:
+        raise RuntimeError(
+            f"the embedding model {embedder.model_name} makes {embedder.dimensions}-dimension vectors but these "
+            f"collections hold others: {', '.join(wrong)}. Start with the model they were built with "
+            "(RAGMESH_RETRIEVAL_EMBEDDING_MODEL_PATH), or delete and re-ingest them."
+        )
 
 
 def serve(settings: RetrievalSettings) -> None:

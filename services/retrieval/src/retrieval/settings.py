@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import AmqpSettings, GrpcServiceSettings, RedisSettings
 
 
 class RerankerSpec(BaseModel):
@@ -24,7 +24,7 @@ class RerankerSpec(BaseModel):
     batch_size: int = Field(default=16, ge=1)
 
 
-class RetrievalSettings(ServiceSettings):
+class RetrievalSettings(GrpcServiceSettings, RedisSettings, AmqpSettings):
     model_config = SettingsConfigDict(env_prefix="RAGMESH_RETRIEVAL_", extra="ignore")
 
     grpc_port: int = 50052

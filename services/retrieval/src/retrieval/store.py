@@ -111,8 +111,8 @@ class CollectionStore:
 
     # --- startup ----------------------------------------------------------------
 
-    def load_all(self) -> None:
-        """Load every collection saved on this replica's disk (blocking)."""
+    def load_all(self) -> list[Meta]:
+        """Load every collection saved on this replica's disk (blocking); their metadata."""
         self._root.mkdir(parents=True, exist_ok=True)
         for folder in sorted(self._root.iterdir()):
             if not folder.is_dir():
@@ -123,6 +123,7 @@ class CollectionStore:
                 continue
             self._snapshots[snapshot.meta.name] = snapshot
             log.info("collection loaded", extra={"collection": snapshot.meta.name, "chunks": len(snapshot.chunks)})
+        return [snapshot.meta for snapshot in self._snapshots.values()]
 
     async def reconcile(self) -> None:
         """Make the registry and this replica agree after a start.

@@ -64,7 +64,8 @@ def test_the_grace_period_covers_prestop_and_the_drain(objects: list[dict[str, A
         drain = 0.0
         if service is not None:
             prefix = f"RAGMESH_{service.upper()}"
-            drain = float(config[f"{prefix}_DRAIN_DELAY"]) + float(config[f"{prefix}_SHUTDOWN_GRACE"])
+            # preprocess serves no gRPC, so it has no drain delay (only its HTTP shutdown grace).
+            drain = float(config.get(f"{prefix}_DRAIN_DELAY", 0)) + float(config[f"{prefix}_SHUTDOWN_GRACE"])
         assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + drain + 2, workload["metadata"]["name"]
         checked.add(workload["metadata"]["name"])
     assert {"inference", "retrieval", "postprocess", "preprocess", "preprocess-batch", "gateway"} <= checked

@@ -50,7 +50,9 @@ async def test_in_process_counts_equal_llamacpp_on_scifact(engine: LlamaCppEngin
         inputs += [
             conversation(("user", query)),
             conversation(("system", system), ("user", query)),
-            conversation(("system", "Be brief."), ("user", query), ("assistant", documents[i]["title"]), ("user", "why?")),
+            conversation(
+                ("system", "Be brief."), ("user", query), ("assistant", documents[i]["title"]), ("user", "why?")
+            ),
         ]
     local = await engine.count_many(inputs)
     reference = [await engine.count_through_llamacpp(i) for i in inputs]

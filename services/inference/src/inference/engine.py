@@ -16,16 +16,18 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from jinja2.exceptions import TemplateError
 from prometheus_client import Counter, Gauge, Histogram
 
 from inference.scheduler import Slot, SlotScheduler
 from inference.settings import InferenceSettings, apply_cpu_params
+from inference.tokens import GgufTokenizer, differs_from_engine, load_gguf_tokenizer
 from inference.tools import message_extras, tool_request
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, inference_pb2
@@ -117,6 +119,9 @@ class LlamaCppEngine:
         self._settings = settings
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
+        # The model's tokenizer and chat template in this process (see inference.tokens): None when
+        # the model's kind is not built here or it counted differently from llama.cpp at load.
+        self._local: GgufTokenizer | None = None
         self._executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_requests, thread_name_prefix="llama")
         self.scheduler = SlotScheduler(
             settings.n_parallel,
@@ -166,6 +171,7 @@ class LlamaCppEngine:
             timeout=30.0,
             headers={"Authorization": f"Bearer {http_key}"},
         )
+        self._local = self._local_tokenizer(path, template, http_key)
         RUNNING.labels(self.model_id).set_function(self.scheduler.in_slots)
         WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self.scheduler.in_slots()))
         log.info(
@@ -175,8 +181,28 @@ class LlamaCppEngine:
                 "seconds": round(time.perf_counter() - started, 2),
                 "slots": self._settings.n_parallel,
                 "slot_context": self.max_context,
+                "local_tokenizer": self._local is not None,
             },
         )
+
+    def _local_tokenizer(self, path: str, template: str, http_key: str) -> GgufTokenizer | None:
+        """The in-process tokenizer, if it renders and counts PROBE_* exactly as llama.cpp does."""
+        headers = {"Authorization": f"Bearer {http_key}"}
+        try:
+            local = load_gguf_tokenizer(path, template)
+            if local is None:
+                return None
+            with httpx.Client(base_url=self._server.listening_address, timeout=30.0, headers=headers) as http:
+                difference = differs_from_engine(local, http)
+        except Exception:  # an unusual file or template: llama.cpp loaded it, so keep to llama.cpp
+            log.exception("in-process tokenizer not built; counting through llama.cpp")
+            return None
+        if difference:
+            log.warning(
+                "in-process tokenizer differs from llama.cpp; counting through llama.cpp", extra={"on": difference}
+            )
+            return None
+        return local
 
     async def aclose(self) -> None:
         """Release the HTTP client and the worker threads (running generations are stopped by their callers)."""
@@ -213,6 +239,39 @@ class LlamaCppEngine:
         assert self._http is not None, "engine not loaded"
         if isinstance(request, inference_pb2.GenerateRequest) and request.prompt_ids:
             return list(request.prompt_ids)
+        return (await self.count_many([request]))[0]
+
+    async def count_many(
+        self,
+        requests: Sequence[inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest],
+    ) -> list[list[int]]:
+        """count_tokens of each request: in this process when the model's tokenizer is (one worker
+        thread for all, off the event loop), else one or two llama.cpp HTTP calls each, concurrently."""
+        local = self._local
+        if local is not None:
+            try:
+                prompts = [
+                    local.render(_messages(r.chat.messages)) if r.WhichOneof("input") == "chat" else r.prompt
+                    for r in requests
+                ]
+            except TemplateError:  # a conversation this template refuses: llama.cpp says why
+                local = None
+        if local is None:
+            return list(await asyncio.gather(*(self.count_through_llamacpp(r) for r in requests)))
+        return await asyncio.to_thread(local.encode_batch, prompts)
+
+    @property
+    def counts_in_process(self) -> bool:
+        """Whether prompts are counted in this process (else by llama.cpp's HTTP server)."""
+        return self._local is not None
+
+    async def count_through_llamacpp(
+        self,
+        request: inference_pb2.TokenizeRequest | inference_pb2.TokenizeInput | inference_pb2.GenerateRequest,
+    ) -> list[int]:
+        """llama.cpp's own token ids of the prompt (/apply-template, /tokenize): what the in-process
+        count stands in for, and the fallback when there is none."""
+        assert self._http is not None, "engine not loaded"
         reply = await self._http.post("/tokenize", json={"content": await self._prompt(request), "add_special": True})
         reply.raise_for_status()
         return list(reply.json()["tokens"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from inference.engine import LlamaCppEngine
@@ -58,8 +57,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Each input counted as Tokenize counts it, all in one call."""
         card = self._card(request.model)
         if self._embedded is not None:
-            engine = self._embedded
-            counts = [len(ids) for ids in await asyncio.gather(*(engine.count_tokens(i) for i in request.inputs))]
+            counts = [len(ids) for ids in await self._embedded.count_many(list(request.inputs))]
         else:
             counts = [_estimate(i) for i in request.inputs]
         return inference_pb2.TokenizeBatchResponse(counts=counts, max_context=card.max_context)

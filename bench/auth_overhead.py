@@ -11,8 +11,9 @@ total added p50 is three times the larger per-hop figure.
 
 In one run: the fake upstream (bench/fake_openai_upstream.py, one token at
 once) and two ragmesh meshes in front of it, identical but for
-RAGMESH_PREPROCESS_AUTH: "off" and "on". The "on" mesh gets one key with
-request and token limits far above the load (so every request runs the whole
+RAGMESH_PREPROCESS_AUTH: "off" and "on". The "on" mesh gets one key (made through
+its admin listener, RAGMESH_GATEWAY_ADMIN_PORT) with request, token and in-flight
+limits far above the load (so every request runs the whole
 path: key lookup, the rate-limit script, the token charge after the answer).
 Non-streamed chat requests (max_tokens 1) go through each gateway at
 concurrency 1 and 64, the two meshes alternating in rounds so drift hits both.
@@ -32,15 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from gateway_overhead import load, pct, ragmesh, responder  # bench/ is on sys.path (the script's folder)
+from gateway_overhead import free_port, load, pct, ragmesh, responder  # bench/ is on sys.path (the script's folder)
 
 ADMIN_KEY = "bench-admin-0123456789abcdef"
 
 
-def create_key(v1: str) -> str:
+def create_key(admin: str) -> str:
+    """A key through the admin listener (`admin`: the gateway's admin server; the public one has no /v1/admin)."""
     reply = httpx.post(
-        f"{v1}/admin/keys",
-        json={"name": "bench", "rpm": 10_000_000, "tpm": 1_000_000_000},
+        f"{admin}/v1/admin/keys",
+        # Limits far above the load, in flight too (the default 32 would refuse part of c=64).
+        json={"name": "bench", "rpm": 10_000_000, "tpm": 1_000_000_000, "max_in_flight": 100_000},
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         timeout=30,
     )
@@ -66,10 +69,17 @@ def main() -> int:
         work = Path(tmp)
         upstream = stack.enter_context(responder())
         off = stack.enter_context(ragmesh(upstream, work, RAGMESH_PREPROCESS_AUTH="off"))
+        admin_port = free_port()
         on = stack.enter_context(
-            ragmesh(upstream, work, RAGMESH_PREPROCESS_AUTH="on", RAGMESH_PREPROCESS_ADMIN_KEY=ADMIN_KEY)
+            ragmesh(
+                upstream,
+                work,
+                RAGMESH_PREPROCESS_AUTH="on",
+                RAGMESH_PREPROCESS_ADMIN_KEY=ADMIN_KEY,
+                RAGMESH_GATEWAY_ADMIN_PORT=str(admin_port),
+            )
         )
-        key = create_key(on)
+        key = create_key(f"http://127.0.0.1:{admin_port}")
         for concurrency in levels:
             for _ in range(args.rounds):
                 for name, url in (("auth off", off), ("auth on", on)):

@@ -105,8 +105,12 @@ def ragmesh(upstream: str, work: Path, **settings: str) -> Iterator[str]:
         "INFERENCE_GRPC",
         "RETRIEVAL_GRPC",
         "POSTPROCESS_GRPC",
+        # The admin listeners too: two meshes side by side (and the default 8081) never collide.
+        "PREPROCESS_ADMIN",
+        "GATEWAY_ADMIN",
     ):
-        env[f"RAGMESH_{name}_PORT"] = str(free_port())
+        if f"RAGMESH_{name}_PORT" not in settings:  # a port the caller chose (to reach it) stays
+            env[f"RAGMESH_{name}_PORT"] = str(free_port())
     launcher = [sys.executable, str(ROOT / "scripts" / "mesh.py")]
     subprocess.run([*launcher, "up", "--timeout", "240"], env=env, check=True, stdout=subprocess.DEVNULL)
     try:

@@ -149,3 +149,23 @@ def test_retrieval_refuses_an_embedding_model_its_collections_were_not_built_wit
         check_dimensions(built, embedder)
     check_dimensions([Meta(name="docs", id="c1", created=0, dimensions=768)], embedder)
     check_dimensions([Meta(name="empty", id="c2", created=0)], embedder)  # nothing embedded yet
+
+
+def test_chunks_are_measured_with_retrievals_embedding_model(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    settings = PreprocessSettings(embedding_model_path=str(model))
+    assert settings.chunk_tokenizer_path() == str(model / "tokenizer.json")
+    assert PreprocessSettings().chunk_tokenizer_path() is None  # the packaged model's, as retrieval's default
+    with pytest.raises(ValidationError, match="not the tokenizer of retrieval's embedding model"):
+        PreprocessSettings(embedding_model_path=str(model), tokenizer_path="/app/tokenizer.json")
+    assert PreprocessSettings(embedding_model_path=str(model), tokenizer_path=str(model / "tokenizer.json"))
+
+
+def test_chunks_longer_than_the_embedding_model_reads_are_refused() -> None:
+    from preprocess.documents import check_chunk_length, load_tokenizer
+
+    tokenizer = load_tokenizer()  # the packaged all-MiniLM-L6-v2: 256 tokens with [CLS] and [SEP]
+    check_chunk_length(tokenizer, None, 254)
+    with pytest.raises(RuntimeError, match="CHUNK_TOKENS=255 .* lower it to 254"):
+        check_chunk_length(tokenizer, None, 255)

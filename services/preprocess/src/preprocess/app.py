@@ -22,7 +22,7 @@ from preprocess.api.listener import Listener
 from preprocess.api.openapi import DocumentedApp
 from preprocess.batches import Batches
 from preprocess.clients import MeshClients
-from preprocess.documents import Chunker, load_tokenizer
+from preprocess.documents import Chunker, check_chunk_length, load_tokenizer
 from preprocess.files import FileStore
 from preprocess.ingest import IngestPublisher
 from preprocess.keys import KeyStore
@@ -105,7 +105,8 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
         clients = MeshClients.connect(settings)
         redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         jobs = JobStore(redis, settings.namespace)
-        tokenizer = await asyncio.to_thread(load_tokenizer, settings.tokenizer_path or None)
+        tokenizer = await asyncio.to_thread(load_tokenizer, settings.chunk_tokenizer_path())
+        check_chunk_length(tokenizer, settings.chunk_tokenizer_path(), settings.chunk_tokens)
         chunker = Chunker(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         publisher = IngestPublisher(settings, chunker, jobs)
         keys = KeyStore(redis, settings.namespace, settings.rate_limit_window)

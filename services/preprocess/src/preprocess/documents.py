@@ -10,6 +10,7 @@ document (by character offsets), never re-assembled from tokens.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,21 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def check_chunk_length(tokenizer: Tokenizer, path: str | Path | None, chunk_tokens: int) -> None:
+    """Refuse chunks longer than the embedding model reads (its sentence_bert_config.json beside
+    the tokenizer, when there): their tail would silently not be embedded."""
+    config = Path(path or embedding_tokenizer_path()).parent / "sentence_bert_config.json"
+    if not config.is_file():
+        return  # a lone tokenizer.json (the preprocess image): nothing to check against
+    limit = int(json.loads(config.read_text())["max_seq_length"])
+    specials = tokenizer.post_processor.num_special_tokens_to_add(False) if tokenizer.post_processor else 0
+    if chunk_tokens + specials > limit:
+        raise RuntimeError(
+            f"RAGMESH_PREPROCESS_CHUNK_TOKENS={chunk_tokens} (+{specials} special tokens) is more than the embedding "
+            f"model reads ({limit} tokens, {config}): lower it to {limit - specials} or less"
+        )
 
 
 @dataclass(frozen=True)

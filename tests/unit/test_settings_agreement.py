@@ -127,6 +127,21 @@ def test_preprocess_refuses_limits_that_can_never_be_reached() -> None:
     with pytest.raises(ValidationError, match="RAG_SEARCH_TIMEOUT"):
         PreprocessSettings(request_timeout=3, stream_idle_timeout=2, rag_search_timeout=5)
     assert PreprocessSettings(max_body_bytes=2048, max_file_bytes=2048).max_file_bytes == 2048
+    # Unset, the file limit follows a smaller body limit (the gateway's, through make up) instead.
+    assert PreprocessSettings(max_body_bytes=1024 * 1024).max_file_bytes == 1024 * 1024
+
+
+def test_a_body_limit_set_on_the_gateway_alone_starts(launcher: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make up with RAGMESH_GATEWAY_MAX_BODY=1m only (as the security e2e mesh runs): preprocess starts."""
+    derived, problems = sys.modules["mesh_env"].agreed({"RAGMESH_GATEWAY_MAX_BODY": "1m"})
+    assert not problems
+    for name, value in derived.items():
+        monkeypatch.setenv(name, value)
+    settings = PreprocessSettings()
+    assert settings.max_body_bytes == settings.max_file_bytes == 1024 * 1024
+    monkeypatch.setenv("RAGMESH_PREPROCESS_MAX_FILE_BYTES", str(2 * 1024 * 1024))
+    with pytest.raises(ValidationError, match="MAX_FILE_BYTES"):
+        PreprocessSettings()
 
 
 @pytest.mark.parametrize("settings", [PreprocessSettings, RetrievalSettings, InferenceSettings, PostprocessSettings])

@@ -165,6 +165,9 @@ class PreprocessSettings(RedisSettings, AmqpSettings):
         # Values that bound one another: a limit another one can never reach is a setting
         # that lies (a 30 MiB file limit behind a 20 MiB body limit), so start-up refuses it.
         problems = []
+        if self.max_file_bytes > self.max_body_bytes and "max_file_bytes" not in self.model_fields_set:
+            # The default file limit follows a body limit set below it (one source: the body limit).
+            self.max_file_bytes = self.max_body_bytes
         if self.max_file_bytes > self.max_body_bytes:
             problems.append(
                 f"RAGMESH_PREPROCESS_MAX_FILE_BYTES ({self.max_file_bytes}) is over RAGMESH_PREPROCESS_MAX_BODY_BYTES "

@@ -11,6 +11,10 @@ give per-stage means and p50s (interpolated in the buckets):
 - search as preprocess waits for it (`ragmesh_preprocess_rag_stage_seconds{stage="search"}`),
 - prompt fitting (`...{stage="fit"}`: the token counts, TokenizeBatch + the exact count),
 - prefill and decode (the engine's own timings: `ragmesh_inference_prefill_seconds`, `..._decode_seconds`),
+- the engine's own time before the first token beyond prefill (its time to first token,
+  `ragmesh_inference_time_to_first_token_seconds`, minus prefill, by means): the chat template,
+  tokenization and slot choice of a longer prompt,
+- postprocess (`ragmesh_postprocess_processing_seconds`: handling the chunks and storing the answer),
 - the request end to end as the client sees it.
 
 "Mesh" = end to end - prefill - decode, per round (means subtract exactly):
@@ -179,6 +183,13 @@ def run_round(
         ),
         "prefill (engine)": histogram(before["inference"], after["inference"], "ragmesh_inference_prefill_seconds"),
         "decode (engine)": histogram(before["inference"], after["inference"], "ragmesh_inference_decode_seconds"),
+        "postprocess": histogram(before["postprocess"], after["postprocess"], "ragmesh_postprocess_processing_seconds"),
+    }
+    ttft = histogram(before["inference"], after["inference"], "ragmesh_inference_time_to_first_token_seconds")
+    stages["engine before 1st token, not prefill"] = {
+        "count": ttft["count"],
+        "mean": ttft["mean"] - stages["prefill (engine)"]["mean"],
+        "p50": float("nan"),  # a difference of means: no p50
     }
     e2e = {"count": len(latencies), "mean": statistics.mean(latencies), "p50": statistics.median(latencies)}
     model_mean = stages["prefill (engine)"]["mean"] + stages["decode (engine)"]["mean"]
@@ -200,7 +211,7 @@ def main() -> None:
     try:
         metrics = {
             name: f"http://127.0.0.1:{env[f'RAGMESH_{name.upper()}_HTTP_PORT']}/metrics"
-            for name in ("preprocess", "retrieval", "inference")
+            for name in ("preprocess", "retrieval", "inference", "postprocess")
         }
         with httpx.Client(base_url=f"http://127.0.0.1:{env['RAGMESH_GATEWAY_PORT']}", timeout=300) as client:
             ingest(client, "scifact-bench", args.docs)
@@ -238,6 +249,7 @@ def main() -> None:
     row("end to end (client)", plain["e2e"], with_rag["e2e"])
     mesh_plain, mesh_rag = plain["mesh_mean"] * 1000, with_rag["mesh_mean"] * 1000
     print(f"| **mesh = e2e - prefill - decode** | {mesh_plain:.1f} | | {mesh_rag:.1f} | |")
+    print(f"| RAG's addition to the mesh | | | {mesh_rag - mesh_plain:.1f} | |")
     for label, run in (("without RAG", plain), ("with RAG", with_rag)):
         for failure in run["failures"]:
             print(f"failed request ({label}): {failure}")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 
 from preprocess.clients import MeshClients
+from preprocess.metrics import RAG_STAGE_SECONDS
 from preprocess.reranking import Reranking, RerankOption
 from ragmesh.errors import ErrorKind, RagmeshError, from_rpc_error
 from ragmesh.grpc_client import call_metadata
@@ -94,6 +95,14 @@ def with_sources(messages: list[common_pb2.ChatMessage], passages: list[str]) ->
     else:
         out.insert(0, common_pb2.ChatMessage(role="system", content=block))
     return out
+
+
+def drop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a task whose result is no longer wanted, its outcome (an error too) left unread."""
+    if task is None:
+        return
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 @dataclass
@@ -191,6 +200,17 @@ class RagPlanner:
             for number, hit in enumerate(used, start=1)
         ]
         return RagResult(fitted, report, sources, retrieved.collection_id, prompt_tokens)
+
+    def start_fit(
+        self, model: str, messages: list[common_pb2.ChatMessage], retrieved: Retrieved, max_tokens: int | None
+    ) -> asyncio.Task[RagResult]:
+        """fit() in a task of its own (timed as the `fit` stage), to run beside other work."""
+
+        async def timed() -> RagResult:
+            with RAG_STAGE_SECONDS.labels("fit").time():
+                return await self.fit(model, messages, retrieved, max_tokens)
+
+        return asyncio.create_task(timed())
 
     def _failed(self, report: postprocess_pb2.RagReport, spec: RagSpec, err: RagmeshError) -> Retrieved:
         if err.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID_REQUEST):

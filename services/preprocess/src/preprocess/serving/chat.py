@@ -28,7 +28,7 @@ from preprocess.normalize import normalize_text
 from preprocess.ownership import CollectionAccess
 from preprocess.pipeline import Answer, CachedAnswer, GenerationPipeline
 from preprocess.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved
+from preprocess.rag import NO_SOURCES_ANSWER, RagPlanner, RagSpec, Retrieved, drop_task
 from preprocess.reranking import Reranking, RerankOption
 from preprocess.serving.prompts import MultiPromptAnswer, opened_all
 from preprocess.serving.sse import SSE_DONE, sse_error, sse_event
@@ -302,20 +302,28 @@ class ChatServing:
                 retrieved = await self._rag.retrieve(messages, spec)
 
         cache_state = "off"
+        cached = None
         if cacheable:
             start.cache_key = cache_key(req, generate, spec, retrieved, key.id if key is not None else None)
             if retrieved is not None:
                 start.rag.CopyFrom(retrieved.report)
             cached = CachedAnswer(self._clients, start, self._settings.request_timeout)
-            if await cached.open():
-                return cached, "hit"
-            cache_state = "miss"
-
+        # The prompt is fitted (token counts from the inference service) while the response cache
+        # is asked (postprocess): neither needs the other, and the fit is dropped on a hit.
+        fitting = None if retrieved is None else self._rag.start_fit(model, messages, retrieved, req.completion_limit())
+        try:
+            if cached is not None:
+                if await cached.open():
+                    drop_task(fitting)
+                    return cached, "hit"
+                cache_state = "miss"
+            planned = await fitting if fitting is not None else None
+        except BaseException:
+            drop_task(fitting)
+            raise
         fixed = None
         rag_system = None
-        if retrieved is not None:
-            with RAG_STAGE_SECONDS.labels("fit").time():
-                planned = await self._rag.fit(model, messages, retrieved, req.completion_limit())
+        if planned is not None:
             start.rag.CopyFrom(planned.report)
             start.sources.extend(planned.sources)
             if planned.report.status == "ok":

@@ -43,7 +43,7 @@ from typing import Any
 
 import grpc
 import httpx
-from rag_stages import DATA, ROOT, histogram, ingest, mesh_env, scrape
+from rag_stages import DATA, ROOT, histogram, mesh_env, scrape
 
 # The code before issue 20's search work (retrieval's query embedding via SentenceTransformer.encode).
 BEFORE = "06d7938"
@@ -54,6 +54,31 @@ TOLERANCE = 1e-5
 def train_queries() -> list[str]:
     lines = (DATA / "queries.train.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(q)["text"] for q in lines]
+
+
+def ingest(client: httpx.Client, collection: str, docs: int, batch: int = 500) -> None:
+    """The first `docs` SciFact documents, `batch` per POST (a body stays under the gateway's limit)."""
+    lines = (DATA / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:docs]
+    documents = [{"id": d["_id"], "title": d.get("title", ""), "text": d["text"]} for d in map(json.loads, lines)]
+    client.post("/v1/collections", json={"name": collection}).raise_for_status()
+    jobs = []
+    for begin in range(0, len(documents), batch):
+        reply = client.post(
+            f"/v1/collections/{collection}/documents", json={"documents": documents[begin : begin + batch]}
+        )
+        reply.raise_for_status()
+        jobs.append(reply.json()["job_id"])
+    deadline = time.monotonic() + 1800
+    while jobs and time.monotonic() < deadline:
+        status = client.get(f"/v1/jobs/{jobs[0]}").json()
+        if status.get("status") == "failed":
+            raise RuntimeError(f"ingestion failed: {status}")
+        if status.get("status") == "succeeded":
+            jobs.pop(0)
+        else:
+            time.sleep(1)
+    if jobs:
+        raise RuntimeError("ingestion did not finish")
 
 
 def pct(values: list[float], q: float) -> float:

@@ -21,8 +21,13 @@ the same queries are timed again. The run ends by checking that both codes
 returned the same top-k (chunk ids in order, scores within 1e-5) for every
 query, and prints retrieval's own timers (query embedding, search) per cell.
 
+`--profile DIR` adds, per code, an untimed warm and cold pass through the
+gateway under py-spy (pip install py-spy) on retrieval and preprocess, saved as
+collapsed stacks in DIR/<code>/.
+
 Usage:
     .venv/bin/python bench/search_latency.py [--docs N] [--queries N] [--top-k 10] [--baseline-ref REV|none]
+        [--profile DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -183,6 +189,48 @@ def forget_query_embeddings(env: dict[str, str], queries: list[str]) -> int:
     return deleted
 
 
+def service_pid(env: dict[str, str], module: str) -> int:
+    """The process of `python -m module` that runs with this bench's namespace."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if (
+                argv[1:3] == [b"-m", module.encode()]
+                and env["RAGMESH_NAMESPACE"].encode() in (entry / "environ").read_bytes()
+            ):
+                return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise RuntimeError(f"no {module} process of this mesh")
+
+
+def profile(env: dict[str, str], targets: Targets, queries: list[str], folder: Path) -> None:
+    """py-spy (collapsed stacks, 250 Hz) on retrieval and preprocess over an untimed warm pass
+    through the gateway, then a cold one (the queries' embeddings deleted from the cache first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    pids = {module: service_pid(env, module) for module in ("retrieval", "preprocess")}
+    for kind in ("warm", "cold"):
+        if kind == "cold":
+            forget_query_embeddings(env, queries)
+        spies = [
+            subprocess.Popen(
+                [spy, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(folder / f"{kind}-{module}.txt")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for module, pid in pids.items()
+        ]
+        time.sleep(1)  # attached
+        for query in queries:
+            targets.gateway(query)
+        for process in spies:
+            process.send_signal(signal.SIGINT)
+        for process in spies:
+            process.wait()
+    print(f"profiles in {folder}", flush=True)
+
+
 def run_phase(
     label: str,
     env: dict[str, str],
@@ -204,7 +252,10 @@ def run_phase(
                 print(f"[{label}] ingested {args.docs} documents in {time.perf_counter() - started:.0f} s", flush=True)
             info = targets.http.get("/v1/collections/scifact-latency").json()
             print(f"[{label}] collection: {info.get('documents')} documents, {info.get('chunks')} chunks", flush=True)
-            return measure(targets, halves, warmup)
+            result = measure(targets, halves, warmup)
+            if args.profile:
+                profile(env, targets, halves["gateway"], args.profile / label)
+            return result
         finally:
             targets.close()
     finally:
@@ -217,6 +268,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=800, help="train queries timed (split between the paths)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--baseline-ref", default=BEFORE, help="git revision of the baseline retrieval, or 'none'")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="folder: py-spy profiles of an extra untimed pass per code"
+    )
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="search-latency-"))

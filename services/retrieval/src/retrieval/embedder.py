@@ -221,17 +221,24 @@ class Embedder:
     def _key(self, text: str) -> str:
         return self._key_prefix + hashlib.sha256(text.encode()).hexdigest()
 
-    async def embed(self, texts: list[str], use_cache: bool = True, bulk: bool = False) -> np.ndarray:
+    async def cached(self, texts: list[str]) -> list[bytes | None]:
+        """What the cache holds for these texts (None: not there, or the cache is unreachable)."""
+        return await self._cache_get([self._key(t) for t in texts])
+
+    async def embed(
+        self, texts: list[str], use_cache: bool = True, bulk: bool = False, cached: list[bytes | None] | None = None
+    ) -> np.ndarray:
         """(len(texts), dimensions) float32 vectors; identical texts give identical vectors.
 
         `bulk` work (ingestion, large requests) runs in its own lane, so that
-        queries are not held up behind it.
+        queries are not held up behind it. `cached`: what `cached(texts)` answered,
+        when the caller read the cache already (so that the read overlapped other work).
         """
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         if not texts:
             return out
-        keys = [self._key(t) for t in texts]
-        cached = await self._cache_get(keys) if use_cache else [None] * len(texts)
+        if cached is None:
+            cached = await self._cache_get([self._key(t) for t in texts]) if use_cache else [None] * len(texts)
         missing: dict[str, list[int]] = {}
         for i, blob in enumerate(cached):
             if blob is not None and len(blob) == 4 * self.dimensions:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.index import ChunkRecord, IndexParams, Meta, Snapshot, bm25_tokens
+from retrieval.index import ChunkRecord, IndexParams, Meta, Snapshot, bm25_tokens, top_scores
 
 PARAMS = IndexParams(hnsw_threshold=1000, hnsw_m=16, hnsw_ef_construction=40, hnsw_ef_search=64)
 
@@ -92,3 +92,16 @@ def test_save_and_load_round_trip(empty: Snapshot, tmp_path: Path) -> None:
 def test_a_folder_without_current_loads_as_nothing(tmp_path: Path) -> None:
     (tmp_path / "c" / ".tmp-v1-1").mkdir(parents=True)
     assert Snapshot.load(tmp_path / "c", PARAMS) is None
+
+
+def test_top_scores_is_the_full_sorts_head() -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        n = int(rng.integers(1, 400))
+        # Few distinct values: many ties, zeros (no shared term) left out.
+        scores = rng.integers(0, 6, n).astype(np.float64) * rng.choice([1.0, 0.37], n)
+        k = int(rng.integers(1, 50))
+        positive = np.flatnonzero(scores > 0)
+        full = np.lexsort((positive, -scores[positive]))[:k]  # the order every score sorted gives
+        expected = [(int(positive[i]), float(scores[positive[i]])) for i in full]
+        assert top_scores(scores, k) == expected, trial

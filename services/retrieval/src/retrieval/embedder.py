@@ -42,6 +42,10 @@ ENCODE_SECONDS = Histogram(
 INTERACTIVE, BULK = "interactive", "bulk"
 LANES = (INTERACTIVE, BULK)
 
+# Up to this many texts per model call take the direct path (`forward`): a query, a few
+# inputs. More go through SentenceTransformer.encode, which sorts them by length into batches.
+DIRECT_TEXTS = 8
+
 
 def _lower_priority(nice: int) -> None:
     """Raise this thread's nice value (Linux schedules threads separately)."""
@@ -49,6 +53,25 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except OSError as exc:  # not permitted or not Linux: run at normal priority
         log.warning("could not lower the bulk embedding priority", extra={"error": str(exc)})
+
+
+def forward(model: Any, texts: list[str]) -> np.ndarray:
+    """L2-normalised embeddings of a few texts, as `model.encode(texts, normalize_embeddings=True)`
+    computes them, without encode's per-call work (argument checks, length sort, batching,
+    device moves, result reordering: about a millisecond, a tenth of a short query's time).
+
+    The same steps in the same order: the model's own preprocessing (tokenizer, truncation to
+    max_seq_length, padding to the longest text), its modules (transformer, pooling, and the
+    Normalize module this model ends with), then normalisation, all under inference_mode.
+    """
+    import torch
+
+    with torch.inference_mode():
+        prepare = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers 6 / 5
+        features = prepare(texts)
+        embeddings = model(features)["sentence_embedding"]
+        embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        return np.asarray(embeddings.numpy(), dtype=np.float32)
 
 
 def model_path(settings: RetrievalSettings) -> str:
@@ -176,6 +199,10 @@ class Embedder:
 
     def _encode(self, lane: str, texts: list[str]) -> np.ndarray:
         started = time.perf_counter()
+        if len(texts) <= DIRECT_TEXTS:
+            vectors = forward(self._models[lane], texts)
+            ENCODE_SECONDS.observe(time.perf_counter() - started)
+            return vectors
         vectors = self._models[lane].encode(
             texts,
             batch_size=self._settings.encode_batch_size,
@@ -194,17 +221,24 @@ class Embedder:
     def _key(self, text: str) -> str:
         return self._key_prefix + hashlib.sha256(text.encode()).hexdigest()
 
-    async def embed(self, texts: list[str], use_cache: bool = True, bulk: bool = False) -> np.ndarray:
+    async def cached(self, texts: list[str]) -> list[bytes | None]:
+        """What the cache holds for these texts (None: not there, or the cache is unreachable)."""
+        return await self._cache_get([self._key(t) for t in texts])
+
+    async def embed(
+        self, texts: list[str], use_cache: bool = True, bulk: bool = False, cached: list[bytes | None] | None = None
+    ) -> np.ndarray:
         """(len(texts), dimensions) float32 vectors; identical texts give identical vectors.
 
         `bulk` work (ingestion, large requests) runs in its own lane, so that
-        queries are not held up behind it.
+        queries are not held up behind it. `cached`: what `cached(texts)` answered,
+        when the caller read the cache already (so that the read overlapped other work).
         """
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         if not texts:
             return out
-        keys = [self._key(t) for t in texts]
-        cached = await self._cache_get(keys) if use_cache else [None] * len(texts)
+        if cached is None:
+            cached = await self._cache_get([self._key(t) for t in texts]) if use_cache else [None] * len(texts)
         missing: dict[str, list[int]] = {}
         for i, blob in enumerate(cached):
             if blob is not None and len(blob) == 4 * self.dimensions:

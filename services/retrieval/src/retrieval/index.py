@@ -30,7 +30,17 @@ from bm25s.stopwords import STOPWORDS_EN
 
 from retrieval.chunk_log import ChunkLog, ChunkRecord, ChunkView
 
-__all__ = ["ChunkRecord", "HnswBase", "IndexParams", "Meta", "SavedState", "Snapshot", "bm25_tokens", "embedding_text"]
+__all__ = [
+    "ChunkRecord",
+    "HnswBase",
+    "IndexParams",
+    "Meta",
+    "SavedState",
+    "Snapshot",
+    "bm25_tokens",
+    "embedding_text",
+    "top_scores",
+]
 
 _STEMMER = Stemmer.Stemmer("english")
 
@@ -284,9 +294,7 @@ class Snapshot:
         if self.log is None or not self.n or not query_tokens or k <= 0:
             return []
         scores = self.log.bm25(query_tokens, self.n, self.total_length)
-        positive = np.flatnonzero(scores > 0)
-        order = np.lexsort((positive, -scores[positive]))[:k]  # ties: the earlier chunk first
-        return [(int(positive[i]), float(scores[positive[i]])) for i in order]
+        return top_scores(scores, k)
 
     # --- persistence (retrieval/index_files.py) --------------------------------
 
@@ -303,6 +311,23 @@ class Snapshot:
         from retrieval.index_files import load
 
         return load(collection_dir, params)
+
+
+def top_scores(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k best positive scores as (position, score), best first, ties: the earlier position first.
+
+    A common query term gives thousands of chunks a score: sorting them all costs more than
+    the scoring. Only those at or above the k-th best value are sorted (all of its ties
+    included, so the order is the full sort's).
+    """
+    positive = np.flatnonzero(scores > 0)
+    values = scores[positive]
+    if len(positive) > k:
+        kth = np.partition(values, len(values) - k)[len(values) - k]
+        keep = values >= kth
+        positive, values = positive[keep], values[keep]
+    order = np.lexsort((positive, -values))[:k]
+    return [(int(positive[i]), float(values[i])) for i in order]
 
 
 def _fork(log: ChunkLog, n: int) -> ChunkLog:

@@ -72,8 +72,22 @@ class Searcher:
         digest = hashlib.sha256(query.encode()).hexdigest()
         return f"{self._prefix}{view.snapshot.meta.id}:{view.global_version}:{mode}:{top_k}:{digest}"
 
+    def prefetch(self, query: str, mode: str) -> asyncio.Task[list[bytes | None]] | None:
+        """Start reading the query's embedding from the cache (dense and hybrid searches need it)
+        so that the read overlaps the collection's lookup; nothing is computed. Pass the task to
+        `search`, or cancel it."""
+        if mode == "sparse":
+            return None
+        return asyncio.ensure_future(self._embedder.cached([query]))
+
     async def search(
-        self, view: SearchView, query: str, mode: str, top_k: int, use_cache: bool
+        self,
+        view: SearchView,
+        query: str,
+        mode: str,
+        top_k: int,
+        use_cache: bool,
+        prefetched: asyncio.Task[list[bytes | None]] | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
         """(hits as dicts, whether they came from the cache)."""
         cacheable = use_cache and self._redis is not None and view.global_version is not None
@@ -84,12 +98,19 @@ class Searcher:
                 RESULT_CACHE.labels("hit").inc()
                 return cached, True
             RESULT_CACHE.labels("miss").inc()
-        hits = await self._compute(view.snapshot, query, mode, top_k)
+        hits = await self._compute(view.snapshot, query, mode, top_k, prefetched)
         if cacheable and view.snapshot.meta.version >= (view.global_version or 0):
             await self._cache_set(key, hits)
         return hits, False
 
-    async def _compute(self, snapshot: Snapshot, query: str, mode: str, top_k: int) -> list[dict[str, Any]]:
+    async def _compute(
+        self,
+        snapshot: Snapshot,
+        query: str,
+        mode: str,
+        top_k: int,
+        prefetched: asyncio.Task[list[bytes | None]] | None,
+    ) -> list[dict[str, Any]]:
         if not snapshot.chunks:
             return []
         with SEARCH_SECONDS.labels(mode).time():
@@ -97,7 +118,8 @@ class Searcher:
             vector = None
             if mode != "sparse":
                 with QUERY_EMBEDDING_SECONDS.time():
-                    vector = (await self._embedder.embed([query]))[0]
+                    cached = await prefetched if prefetched is not None else None
+                    vector = (await self._embedder.embed([query], cached=cached))[0]
             tokens = bm25_tokens([query])[0] if mode != "dense" else []
 
             def run() -> list[Hit]:

@@ -74,8 +74,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         mode = MODE_NAMES.get(request.mode)
         if mode is None:
             raise invalid_request("mode must be hybrid, dense or sparse.", param="mode")
-        view = await self._store.resolve(request.collection)
-        hits, cached = await self._searcher.search(view, request.query, mode, request.top_k, not request.no_cache)
+        # The query's embedding is read from the cache while the collection is looked up.
+        prefetched = self._searcher.prefetch(request.query, mode)
+        try:
+            view = await self._store.resolve(request.collection)
+            hits, cached = await self._searcher.search(
+                view, request.query, mode, request.top_k, not request.no_cache, prefetched
+            )
+        finally:
+            if prefetched is not None and not prefetched.done():
+                prefetched.cancel()  # not needed: no such collection, an empty one, a cached result
+            elif prefetched is not None and not prefetched.cancelled():
+                prefetched.exception()  # read, so that an unused failed read is not reported as lost
         response = retrieval_pb2.SearchResponse(
             index_version=view.global_version if view.global_version is not None else view.snapshot.meta.version,
             cached=cached,

@@ -5,6 +5,8 @@ and that no two families can ever build the same key."""
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,3 +128,13 @@ def test_constant_ttls_are_the_ones_the_stores_apply() -> None:
     assert RetrievalSettings.model_fields["embedding_cache_ttl"].default == 30 * 24 * 3600
     assert RetrievalSettings.model_fields["result_cache_ttl"].default == 3600
     assert PostprocessSettings.model_fields["response_cache_ttl"].default == 24 * 3600
+
+
+def test_no_service_builds_a_redis_key_by_hand() -> None:
+    """Keys come from RedisKeys: no `f"{namespace or 'ragmesh'}:..."` left in a service (queue
+    and exchange names, which join with a dot, are AMQP's, not Redis keys)."""
+    by_hand = re.compile(r"""(namespace|ns) or ["']ragmesh["']\}:|\{ns\}:""")
+    root = Path(__file__).resolve().parents[2]
+    for source in [*(root / "services").glob("*/src/**/*.py"), *(root / "libs").glob("*/src/**/*.py")]:
+        if source.name != "redis_keys.py":
+            assert not by_hand.search(source.read_text()), source

@@ -7,11 +7,11 @@ from pathlib import Path
 import redis.exceptions
 
 from ragmesh import redis_client as factory
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import RedisSettings
 
 
 async def test_the_client_takes_the_url_credentials_timeouts_health_checks_and_retry_policy() -> None:
-    settings = ServiceSettings(redis_url="redis://ragmesh:s3cret@redis.internal:6380/2")
+    settings = RedisSettings(redis_url="redis://ragmesh:s3cret@redis.internal:6380/2")
     client = factory.redis_client(settings)
     try:
         kwargs = client.connection_pool.connection_kwargs

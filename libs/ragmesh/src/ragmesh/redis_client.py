@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ragmesh.settings import ServiceSettings
+from ragmesh.settings import RedisSettings
 
 # Seconds a command may wait for its reply, and a connection for its handshake.
 SOCKET_TIMEOUT = 2.0
@@ -37,7 +37,7 @@ def retry_policy(retries: int = RETRIES) -> Retry:
 
 
 def redis_client(
-    settings: ServiceSettings,
+    settings: RedisSettings,
     *,
     socket_timeout: float = SOCKET_TIMEOUT,
     connect_timeout: float = CONNECT_TIMEOUT,

@@ -90,6 +90,8 @@ def test_every_setting_has_a_reader_in_its_service(service: str) -> None:
     runner = (ROOT / "libs" / "ragmesh" / "src" / "ragmesh" / "service.py").read_text()
     if "run_grpc_service(" not in code:  # an HTTP-only service runs run_http alone
         runner = runner[runner.index("def run_http(") : runner.index("def run_grpc_service(")]
+    if "redis_client(settings)" in code:  # the shared Redis client factory reads the Redis settings
+        runner += (ROOT / "libs" / "ragmesh" / "src" / "ragmesh" / "redis_client.py").read_text()
     unread = sorted(name for name in SERVICES[service].model_fields if not re.search(rf"\.{name}\b", code + runner))
     assert not unread, f"{service} has settings nothing reads: {unread}"
 

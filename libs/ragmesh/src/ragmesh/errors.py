@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import redis.exceptions
 
 from ragmesh.context import current_request_id
 
@@ -150,6 +151,40 @@ def openai_error_body(message: str, type_: str, param: str | None = None, code: 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> RagmeshError:
     """Shorthand for the most common error: a 400 naming the offending parameter."""
     return RagmeshError(ErrorKind.INVALID_REQUEST, message, param=param, code=code)
+
+
+# Redis away, slow, loading its data, read-only (a replica after a failover), out of memory, a
+# cluster moving slots: a dependency that cannot answer now, never the request's fault.
+REDIS_UNAVAILABLE_ERRORS: tuple[type[redis.exceptions.RedisError], ...] = (
+    redis.exceptions.ConnectionError,  # refused, reset, its password refused; BusyLoadingError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+
+def store_unavailable() -> RagmeshError:
+    """What a client sees when Redis fails: 503, retry shortly (the message never carries
+    Redis's own text, which may name hosts)."""
+    return RagmeshError(
+        ErrorKind.UNAVAILABLE,
+        "The state store (Redis) is unavailable; retry shortly.",
+        code="service_unavailable",
+        retry_after=2,
+    )
+
+
+def from_exception(exc: BaseException) -> RagmeshError:
+    """The table's reading of any exception: a RagmeshError as it is; any Redis error a 503
+    (UNAVAILABLE: a dependency down, whether it is away, slow or refusing, so a client or a
+    queue retries rather than reporting a server bug); anything else INTERNAL (500)."""
+    if isinstance(exc, RagmeshError):
+        return exc
+    if isinstance(exc, redis.exceptions.RedisError):
+        return store_unavailable()
+    return RagmeshError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
 def from_grpc(

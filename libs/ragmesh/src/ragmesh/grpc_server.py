@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 
 from ragmesh.context import REQUEST_ID_HEADER, SERVICE_TOKEN_HEADER, accept_request_id, request_id_var
-from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.errors import ErrorKind, RagmeshError, from_exception
 from ragmesh.tracing import span
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,13 @@ class _CallScope:
         self.code = "OK"
 
     async def fail(self, context: ServicerContext, exc: BaseException) -> None:
-        if isinstance(exc, RagmeshError):
-            err = exc
-        else:
+        # The error table reads it: a Redis error a servicer let through is UNAVAILABLE (the
+        # caller retries, its client sees a 503), not a bug.
+        err = from_exception(exc)
+        if err.kind is ErrorKind.INTERNAL:
             log.exception("unhandled error in %s", self.method)
-            err = RagmeshError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}")
+        elif err is not exc:
+            log.warning("dependency failed in %s", self.method, extra={"error": repr(exc)})
         self.code = err.row.grpc_status.name
         await abort_with(context, err)
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ragmesh.redis_keys import JOB_FINISHED_TTL, RedisKeys
+
 # Finished jobs are kept this long (seconds), then Redis forgets them.
-FINISHED_TTL = 7 * 24 * 3600
+FINISHED_TTL = JOB_FINISHED_TTL
 
 STATUSES = ("queued", "running", "succeeded", "failed")
 
@@ -20,10 +22,10 @@ STATUSES = ("queued", "running", "succeeded", "failed")
 class JobStore:
     def __init__(self, redis: aioredis.Redis, namespace: str = "") -> None:
         self._redis = redis
-        self._prefix = f"{namespace or 'ragmesh'}:job:"
+        self._schema = RedisKeys(namespace)
 
     def _key(self, job_id: str) -> str:
-        return self._prefix + job_id
+        return self._schema.job(job_id)
 
     async def create(self, job_id: str, collection: str, documents: int, total: int, owner: str = "") -> None:
         """A queued job; `owner`: the id of the API key that submitted it (others never see it)."""

@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from ragmesh.redis_keys import RedisKeys
+
 log = logging.getLogger(__name__)
 
 RESPONSE_CACHE = Counter("ragmesh_postprocess_response_cache_total", "Response cache operations", ["outcome"])
@@ -25,11 +27,11 @@ RESPONSE_CACHE = Counter("ragmesh_postprocess_response_cache_total", "Response c
 class ResponseCache:
     def __init__(self, redis: aioredis.Redis, namespace: str, ttl: int) -> None:
         self._redis = redis
-        self._prefix = f"{namespace or 'ragmesh'}:response:"
+        self._schema = RedisKeys(namespace)
         self._ttl = ttl
 
     def _key(self, cache_key: str) -> str:
-        return self._prefix + hashlib.sha256(cache_key.encode()).hexdigest()
+        return self._schema.response(hashlib.sha256(cache_key.encode()).hexdigest())
 
     async def load(self, cache_key: str) -> dict[str, Any] | None:
         try:

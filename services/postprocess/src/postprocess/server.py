@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from postprocess.cache import ResponseCache
@@ -14,6 +13,7 @@ from postprocess.servicer import PostprocessServicer
 from postprocess.session import GuardConfig
 from postprocess.settings import PostprocessSettings
 from ragmesh.logs import setup_logging
+from ragmesh.redis_client import redis_client
 from ragmesh.service import GrpcService, run_grpc_service
 from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import postprocess_pb2, postprocess_pb2_grpc
@@ -32,7 +32,7 @@ def guard_config(settings: PostprocessSettings) -> GuardConfig:
 @asynccontextmanager
 async def postprocess_service(settings: PostprocessSettings) -> AsyncIterator[GrpcService]:
     """Yield the servicer to register; the response cache lives in Redis."""
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = redis_client(settings)
     servicer = PostprocessServicer(
         guard_config(settings), ResponseCache(redis, settings.namespace, settings.response_cache_ttl)
     )

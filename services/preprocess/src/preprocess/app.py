@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
@@ -45,6 +44,7 @@ from ragmesh.grpc_client import use_service_token
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
 from ragmesh.ops import ops_routes
+from ragmesh.redis_client import redis_client
 from ragmesh.service import drain_hooks, run_http
 from ragmesh.tracing import set_error, setup_tracing, span
 
@@ -103,7 +103,7 @@ def create_app(settings: PreprocessSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         use_service_token(settings.service_token)  # every gRPC call to the peers carries it
         clients = MeshClients.connect(settings)
-        redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        redis = redis_client(settings)
         jobs = JobStore(redis, settings.namespace)
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.chunk_tokenizer_path())
         check_chunk_length(tokenizer, settings.chunk_tokenizer_path(), settings.chunk_tokens)

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from ragmesh.durable import fsync_dir, write_atomic
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
+from ragmesh.redis_keys import RedisKeys
 
 PURPOSES = ("batch", "batch_output")
 # Descriptions read per round trip while a listing filters by purpose.
@@ -49,7 +50,7 @@ class FileStore:
     def __init__(self, redis: aioredis.Redis, directory: Path, namespace: str, retention: float = 30 * 24 * 3600):
         self._redis = redis
         self._dir = directory
-        self._prefix = f"{namespace or 'ragmesh'}:"
+        self._schema = RedisKeys(namespace)
         self._retention = retention
 
     def path(self, file_id: str) -> Path:
@@ -71,14 +72,14 @@ class FileStore:
         return self._dir / f".{checked(file_id)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _key(self, file_id: str) -> str:
-        return f"{self._prefix}file:{file_id}"
+        return self._schema.file(file_id)
 
     def _index(self, owner: str | None) -> str:
-        return f"{self._prefix}files:" + (f"owner:{owner}" if owner is not None else "all")
+        return self._schema.files_index(owner)
 
     @property
     def _expiry(self) -> str:
-        return f"{self._prefix}files:expiry"
+        return self._schema.files_expiry
 
     async def put(
         self,

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
+from ragmesh.redis_keys import RedisKeys
 
 KEY_PREFIX = "rm-"
 
@@ -146,11 +147,8 @@ class KeyStore:
         """`window_seconds`: the limits' window; rpm and tpm are per window (a minute unless changed)."""
         self._redis = redis
         self._window_ms = int(window_seconds * 1000)
-        ns = namespace or "ragmesh"
-        self._by_hash = f"{ns}:apikey:"
-        self._index = f"{ns}:apikeys"  # id -> hash of the secret
-        self._buckets = f"{ns}:ratelimit:"
-        self._in_flight = f"{ns}:inflight:"  # sorted set per key: request id -> admitted at (ms)
+        self._schema = RedisKeys(namespace)
+        self._index = self._schema.api_key_index  # id -> hash of the secret
         self._script = redis.register_script(_BUCKETS)
         self._enter = redis.register_script(_ENTER)
 
@@ -184,7 +182,7 @@ class KeyStore:
         )
         digest = _hash(secret)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._by_hash + digest, orjson.dumps(key.__dict__))
+            pipe.set(self._schema.api_key(digest), orjson.dumps(key.__dict__))
             pipe.hset(self._index, key.id, digest)
             await pipe.execute()
         return secret, key
@@ -193,7 +191,7 @@ class KeyStore:
         """A key by its id (None when there is no such key)."""
         found = await self._redis.hget(self._index, key_id)
         digest = found.decode() if isinstance(found, bytes) else found
-        raw = await self._redis.get(self._by_hash + digest) if digest else None
+        raw = await self._redis.get(self._schema.api_key(digest)) if digest else None
         return _key(raw) if raw else None
 
     async def enter(self, key: ApiKey, request_id: str, limit: int, ttl_seconds: float) -> None:
@@ -201,7 +199,9 @@ class KeyStore:
 
         Every preprocess replica counts in the same Redis set; an entry a crashed replica never
         removed stops counting after `ttl_seconds` (the longest a request may run)."""
-        allowed = await self._enter(keys=[self._in_flight + key.id], args=[request_id, limit, int(ttl_seconds * 1000)])
+        allowed = await self._enter(
+            keys=[self._schema.in_flight(key.id)], args=[request_id, limit, int(ttl_seconds * 1000)]
+        )
         if not int(allowed):
             RATE_LIMITED.labels(key.name, "in_flight").inc()
             raise RagmeshError(
@@ -212,7 +212,7 @@ class KeyStore:
             )
 
     async def leave(self, key: ApiKey, request_id: str) -> None:
-        await self._redis.zrem(self._in_flight + key.id, request_id)
+        await self._redis.zrem(self._schema.in_flight(key.id), request_id)
 
     async def reserve_tokens(self, key: ApiKey, tokens: int) -> None:
         """Take what a request may use from the key's token bucket at admission; `settle` at the end."""
@@ -229,7 +229,7 @@ class KeyStore:
         digests = await self._redis.hgetall(self._index)
         keys = []
         for digest in digests.values():
-            raw = await self._redis.get(self._by_hash + (digest.decode() if isinstance(digest, bytes) else digest))
+            raw = await self._redis.get(self._schema.api_key(digest.decode() if isinstance(digest, bytes) else digest))
             if raw:
                 keys.append(_key(raw))
         return sorted(keys, key=lambda k: k.created)
@@ -237,11 +237,11 @@ class KeyStore:
     async def revoke(self, key_id: str) -> ApiKey:
         found = await self._redis.hget(self._index, key_id)
         digest = found.decode() if isinstance(found, bytes) else found
-        raw = await self._redis.get(self._by_hash + digest) if digest else None
+        raw = await self._redis.get(self._schema.api_key(digest)) if digest else None
         if raw is None or digest is None:
             raise RagmeshError(ErrorKind.NOT_FOUND, f"No such key: {key_id}.", param="key_id")
         revoked = ApiKey(**{**_key(raw).__dict__, "revoked": True})
-        await self._redis.set(self._by_hash + digest, orjson.dumps(revoked.__dict__))
+        await self._redis.set(self._schema.api_key(digest), orjson.dumps(revoked.__dict__))
         return revoked
 
     async def authenticate(self, authorization: str | None) -> ApiKey:
@@ -254,7 +254,7 @@ class KeyStore:
         if scheme.lower() != "bearer" or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
             AUTH_FAILURES.labels("malformed").inc()
             raise _unauthorized("Malformed API key: send 'Authorization: Bearer <key>'.")
-        raw = await self._redis.get(self._by_hash + _hash(secret))
+        raw = await self._redis.get(self._schema.api_key(_hash(secret)))
         if raw is None:
             AUTH_FAILURES.labels("unknown").inc()
             raise _unauthorized("Incorrect API key provided.")
@@ -269,7 +269,7 @@ class KeyStore:
 
     async def _run(self, key: ApiKey, mode: str, tokens: int = 0) -> tuple[bool, str, Usage | None, Usage | None]:
         reply = await self._script(
-            keys=[self._buckets + key.id + ":rpm", self._buckets + key.id + ":tpm"],
+            keys=[self._schema.rate_limit(key.id, "rpm"), self._schema.rate_limit(key.id, "tpm")],
             args=[mode, key.rpm, key.tpm, tokens, self._window_ms],
         )
         allowed, refused, r_level, r_full, r_one, t_level, t_full, t_one = reply

@@ -7,7 +7,8 @@ sharing stay the owner's. A collection with no owner on record (made with auth o
 or before ownership was kept) is the operator's: every key may read it, none may write.
 With auth off there are no keys and every request sees every collection.
 
-Kept in Redis (`{namespace}:collection-acl:{name}`: owner, shared), beside the keys.
+Kept in Redis (`RedisKeys.collection_acl`: `{namespace}:collection-acl:{name}`, a hash of
+owner and shared), beside the keys.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from preprocess.keys import ApiKey
 from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.redis_keys import RedisKeys
 
 Shared = Literal["private", "read", "write"]
 Need = Literal["read", "write", "owner"]
@@ -44,7 +46,7 @@ def _forbidden(name: str, need: Need) -> RagmeshError:
 class CollectionAccess:
     def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
         self._redis = redis
-        self._prefix = f"{namespace or 'ragmesh'}:collection-acl:"
+        self._schema = RedisKeys(namespace)
 
     async def _call(self, coroutine: Awaitable[Any]) -> Any:
         try:
@@ -56,7 +58,7 @@ class CollectionAccess:
 
     async def record(self, name: str) -> tuple[str, Shared] | None:
         """(owner key id, sharing) of a collection; None when it has no owner on record."""
-        raw = await self._call(self._redis.hgetall(self._prefix + name))
+        raw = await self._call(self._redis.hgetall(self._schema.collection_acl(name)))
         if not raw:
             return None
         fields = {
@@ -91,16 +93,18 @@ class CollectionAccess:
         if key is None:
             await self.forget(name)
             return None
-        await self._call(self._redis.hset(self._prefix + name, mapping={"owner": key.id, "shared": "private"}))
+        await self._call(
+            self._redis.hset(self._schema.collection_acl(name), mapping={"owner": key.id, "shared": "private"})
+        )
         return "private"
 
     async def share(self, name: str, key: ApiKey | None, shared: Shared) -> Shared:
         await self.check(name, key, "owner")
-        await self._call(self._redis.hset(self._prefix + name, "shared", shared))
+        await self._call(self._redis.hset(self._schema.collection_acl(name), "shared", shared))
         return shared
 
     async def forget(self, name: str) -> None:
-        await self._call(self._redis.delete(self._prefix + name))
+        await self._call(self._redis.delete(self._schema.collection_acl(name)))
 
     async def visible(self, names: list[str], key: ApiKey | None) -> dict[str, Shared | None]:
         """Of `names`, those `key` may read, with their sharing."""

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
+from ragmesh.redis_keys import RedisKeys
 from retrieval.settings import RetrievalSettings
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Embedder:
         self.model_name = settings.embedding_model_name
         self.dimensions = 0
         self.max_tokens = 0
-        self._key_prefix = f"{settings.namespace or 'ragmesh'}:emb:{self.model_name}:"
+        self._key_prefix = RedisKeys(settings.namespace).embedding_prefix(self.model_name)
 
     def load(self) -> None:
         """Load the model (blocking; call from a thread)."""

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
+from ragmesh.redis_keys import RedisKeys
 from retrieval.embedder import CACHE_ERRORS, Embedder
 from retrieval.index import Snapshot, bm25_tokens
 from retrieval.settings import RetrievalSettings
@@ -66,11 +67,11 @@ class Searcher:
         self._settings = settings
         self._embedder = embedder
         self._redis = redis
-        self._prefix = f"{settings.namespace or 'ragmesh'}:search:"
+        self._schema = RedisKeys(settings.namespace)
 
     def _cache_key(self, view: SearchView, mode: str, top_k: int, query: str) -> str:
         digest = hashlib.sha256(query.encode()).hexdigest()
-        return f"{self._prefix}{view.snapshot.meta.id}:{view.global_version}:{mode}:{top_k}:{digest}"
+        return self._schema.search_result(view.snapshot.meta.id, view.global_version, mode, top_k, digest)
 
     def prefetch(self, query: str, mode: str) -> asyncio.Task[list[bytes | None]] | None:
         """Start reading the query's embedding from the cache (dense and hybrid searches need it)

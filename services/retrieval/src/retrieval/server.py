@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 
 import faiss
 import grpc
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ragmesh.jobs import JobStore
 from ragmesh.logs import setup_logging
+from ragmesh.redis_client import redis_client
 from ragmesh.service import GrpcService, run_grpc_service
 from ragmesh.tracing import setup_tracing
 from ragmesh.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -41,7 +41,7 @@ async def _now() -> None:
 async def retrieval_service(settings: RetrievalSettings) -> AsyncIterator[GrpcService]:
     """Load the model and the collections, start consuming; yield the servicer."""
     faiss.omp_set_num_threads(1)
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = redis_client(settings)
     embedder = Embedder(settings, redis)
     store = CollectionStore(settings, redis)
     builtin = [SentenceReranker(settings.sentence_reranker, embedder)] if settings.sentence_reranker else []

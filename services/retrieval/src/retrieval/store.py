@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
+from ragmesh.redis_keys import RedisKeys
 from retrieval.hnsw_builder import HnswBuilder
 from retrieval.index import ChunkRecord, HnswBase, IndexParams, Meta, Snapshot
 from retrieval.index_files import prune_hnsw, save_hnsw
@@ -96,11 +97,10 @@ class CollectionStore:
         self._root = Path(settings.collections_root()) / "collections"
         self._snapshots: dict[str, Snapshot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        ns = settings.namespace or "ragmesh"
-        self._registry_key = f"{ns}:collections"
-        self._version_prefix = f"{ns}:collection-version:"
+        self._schema = RedisKeys(settings.namespace)
+        self._registry_key = self._schema.collections
         # Present as long as Redis has kept the registry (absent after a flush).
-        self._epoch_key = f"{ns}:collections-epoch"
+        self._epoch_key = self._schema.collections_epoch
         # Ids of collections deleted while this process runs: work on them stops.
         self._gone: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -175,7 +175,7 @@ class CollectionStore:
         return _entry(raw) if raw else None
 
     def _version_key(self, collection_id: str) -> str:
-        return self._version_prefix + collection_id
+        return self._schema.collection_version(collection_id)
 
     # --- collections --------------------------------------------------------------
 

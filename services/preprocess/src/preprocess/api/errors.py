@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from ragmesh.errors import ErrorKind, RagmeshError, openai_error_body
+from ragmesh.errors import ErrorKind, RagmeshError, from_exception, openai_error_body
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 async def _store_unavailable(request: Request, exc: Exception) -> Response:
     """Redis away or slow (a timeout, a pause): the client may retry, it is no server bug."""
     log.warning("request failed: Redis unavailable", extra={"error": repr(exc)})
-    return error_response(
-        RagmeshError(ErrorKind.UNAVAILABLE, "The state store (Redis) is unavailable; retry shortly.", retry_after=2),
-        request.url.path,
-    )
+    return error_response(from_exception(exc), request.url.path)
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:

@@ -31,9 +31,10 @@ from preprocess.keys import KeyStore
 from ragmesh.amqp import message_headers
 from ragmesh.amqp_client import LazyChannel
 from ragmesh.errors import RagmeshError, invalid_request
+from ragmesh.redis_keys import DIRECT_ANSWER_TTL, RedisKeys
 
 # Seconds an answer is kept for a message_id sent again.
-ANSWER_TTL = 24 * 3600
+ANSWER_TTL = DIRECT_ANSWER_TTL
 RESPONSE_TYPE = "ragmesh.response.v1"
 # RabbitMQ's pseudo-queue for direct replies (answered through the default exchange).
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -75,7 +76,7 @@ class DirectProtocol:
     ) -> None:
         """`keys`: with auth on, the key store producers' keys are checked against (None: auth off)."""
         self._redis = redis
-        self._prefix = f"{namespace or 'ragmesh'}:direct:"
+        self._schema = RedisKeys(namespace)
         self._publisher = publisher
         self._attempt = attempt
         self._keys = keys
@@ -98,7 +99,7 @@ class DirectProtocol:
             await self.reply(message, error_body(err))
             return Verdict.ACK
         # Stored answers are the producer's own: another key sending the same message_id gets none.
-        key = self._prefix + (owner or "") + ":" + (message.message_id or uuid.uuid4().hex)
+        key = self._schema.direct_answer(owner, message.message_id or uuid.uuid4().hex)
         raw = await self._redis.get(key) if message.message_id else None
         stored = raw if isinstance(raw, bytes) else None
         verdict = Verdict.ACK

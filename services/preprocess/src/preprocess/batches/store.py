@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.redis_keys import RedisKeys
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 TIMESTAMPS = (
@@ -150,7 +151,7 @@ class Recorded:
 class BatchStore:
     def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
         self.redis = redis
-        self._prefix = f"{namespace or 'ragmesh'}:"
+        self._schema = RedisKeys(namespace)
         self._transition = redis.register_script(_TRANSITION)
         self._record = redis.register_script(_RECORD)
         self._close = redis.register_script(_CLOSE)
@@ -159,25 +160,25 @@ class BatchStore:
     # --- keys -----------------------------------------------------------------------
 
     def state_key(self, batch_id: str) -> str:
-        return f"{self._prefix}batch:{batch_id}:state"
+        return self._schema.batch_state(batch_id)
 
     def results_key(self, batch_id: str) -> str:
-        return f"{self._prefix}batch:{batch_id}:results"
+        return self._schema.batch_results(batch_id)
 
     def order_key(self, batch_id: str) -> str:
-        return f"{self._prefix}batch:{batch_id}:order"
+        return self._schema.batch_order(batch_id)
 
     def index_key(self, owner: str | None) -> str:
         """Batches by creation time: one owner's (an API key id), or everyone's (None)."""
-        return f"{self._prefix}batches:" + (f"owner:{owner}" if owner is not None else "all")
+        return self._schema.batches_index(owner)
 
     @property
     def active_key(self) -> str:
-        return f"{self._prefix}batches:active"
+        return self._schema.batches_active
 
     @property
     def retired_key(self) -> str:
-        return f"{self._prefix}batches:retired"
+        return self._schema.batches_retired
 
     # --- life cycle -----------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.exceptions
 from aio_pika.abc import AbstractIncomingMessage
 
 from preprocess.batches.direct import DirectProtocol, error_body
@@ -42,7 +41,7 @@ from ragmesh.amqp import (
 )
 from ragmesh.amqp_client import LazyChannel, SupervisedConsumer
 from ragmesh.context import request_id_var
-from ragmesh.errors import ErrorKind, RagmeshError
+from ragmesh.errors import REDIS_UNAVAILABLE_ERRORS, ErrorKind, RagmeshError, from_exception
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,7 @@ log = logging.getLogger(__name__)
 TRANSIENT = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE, ErrorKind.RATE_LIMITED, ErrorKind.BAD_GATEWAY})
 # A dependency failed while a delivery was handled: it goes back to the queue after this pause.
 REQUEUE_DELAY = 1.0
-DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
-    *TRANSIENT_ERRORS,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, *REDIS_UNAVAILABLE_ERRORS)
 # How often a running line looks whether its batch was stopped (on any replica).
 CANCEL_CHECK_SECONDS = 1.0
 
@@ -154,9 +149,11 @@ class BatchWorker:
             request = decode_request(message.body)
         except UnreadableError:
             return  # answered (if it could be) by _handle already
-        err = RagmeshError(
-            ErrorKind.INTERNAL, f"internal error handling this request: {type(exc).__name__}", code="line_failed"
-        )
+        err = from_exception(exc)  # a Redis error that is no outage (a refused command): still a 503
+        if err.kind is ErrorKind.INTERNAL:
+            err = RagmeshError(
+                ErrorKind.INTERNAL, f"internal error handling this request: {type(exc).__name__}", code="line_failed"
+            )
         try:
             if request.batch_id is None:
                 await self._direct.reply(message, error_body(err))
@@ -278,19 +275,26 @@ class BatchWorker:
             else:
                 async with self._generating:
                     response = await self._run(url, body, owner)
-        except RagmeshError as err:
-            retries = retries_of(message)
-            if err.kind not in TRANSIENT:
-                return Outcome(None, err)
-            if retries < self._settings.batch_max_retries:
-                await self._retry_later(message, retries + 1)
-                return None
-            gave_up = RagmeshError(err.kind, f"gave up after {retries + 1} attempts: {err.message}", code=err.code)
-            return Outcome(None, gave_up, exhausted=True)
         except Exception as exc:
-            log.exception("batch line failed")
-            return Outcome(None, RagmeshError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}"))
+            # The error table reads it: a Redis error (the line's key looked up, say) is
+            # UNAVAILABLE, retried like any dependency down, never recorded as a 500.
+            error = from_exception(exc)
+            if error is not exc and error.kind is ErrorKind.INTERNAL:
+                log.exception("batch line failed")
+            return await self._failed(message, error)
         return Outcome(response)
+
+    async def _failed(self, message: AbstractIncomingMessage, err: RagmeshError) -> Outcome | None:
+        """A failed attempt's outcome: the error itself, or None once a copy went to the retry
+        queue (an error that may pass, retries left), or the last error when none are left."""
+        retries = retries_of(message)
+        if err.kind not in TRANSIENT:
+            return Outcome(None, err)
+        if retries < self._settings.batch_max_retries:
+            await self._retry_later(message, retries + 1)
+            return None
+        gave_up = RagmeshError(err.kind, f"gave up after {retries + 1} attempts: {err.message}", code=err.code)
+        return Outcome(None, gave_up, exhausted=True)
 
     async def _retry_later(self, message: AbstractIncomingMessage, attempt: int) -> None:
         """A copy goes to the retry queue, which sends it back after a backoff (this delivery is then acked)."""

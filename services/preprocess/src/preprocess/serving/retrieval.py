@@ -147,7 +147,9 @@ class RetrievalServing:
         try:
             job = await self._jobs.get(job_id, key.id if key is not None else None)
         except (RedisError, OSError) as exc:
-            raise RagmeshError(ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.") from exc
+            raise RagmeshError(
+                ErrorKind.UNAVAILABLE, "The job store (Redis) is unavailable; retry shortly.", retry_after=1
+            ) from exc
         if job is None:
             raise RagmeshError(
                 ErrorKind.NOT_FOUND, f"Job '{job_id}' does not exist.", param="job_id", code="job_not_found"

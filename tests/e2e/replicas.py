@@ -139,6 +139,14 @@ def engine_requests(replicated: Replicated, index: int) -> float:
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
+def first_tokens(replicated: Replicated, index: int) -> float:
+    """Choices an inference replica has produced a first token for (its TTFT histogram's count):
+    such a call has sent a response message, so gRPC will not retry it elsewhere."""
+    text = replicated.metrics("inference", index)
+    match = re.search(r"^ragmesh_inference_time_to_first_token_seconds_count (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
 def restart(replicated: Replicated, service: str, index: int) -> None:
     """Start a stopped replica again and wait until it is ready."""
     program = replicated.program(service, index)

@@ -42,6 +42,7 @@ from .replicas import (
     chat_body,
     consumers,
     engine_requests,
+    first_tokens,
     refuses_connections,
     restart,
     search_replica,
@@ -193,6 +194,7 @@ def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(repli
     threads = [
         threading.Thread(target=stream if kind == "stream" else whole, args=(slot,)) for slot, kind in enumerate(kinds)
     ]
+    tokens_before = first_tokens(replicated, 0) + first_tokens(replicated, 1)
     for thread in threads:
         thread.start()
     started.wait(60)  # every stream has its first token
@@ -200,6 +202,13 @@ def test_sigkill_of_an_inference_replica_fails_only_its_requests_in_flight(repli
         lambda: engine_requests(replicated, 0) + engine_requests(replicated, 1) == len(kinds),
         60,
         "every request in an engine",
+    )
+    # A call that has sent nothing yet is retried on the other replica by gRPC (safe: nothing
+    # reached the client), so the kill waits until every request has its first token out.
+    wait_until(
+        lambda: first_tokens(replicated, 0) + first_tokens(replicated, 1) == tokens_before + len(kinds),
+        120,
+        "every request's first token",
     )
     victim = 1
     in_flight = engine_requests(replicated, victim)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -97,3 +99,32 @@ async def test_ndjson_lines_stream_text_then_whole_tool_calls_then_done() -> Non
     assert lines[0]["message"] == {"role": "assistant", "content": "He"}
     assert lines[1]["message"]["tool_calls"] == [{"id": "c1", "function": {"name": "f", "arguments": {"a": 1}}}]
     assert (lines[2]["prompt_eval_count"], lines[2]["eval_count"], lines[2]["done_reason"]) == (3, 4, "stop")
+
+
+async def test_ndjson_done_line_keeps_the_last_chunks_citations_and_rag() -> None:
+    citations = [{"index": 1, "document_id": "d", "chunk_id": "d:0", "title": "", "score": 1.0, "snippet": "s"}]
+    events: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"content": "Yes [1]."}}]},
+        {
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "citations": citations,
+            "rag": {"collection": "c", "status": "ok"},
+        },
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}},
+    ]
+    lines = [json.loads(line) async for line in ollama_answers.ndjson_lines(_events(events), "m", False, 0.0)]
+    assert [line["response"] for line in lines] == ["Yes [1].", ""]
+    assert lines[-1]["citations"] == citations
+    assert lines[-1]["rag"] == {"collection": "c", "status": "ok"}
+    assert "citations" not in lines[0]
+
+
+def test_created_at_is_rfc3339_utc_with_microseconds() -> None:
+    before = datetime.datetime.now(datetime.UTC)
+    stamps = [ollama_answers.created_at() for _ in range(3)]
+    after = datetime.datetime.now(datetime.UTC)
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        # The second formatted once and reused, the microseconds fresh: still within the calls around it.
+        at = datetime.datetime.fromisoformat(stamp)
+        assert before - datetime.timedelta(microseconds=1) <= at <= after + datetime.timedelta(microseconds=1)

@@ -7,7 +7,6 @@ becomes Ollama's lines, ending in the `done: true` line with the token counts.
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -17,9 +16,22 @@ import orjson
 from ragmesh.errors import RagmeshError
 
 
+class _Second:
+    """The date-and-time part of the current second, formatted once a second rather than once a
+    line (strftime was half of a streamed line's cost)."""
+
+    at = -1
+    text = ""
+
+
 def created_at() -> str:
     """Ollama's timestamp: RFC 3339 in UTC, with microseconds."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = time.time()
+    second = int(now)
+    if second != _Second.at:
+        _Second.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _Second.at = second
+    return f"{_Second.text}.{min(999_999, int((now - second) * 1_000_000)):06d}Z"
 
 
 def _token_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -123,7 +135,8 @@ async def ndjson_lines(
         event = orjson.loads(raw)
         if event.get("usage"):
             usage = event["usage"]
-        extras.update(_rag_fields(event))
+        if "citations" in event or "rag" in event:  # only the last chunk with choices has them
+            extras.update(_rag_fields(event))
         for choice in event.get("choices") or ():
             finish = choice.get("finish_reason") or finish
             delta = choice.get("delta")

@@ -40,7 +40,7 @@ SEARCH_SECONDS = Histogram(
 )
 QUERY_EMBEDDING_SECONDS = Histogram(
     "ragmesh_retrieval_query_embedding_seconds",
-    "Time to embed a search query (cache lookup included)",
+    "Time to embed a search query (the cache read included, as far as it did not overlap the collection's lookup)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
 

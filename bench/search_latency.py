@@ -252,7 +252,9 @@ def run_phase(
                 print(f"[{label}] ingested {args.docs} documents in {time.perf_counter() - started:.0f} s", flush=True)
             info = targets.http.get("/v1/collections/scifact-latency").json()
             print(f"[{label}] collection: {info.get('documents')} documents, {info.get('chunks')} chunks", flush=True)
+            load = os.getloadavg()[0]
             result = measure(targets, halves, warmup)
+            result["load"] = (load, os.getloadavg()[0])
             if args.profile:
                 profile(env, targets, halves["gateway"], args.profile / label)
             return result
@@ -307,6 +309,12 @@ def report(args: argparse.Namespace, phases: dict[str, dict[str, Any]], halves: 
         f"\nhybrid search, top_k {args.top_k}, {args.docs} SciFact documents, one query at a time, result cache off; "
         f"{n['gateway']} queries through the gateway, {n['grpc']} others straight to retrieval's gRPC Search\n"
     )
+    for phase, result in phases.items():
+        print(
+            f"{phase}: machine load average {result['load'][0]:.1f} before the timed passes, "
+            f"{result['load'][1]:.1f} after"
+        )
+    print()
     print("| code | path | cold p50 ms | cold p99 ms | cold mean ms | warm p50 ms | warm p99 ms | warm mean ms |")
     print("|---|---|---|---|---|---|---|---|")
     labels = {"ours": "this branch", "baseline": f"baseline {args.baseline_ref}"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +23,13 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = 0
     http_port: int = 0
     log_level: str = Field(default="INFO", validation_alias=AliasChoices("RAGMESH_LOG_LEVEL", "LOG_LEVEL"))
+    # The event loop every service runs on (HTTP, gRPC, Redis, AMQP alike). "auto": uvloop
+    # where it is installed (uvicorn[standard]), asyncio's own otherwise. uvloop takes less
+    # CPU per request on the gateway's hot path (bench/gateway_overhead.py); grpc.aio runs on
+    # either (its completion queue is polled by a thread that wakes the loop through a socket).
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", validation_alias=AliasChoices("RAGMESH_EVENT_LOOP")
+    )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("RAGMESH_REDIS_URL", "REDIS_URL"),

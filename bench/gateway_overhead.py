@@ -111,6 +111,9 @@ def ragmesh(upstream: str, work: Path, **settings: str) -> Iterator[str]:
         "INFERENCE_GRPC",
         "RETRIEVAL_GRPC",
         "POSTPROCESS_GRPC",
+        # The admin listeners too: their defaults (8081, 8004) are another mesh's.
+        "GATEWAY_ADMIN",
+        "PREPROCESS_ADMIN",
     ):
         env[f"RAGMESH_{name}_PORT"] = str(free_port())
     launcher = [sys.executable, str(ROOT / "scripts" / "mesh.py")]

@@ -83,7 +83,7 @@ def main() -> int:
         for concurrency in levels:
             for _ in range(args.rounds):
                 for name, url in (("auth off", off), ("auth on", on)):
-                    lat, wall = asyncio.run(load(url, concurrency, args.requests, key))
+                    lat, wall, _ = asyncio.run(load(url, concurrency, args.requests, key))
                     latencies.setdefault((name, concurrency), []).extend(lat)
                     walls[(name, concurrency)] = walls.get((name, concurrency), 0.0) + wall
 

@@ -282,17 +282,18 @@ async def main() -> int:
             f"{o.paired:>6.2f} | {o.p50:>10.1f} / {o.p95:>9.1f} | "
             f"{fmt_cpu(m.cpu):>16} / {fmt_cpu(o.cpu):>16}"
         )
-    n_max, s_max = rows[-1]
     n_min, s_min = rows[0]
-    ratio = s_max["mesh"].tps / s_max["direct"].tps
-    # With more requests than slots, TTFT is mostly queueing behind other requests;
-    # the mesh's own overhead shows at the lowest concurrency.
-    overhead = s_min["mesh"].p50 - s_min["direct"].p50
+    # Issue #20's targets: the mesh at >= 0.95x llama.cpp's own server at every N, and at most
+    # 8 ms of TTFT overhead (p50) where it shows, at the lowest concurrency (with more requests
+    # than slots, TTFT is mostly queueing behind other requests).
     print()
-    print(f"target: mesh throughput >= 0.90x direct at N={n_max}: {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}")
-    print(
-        f"target: TTFT p50 overhead <= 15 ms at N={n_min}: {overhead:.1f} ms -> {'PASS' if overhead <= 15 else 'FAIL'}"
-    )
+    for n, row in rows:
+        ratio = row["mesh"].tps / row["direct"].tps
+        print(
+            f"target: mesh throughput >= 0.95x direct at N={n}: {ratio:.2f}x -> {'PASS' if ratio >= 0.95 else 'FAIL'}"
+        )
+    overhead = s_min["mesh"].p50 - s_min["direct"].p50
+    print(f"target: TTFT p50 overhead <= 8 ms at N={n_min}: {overhead:.1f} ms -> {'PASS' if overhead <= 8 else 'FAIL'}")
     # At every N: the median of per-round ratios (the load drifts between rounds; a pair shares it).
     for n, row in rows:
         paired = row["ollama"].paired

@@ -102,11 +102,12 @@ def run_http(app: Any, settings: ServiceSettings) -> None:
         port=settings.http_port,
         log_config=None,
         access_log=False,
-        loop="asyncio",  # grpc.aio runs on the standard asyncio loop
+        loop=settings.event_loop,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
         timeout_keep_alive=75,  # longer than nginx's upstream keepalive_timeout
     )
-    asyncio.run(DrainingServer(config, app).serve())
+    # Server.run makes the loop `config.loop` names (asyncio.run would always make asyncio's own).
+    DrainingServer(config, app).run()
 
 
 def run_grpc_service(

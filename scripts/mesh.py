@@ -124,10 +124,46 @@ def replica_counts(env: dict[str, str]) -> dict[str, int]:
     return counts
 
 
+# Ports picked for extra replicas, held from the plan until the replicas listen on them.
+_held_ports: dict[int, socket.socket] = {}
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port for a replica, held until `release_ports` (after the replicas are up).
+
+    Picking a port and letting it go left a window, until the replica bound it, in which
+    anything else could take it (a bind(0), an outgoing connection's local port): the replica
+    then failed to listen. The port stays bound here instead, with SO_REUSEADDR and never
+    listening: the kernel gives it to no bind(0), no outgoing connection and no plain bind,
+    while the replica (uvicorn and gRPC bind with SO_REUSEADDR too) binds and listens on it.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    _held_ports[port] = sock
+    return port
+
+
+def hold_port(port: int) -> bool:
+    """Hold a replica's own port (as `free_port` does) while it restarts; False if something
+    else took it meanwhile."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return False
+    _held_ports[port] = sock
+    return True
+
+
+def release_ports() -> None:
+    """Let go of the ports `free_port` holds (their replicas listen on them by now, or never will)."""
+    while _held_ports:
+        _, sock = _held_ports.popitem()
+        sock.close()
 
 
 def plan_replicas(ports: dict[str, int], counts: dict[str, int]) -> dict[str, list[Replica]]:
@@ -604,12 +640,14 @@ def up(plan: Plan, env: dict[str, str], timeout: float) -> int:
     try:
         wait_for(lambda: not not_ready(plan), timeout, "the mesh")
     except TimeoutError as exc:
+        release_ports()
         print(f"{exc} ({', '.join(not_ready(plan))}). Last log lines:", file=sys.stderr)
         programs = [r.program for service in SERVICES for r in plan.replicas[service]]
         for name in (*programs, "nginx"):
             print(f"--- {name}\n{tail(plan.log_dir / f'{name}.log')}", file=sys.stderr)
         print("the mesh is left running for inspection: `make down` stops it", file=sys.stderr)
         return 1
+    release_ports()  # every replica listens on its port now
     print(f"ready in {time.monotonic() - started:.1f} s: {plan.gateway_url}/v1", flush=True)
     return 0
 

@@ -23,7 +23,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mesh import GRPC_SERVICES, ROOT, SERVICES, Plan, Replica, load_dotenv, make_plan, read_pid, wait_for
+from mesh import (
+    GRPC_SERVICES,
+    ROOT,
+    SERVICES,
+    Plan,
+    Replica,
+    hold_port,
+    load_dotenv,
+    make_plan,
+    read_pid,
+    release_ports,
+    wait_for,
+)
 
 
 def supervisorctl(plan: Plan, *args: str) -> str:
@@ -122,8 +134,15 @@ def rollout(plan: Plan, target: str, timeout: float) -> int:
                 route_preprocess(plan, replica)
             print(f"{replica.program}: draining", flush=True)
             print(supervisorctl(plan, "stop", replica.program), flush=True)
-            print(supervisorctl(plan, "start", replica.program), flush=True)
-            wait_for(lambda r=replica: http_ok(r.ready_url), timeout, f"{replica.program}")
+            # Its ports are held until it listens again: nothing else takes them meanwhile.
+            for port in (replica.http_port, replica.grpc_port, replica.admin_port):
+                if port is not None and not hold_port(port):
+                    print(f"{replica.program}: port {port} was taken while it stopped", file=sys.stderr)
+            try:
+                print(supervisorctl(plan, "start", replica.program), flush=True)
+                wait_for(lambda r=replica: http_ok(r.ready_url), timeout, f"{replica.program}")
+            finally:
+                release_ports()
             if service in GRPC_SERVICES:
                 wait_for(
                     lambda r=replica: health_watchers(r) >= clients,

@@ -124,3 +124,29 @@ async def test_response_cache_store_and_replay_over_grpc(
     assert (
         replayed["cached"] is True and replayed["choices"] == first["choices"] and replayed["usage"] == first["usage"]
     )
+
+
+async def test_a_digits_only_answer_streams_digit_by_digit_under_the_guardrails(
+    postprocess_channel: grpc.aio.Channel,
+) -> None:
+    # PII guardrails on (the default): a run of digits is held only while it could still be a
+    # card, a phone number or an email's local part (64 characters), not until the answer ends.
+    stub = postprocess_pb2_grpc.PostprocessStub(postprocess_channel)
+    digits = "31415926535897932384" * 10
+    call = stub.Process(timeout=30)
+    await call.write(start_msg(stream=True))
+    for i, digit in enumerate(digits):
+        last = common_pb2.FINISH_REASON_STOP if i == len(digits) - 1 else common_pb2.FINISH_REASON_UNSPECIFIED
+        await call.write(chunk_msg(digit, i + 1, last))
+    deltas = []
+    async for reply in call:
+        if reply.chunk_json:
+            body = json.loads(reply.chunk_json)
+            content = body["choices"][0]["delta"].get("content") if body["choices"] else None
+            if content:
+                deltas.append(content)
+        if reply.generation_done:
+            break
+    await call.done_writing()
+    assert "".join(deltas) == digits
+    assert len(deltas) == len(digits) - 64 and all(len(d) == 1 for d in deltas[1:]), deltas[:3]

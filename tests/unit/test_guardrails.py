@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from postprocess.guardrails import StreamGuard, luhn_ok
+from postprocess import guardrails
+from postprocess.guardrails import MAX_HELD, StreamGuard, luhn_ok
 
 
 def stream(guard: StreamGuard, deltas: list[str]) -> tuple[str, bool]:
@@ -71,3 +74,88 @@ def test_long_text_without_spaces_is_not_held_forever() -> None:
     guard = pii()
     released = guard.push("x" * 2000).text
     assert len(released) >= 2000 - 512
+
+
+def pushed(guard: StreamGuard, deltas: list[str]) -> list[str]:
+    """What each push released (the flush last)."""
+    return [guard.push(delta).text for delta in deltas] + [guard.flush().text]
+
+
+def test_a_long_digit_run_streams_as_it_comes() -> None:
+    # A run of digits longer than any match can be is no card, phone or email, however it
+    # goes on: once it is that long, every digit leaves with the delta that brought it.
+    digits = "1234567890" * 20
+    released = pushed(pii(), list(digits))
+    assert "".join(released) == digits
+    longest_email_local_part = 64
+    assert all(released[i] == digits[i] for i in range(longest_email_local_part + 1, len(digits)))
+
+
+def test_nothing_is_held_longer_than_a_match_can_be() -> None:
+    for text in ("x" * 2000, "7" * 2000):
+        guard = pii()
+        for char in text:
+            guard.push(char)
+            assert len(guard.held) <= 65  # what may still be an email's local part (64)
+    # Number groups: the hold also keeps whole matches that began before it (redacted in one piece).
+    for text in ("1-2-3-" * 300, "a.b" * 600, "555 123 " * 200):
+        guard = pii()
+        for char in text:
+            guard.push(char)
+            assert len(guard.held) <= MAX_HELD, text[:12]
+
+
+def test_past_max_held_a_match_cut_in_two_is_redacted_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Overlapping card and phone matches hold each other back; past MAX_HELD the hold is cut
+    # through one: it may redact more than one pass over the whole answer, never less.
+    monkeypatch.setattr(guardrails, "MAX_HELD", 10)
+    text = "call 4111 1111 1111 1111 555 123 4567 555 123 4567 4111 1111 1111 1111 then"
+    guard = pii()
+    out = ""
+    for char in text:
+        out += guard.push(char).text
+        assert len(guard.held) <= 40
+    out += guard.flush().text
+    assert out.endswith(" [card number redacted] then")
+
+
+def test_a_card_in_a_stream_of_digits_is_held_until_whole() -> None:
+    guard = pii()
+    out = ""
+    for char in "Pay 4111111111111111 now":
+        out += guard.push(char).text
+        assert "4111" not in out  # nothing of the card leaves before it is known whole
+    out += guard.flush().text
+    assert out == "Pay [card number redacted] now"
+
+
+def test_text_before_a_blocked_term_is_still_redacted() -> None:
+    guard = StreamGuard(["email"], ["forbidden"], stop_on_block=True)
+    result = guard.push("mail jane@example.com forbidden now")
+    assert result.blocked and result.text == "mail [email redacted] "
+
+
+@pytest.mark.parametrize("stop_on_block", [False, True])
+def test_streamed_redaction_is_the_one_pass_over_the_whole_answer(stop_on_block: bool) -> None:
+    # However the answer is cut into deltas, the client reads what one pass over the whole
+    # answer gives: a match is never cut in two, nor found in a piece where the whole has none.
+    rng = random.Random(7)
+    pieces = [*"0123456789" * 4, *" -.+()@abxyz_", " ", "4111 1111 1111 1111", "jane@ex.com"]
+    pieces += ["+1 555-123-4567", "Secret ", "Plan", "secret plan"]
+
+    def run(text: str, cuts: random.Random | None) -> tuple[str, bool]:
+        guard = StreamGuard(["email", "card", "phone"], ["secret plan"], stop_on_block)
+        out, i = [], 0
+        while i < len(text):
+            step = cuts.randint(1, 4) if cuts else len(text)
+            result = guard.push(text[i : i + step])
+            out.append(result.text)
+            if result.blocked:
+                return "".join(out), True
+            i += step
+        last = guard.flush()
+        return "".join(out) + last.text, last.blocked
+
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 100)))
+        assert run(text, rng) == run(text, None), text

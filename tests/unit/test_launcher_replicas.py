@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import errno
 import http.server
 import importlib.util
 import os
@@ -13,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import grpc
 import pytest
+
+from ragmesh.grpc_server import GRPC_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,3 +119,56 @@ def test_up_waits_for_every_replica_not_only_the_one_behind_the_gateway(
         unused.bind(("127.0.0.1", 0))
         nothing = unused.getsockname()[1]
     assert mesh.not_ready(plan_with(nothing)) == ["preprocess-1"]  # not listening yet
+
+
+def test_ports_picked_for_replicas_stay_theirs_until_released(mesh: ModuleType, tmp_path: Path) -> None:
+    # The race: a port picked free, then bound by someone else before the replica binds it.
+    # Here "someone else" binds each planned port at the worst moment (right after the plan);
+    # it must be refused, while the replica's own listener (SO_REUSEADDR, as uvicorn and gRPC
+    # bind) gets the port.
+    env = {"RAGMESH_REPLICAS": "inference=2,retrieval=2,postprocess=2,preprocess=2"}
+    plan = mesh.make_plan(env, tmp_path)
+    try:
+        extra = [
+            port
+            for service in mesh.SERVICES
+            for r in plan.replicas[service][1:]
+            for port in (r.http_port, r.grpc_port, r.admin_port)
+            if port is not None
+        ]
+        assert len(extra) == 8
+        for port in extra:
+            with socket.socket() as rival, pytest.raises(OSError) as refused:
+                rival.bind(("127.0.0.1", port))
+            assert refused.value.errno == errno.EADDRINUSE
+            with socket.socket() as replica:
+                replica.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                replica.bind(("127.0.0.1", port))
+                replica.listen()
+    finally:
+        mesh.release_ports()
+    with socket.socket() as anyone:
+        anyone.bind(("127.0.0.1", extra[0]))  # let go once the replicas are up
+
+
+async def test_a_grpc_server_listens_on_a_held_port(mesh: ModuleType) -> None:
+    port = mesh.free_port()
+    try:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        await server.start()
+        await server.stop(None)
+    finally:
+        mesh.release_ports()
+
+
+def test_a_restarting_replica_s_port_is_held_until_it_listens_again(mesh: ModuleType) -> None:
+    with socket.socket() as old:
+        old.bind(("127.0.0.1", 0))
+        port = old.getsockname()[1]
+    try:
+        assert mesh.hold_port(port)
+        with socket.socket() as rival, pytest.raises(OSError):
+            rival.bind(("127.0.0.1", port))
+    finally:
+        mesh.release_ports()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Sequence
 
@@ -68,6 +69,14 @@ EVENT_BACKOFF_MAX = 60.0
 RETRY_DELAY = 1.0
 # A dependency failed (the broker, Redis, the registry), not the job: it goes back to the queue.
 JOB_DEFERRED_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RedisError, RegistryUnavailableError)
+
+
+class _Verdict(enum.Enum):
+    """What becomes of a job's delivery."""
+
+    ACK = "ack"
+    REQUEUE = "requeue"  # a dependency failed, not the job
+    DEAD_LETTER = "dead_letter"
 
 
 def check_job(job: ingest_pb2.IngestJob) -> None:
@@ -219,38 +228,48 @@ class Ingestion:
     # --- jobs ---------------------------------------------------------------------------
 
     async def _on_job(self, message: AbstractIncomingMessage) -> None:
+        """Handle one ingest job and settle its delivery (shared `settle`), whatever was raised:
+        a handler that raises dead-letters the job (to `ingest.dead`), never leaves it unsettled
+        (with prefetch 1, an unsettled job would stop this replica's ingestion)."""
         with consuming(message, "ingest job"):
-            await self._handle_job(message)
+            try:
+                verdict = await self._handle_job(message)
+            except Exception:
+                log.exception("ingest job handler failed; the message is dead-lettered")
+                JOBS.labels("handler_error").inc()
+                await settle(message)
+                return
+            if verdict is _Verdict.REQUEUE:
+                await asyncio.sleep(RETRY_DELAY)
+            await settle(message, ack=verdict is _Verdict.ACK, requeue=verdict is _Verdict.REQUEUE)
 
-    async def _handle_job(self, message: AbstractIncomingMessage) -> None:
+    async def _handle_job(self, message: AbstractIncomingMessage) -> _Verdict:
+        """Process one job; what to do with its delivery."""
         try:
             job = ingest_pb2.IngestJob.FromString(message.body)
         except DecodeError:
             log.error("undecodable ingest message dead-lettered", extra={"message_id": message.message_id})
             JOBS.labels("poison").inc()
-            await message.reject(requeue=False)
-            return
+            return _Verdict.DEAD_LETTER
         try:
             await self._process(job)
         except CollectionGoneError:
             JOBS.labels("collection_gone").inc()
             await self._record(self._fail(job.job_id, f"collection '{job.collection}' was deleted"))
-            await message.ack()
+            return _Verdict.ACK
         except JOB_DEFERRED_ERRORS as exc:
             # Transient: the broker or Redis blinked (announcing the change, say). The job goes back
             # to the queue; its redelivery finds it applied and only announces it.
             log.warning("ingest job deferred", extra={"job": job.job_id, "error": str(exc)})
             JOBS.labels("retried").inc()
-            await asyncio.sleep(RETRY_DELAY)
-            await message.nack(requeue=True)
+            return _Verdict.REQUEUE
         except Exception as exc:
             log.exception("ingest job failed", extra={"job": job.job_id})
             JOBS.labels("failed").inc()
             await self._record(self._fail(job.job_id, f"{type(exc).__name__}: {exc}"))
-            await message.reject(requeue=False)
-        else:
-            JOBS.labels("succeeded").inc()
-            await message.ack()
+            return _Verdict.DEAD_LETTER
+        JOBS.labels("succeeded").inc()
+        return _Verdict.ACK
 
     async def _fail(self, job_id: str, error: str) -> None:
         if self._jobs is not None:

@@ -120,3 +120,44 @@ async def test_a_failure_forwarding_the_generation_ends_the_answer_at_once(
     while engine.active_requests and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert engine.active_requests == 0, "the generation was cancelled"
+
+
+class EndedProcess:
+    """A Process call the postprocess server has already ended (e.g. its replica stopped past the
+    drain grace): grpc.aio refuses further writes with InvalidStateError, and reading gives the
+    call's status, UNAVAILABLE."""
+
+    def __init__(self, call: object) -> None:
+        self._call = call
+        self._refused = asyncio.Event()
+
+    async def write(self, request: object) -> None:
+        self._refused.set()
+        raise asyncio.InvalidStateError("RPC already finished.")
+
+    async def done_writing(self) -> None:
+        raise asyncio.InvalidStateError("RPC already finished.")
+
+    async def read(self) -> object:
+        await self._refused.wait()  # the reader learns the status once the writer met the ended call
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="injected: server went away"
+        )
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())  # type: ignore[attr-defined]
+
+
+async def test_a_postprocess_call_the_server_ended_is_a_503_not_a_500(
+    clients: MeshClients, engine: LlamaCppEngine
+) -> None:
+    p = pipeline(clients, "Write a long story about a fox.", stream=False, max_tokens=200, temperature=0)
+    await p.open()
+    p._proc = EndedProcess(p._proc)  # type: ignore[assignment]
+    with pytest.raises(RagmeshError) as info:
+        await asyncio.wait_for(p.collect(), timeout=20)
+    assert info.value.http_status == 503, info.value.message
+    deadline = time.monotonic() + 5.0  # bounds a broken cancel; the assertion is on the engine's state
+    while engine.active_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.active_requests == 0, "the generation was cancelled"

@@ -109,8 +109,11 @@ class GenerationPipeline:
                     self._gen_error = from_rpc_error(exc)
                     break
             await self._proc.done_writing()
-        except grpc.aio.AioRpcError:
-            pass  # postprocess failed: the reader gets its status
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # Postprocess failed or already ended the call (grpc.aio refuses writes to a finished
+            # call with InvalidStateError): the reader gets the call's status, a 503 when the
+            # server went away, not a 500 of ours.
+            pass
         except Exception as exc:
             log.exception("forwarding the generation to postprocess failed")
             self._gen_error = RagmeshError(

@@ -57,7 +57,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
-    from google.protobuf.struct_pb2 import Struct
     from sentence_transformers import SentenceTransformer
 
     from preprocess.documents import Chunker, clean_text, load_tokenizer
@@ -66,6 +65,7 @@ def main() -> None:
     from retrieval.embedder import forward, model_path
     from retrieval.index import ChunkRecord, Meta, Snapshot, bm25_tokens, embedding_text, top_scores
     from retrieval.search import _hit_dict, rrf
+    from retrieval.servicer import add_hits
     from retrieval.settings import RetrievalSettings
 
     settings, pre = RetrievalSettings(), PreprocessSettings()
@@ -103,17 +103,7 @@ def main() -> None:
 
     def response(i: int, _: str) -> bytes:
         reply = retrieval_pb2.SearchResponse()
-        for hit in shaped[i]:
-            metadata = Struct()
-            metadata.update(hit["metadata"])
-            reply.hits.add(
-                document_id=hit["document_id"],
-                chunk_id=hit["chunk_id"],
-                score=hit["score"],
-                text=hit["text"],
-                title=hit["title"],
-                metadata=metadata,
-            )
+        add_hits(reply, shaped[i])
         return reply.SerializeToString()
 
     rows = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from google.protobuf.struct_pb2 import Struct
@@ -32,6 +33,21 @@ MODE_NAMES = {
     retrieval_pb2.SEARCH_MODE_DENSE: "dense",
     retrieval_pb2.SEARCH_MODE_SPARSE: "sparse",
 }
+
+
+def add_hits(response: retrieval_pb2.SearchResponse, hits: list[dict[str, Any]]) -> None:
+    """Append search hits (the searcher's dicts) to a SearchResponse."""
+    for hit in hits:
+        metadata = Struct()
+        metadata.update(hit["metadata"])
+        response.hits.add(
+            document_id=hit["document_id"],
+            chunk_id=hit["chunk_id"],
+            score=hit["score"],
+            text=hit["text"],
+            title=hit["title"],
+            metadata=metadata,
+        )
 
 
 def collection_message(snapshot: Snapshot, reranker: str = "") -> retrieval_pb2.Collection:
@@ -92,17 +108,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             collection_id=view.snapshot.meta.id,
             reranker=view.reranker,
         )
-        for hit in hits:
-            metadata = Struct()
-            metadata.update(hit["metadata"])
-            response.hits.add(
-                document_id=hit["document_id"],
-                chunk_id=hit["chunk_id"],
-                score=hit["score"],
-                text=hit["text"],
-                title=hit["title"],
-                metadata=metadata,
-            )
+        add_hits(response, hits)
         return response
 
     async def Embed(  # noqa: N802

@@ -14,12 +14,15 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 from jinja2.exceptions import TemplateError
@@ -112,6 +115,10 @@ def _engine_error(payload: dict[str, Any]) -> RagmeshError:
     return RagmeshError(ErrorKind.INTERNAL, f"engine error: {message}")
 
 
+# Any host: requests to llama.cpp go over its Unix socket (the transport's uds), never to this name.
+_SOCKET_BASE_URL = "http://llama.cpp"
+
+
 class LlamaCppEngine:
     """One GGUF model served by an in-process llama.cpp server."""
 
@@ -119,6 +126,8 @@ class LlamaCppEngine:
         self._settings = settings
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
+        # The owner-only folder (mode 0700) holding llama.cpp's Unix socket; removed by aclose().
+        self._socket_dir: str | None = None
         # The model's tokenizer and chat template in this process (see inference.tokens): None when
         # the model's kind is not built here or it counted differently from llama.cpp at load.
         self._local: GgufTokenizer | None = None
@@ -158,16 +167,25 @@ class LlamaCppEngine:
             params.chat_template = template
         apply_cpu_params(params, self._settings)
         params.verbosity = 0
-        # llama.cpp's own HTTP server listens on a random loopback port (xllamacpp starts it;
-        # it has no direct call for the chat template and the tokenizer): with a key of this
-        # process's own, nothing else on the machine can generate past the mesh through it.
+        # llama.cpp's own HTTP server (xllamacpp always starts it: it has no direct call for the
+        # chat template and the tokenizer, and no way to not listen) listens on a Unix socket in a
+        # folder only this user can enter (xllamacpp takes a hostname ending in .sock as one), so
+        # it has no TCP port at all; and with a key of this process's own, nothing else can
+        # generate past the mesh's keys, guardrails and slots through it.
         http_key = secrets.token_urlsafe(32)
         params.api_keys = [http_key]
+        self._socket_dir = tempfile.mkdtemp(prefix="ragmesh-llama-")  # mode 0700
+        params.hostnames = [os.path.join(self._socket_dir, "llama.sock")]
         started = time.perf_counter()
-        self._server = xllamacpp.Server(params)
+        try:
+            self._server = xllamacpp.Server(params)
+        except BaseException:
+            self._remove_socket_dir()
+            raise
         self.created = int(os.path.getmtime(path))
         self._http = httpx.AsyncClient(
-            base_url=self._server.listening_address,
+            transport=httpx.AsyncHTTPTransport(uds=self.socket_path),
+            base_url=_SOCKET_BASE_URL,
             timeout=30.0,
             headers={"Authorization": f"Bearer {http_key}"},
         )
@@ -192,7 +210,8 @@ class LlamaCppEngine:
             local = load_gguf_tokenizer(path, template)
             if local is None:
                 return None
-            with httpx.Client(base_url=self._server.listening_address, timeout=30.0, headers=headers) as http:
+            transport = httpx.HTTPTransport(uds=self.socket_path)
+            with httpx.Client(transport=transport, base_url=_SOCKET_BASE_URL, timeout=30.0, headers=headers) as http:
                 difference = differs_from_engine(local, http)
         except Exception:  # an unusual file or template: llama.cpp loaded it, so keep to llama.cpp
             log.exception("in-process tokenizer not built; counting through llama.cpp")
@@ -204,10 +223,26 @@ class LlamaCppEngine:
             return None
         return local
 
+    @property
+    def socket_path(self) -> str:
+        """The Unix socket llama.cpp's HTTP server listens on (its listening address is unix://<path>)."""
+        assert self._server is not None, "engine not loaded"
+        address = urlparse(str(self._server.listening_address))
+        if address.scheme != "unix":  # a TCP port is what this engine must not open
+            raise RuntimeError(f"llama.cpp listens on {self._server.listening_address}, not a Unix socket")
+        return address.path
+
+    def _remove_socket_dir(self) -> None:
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
     async def aclose(self) -> None:
-        """Release the HTTP client and the worker threads (running generations are stopped by their callers)."""
+        """Release the HTTP client, the socket's folder and the worker threads (running generations
+        are stopped by their callers)."""
         if self._http is not None:
             await self._http.aclose()
+        self._remove_socket_dir()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def check_model(self, model: str) -> None:

@@ -1,6 +1,6 @@
 """The embedded model's tokenizer and chat template, run in this process.
 
-llama.cpp's HTTP server (which xllamacpp starts on a loopback port) is the only
+llama.cpp's HTTP server (which xllamacpp starts, on a Unix socket for the engine) is the only
 way xllamacpp offers to apply the chat template and to tokenize: two HTTP calls
 per counted conversation. The GGUF file holds everything both need, so they run
 here instead: the vocabulary and merges become a `tokenizers` byte-level BPE

@@ -104,6 +104,9 @@ async def test_guardrails_over_grpc_redact_split_pii_and_stop_on_blocklist(
         guarded_postprocess, start_msg(stream=False), ["Mail ann@", "example.org or call 555-", "867-5309."]
     )
     assert body["choices"][0]["message"]["content"] == "Mail [email redacted] or call [phone redacted]."
+    # A card followed by more digit groups (the greedy card match fails Luhn): the card still goes.
+    body = await run(guarded_postprocess, start_msg(stream=False), ["card 4111 1111 1111 1111 5", "55 123 4567."])
+    assert body["choices"][0]["message"]["content"] == "card [card number redacted] 555 [phone redacted]."
     body = await run(guarded_postprocess, start_msg(stream=False), ["The launch", " codes are 0000"])
     assert body["choices"][0]["finish_reason"] == "content_filter"
     assert "codes" not in body["choices"][0]["message"]["content"]

@@ -51,6 +51,26 @@ def test_numbers_that_are_not_pii_pass() -> None:
     assert luhn_ok("4111111111111111") and not luhn_ok("1234567890123456")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The card pattern's greedy match runs on into the next group (19 digits, Luhn fails):
+        # the Luhn-valid card it begins with is still redacted, and what follows is left to the
+        # phone pattern (the phone pattern's own 19-digit match "4111 ... 555" is no phone).
+        ("card 4111 1111 1111 1111 555 123 4567", "card [card number redacted] 555 [phone redacted]"),
+        ("card 4111-1111-1111-1111-99 ok", "card [card number redacted]-99 ok"),
+        ("visa 4012 8888 8888 1881 7 then", "visa [card number redacted] 7 then"),
+        # No Luhn-valid card at a group boundary: nothing new is redacted.
+        ("id 1234 5678 9012 3456 555 end", "id 1234 5678 9012 3456 555 end"),
+        # A run without separators has no group boundary to cut at.
+        ("ref 41111111111111112 end", "ref 41111111111111112 end"),
+    ],
+)
+def test_a_card_followed_by_more_digit_groups_is_redacted(text: str, expected: str) -> None:
+    assert stream(pii(), [text]) == (expected, False)
+    assert stream(pii(), list(text)) == (expected, False)  # the same, a character at a time
+
+
 def test_text_is_released_as_it_comes_one_word_behind() -> None:
     guard = pii()
     assert guard.push("Hello there").text == "Hello "
@@ -142,6 +162,8 @@ def test_streamed_redaction_is_the_one_pass_over_the_whole_answer(stop_on_block:
     rng = random.Random(7)
     pieces = [*"0123456789" * 4, *" -.+()@abxyz_", " ", "4111 1111 1111 1111", "jane@ex.com"]
     pieces += ["+1 555-123-4567", "Secret ", "Plan", "secret plan"]
+    # A card run on into more groups (the card pattern's match fails Luhn, its prefix passes).
+    pieces += ["4111 1111 1111 1111 555 123 4567", "4111-1111-1111-1111-", " 55", " 123"]
 
     def run(text: str, cuts: random.Random | None) -> tuple[str, bool]:
         guard = StreamGuard(["email", "card", "phone"], ["secret plan"], stop_on_block)

@@ -74,6 +74,30 @@ def luhn_ok(number: str) -> bool:
     return total % 10 == 0
 
 
+# The last digit of a group that more groups follow: where a card may end inside a longer run.
+_GROUP_END = re.compile(r"\d(?=[ -]\d)")
+
+
+def card_length(number: str, prefixes: bool = True) -> int:
+    """How much of a card pattern's match to redact: all of it when it passes Luhn, else
+    its longest prefix ending at a group boundary that does (0 if none).
+
+    The pattern is greedy, so a card followed by another digit group ("4111 1111 1111 1111
+    555") matches as one longer number that fails Luhn; the card in it must still go. The
+    rest stays, for the phone pattern. Only group boundaries are tried: a run of digits
+    without separators is one number, not a card and some more. Without `prefixes` (a
+    match that may still grow), only the whole match counts.
+    """
+    if luhn_ok(number):
+        return len(number)
+    if not prefixes:
+        return 0
+    for end in reversed([found.end() for found in _GROUP_END.finditer(number)]):
+        if luhn_ok(number[:end]):
+            return end
+    return 0
+
+
 @dataclass
 class FilterResult:
     text: str
@@ -199,14 +223,22 @@ class StreamGuard:
             for match in pattern.finditer(subject, begin):
                 if match.start() >= end:
                     break
-                valid = {"card": luhn_ok, "phone": phone_ok}.get(name)
-                if valid is not None and not valid(match.group(0)):
+                stop = match.end()
+                if name == "card":
+                    # The whole match is held until known (see _safe_cut), so the part of it
+                    # redacted is the same however the answer was split. One cut at MAX_HELD
+                    # may still grow: a prefix of it is no card yet, only the whole of it.
+                    length = card_length(match.group(0), prefixes=match.end() <= end)
+                    if not length:
+                        continue
+                    stop = match.start() + length
+                elif name == "phone" and not phone_ok(match.group(0)):
                     continue
-                if any(match.start() < e and s < match.end() for s, e, _ in chosen):
+                if any(match.start() < e and s < stop for s, e, _ in chosen):
                     continue
-                chosen.append((match.start(), min(match.end(), end), name))
+                chosen.append((match.start(), min(stop, end), name))
                 # Only past MAX_HELD does a match run on into the held text.
-                self._masked = max(self._masked, match.end() - end)
+                self._masked = max(self._masked, stop - end)
         chosen.sort()
         blocked = False
         out: list[str] = []

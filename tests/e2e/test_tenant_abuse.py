@@ -508,10 +508,10 @@ def test_readiness_names_no_exception_text(mesh: Mesh) -> None:
     assert set(reply.json()["dependencies"].values()) == {"ok"}
 
 
-def test_the_engine_counts_tokens_through_its_keyed_http_server(mesh: Mesh) -> None:
+def test_the_engine_counts_tokens_exactly(mesh: Mesh) -> None:
     """A prompt whose size bound plus max_tokens is over a slot's context makes the engine count its
-    tokens exactly (chat template and tokenizer on llama.cpp's loopback server, which now needs the
-    engine's own key): it fits, so it is answered."""
+    tokens exactly (in process, from the GGUF's tokenizer and chat template; llama.cpp's own server,
+    the fallback, is keyed and on a Unix socket): it fits, so it is answered."""
     key = new_key(mesh)
     body = {
         "model": MODEL,

@@ -65,9 +65,15 @@ class LazyChannel:
         async with self._lock:
             connection = await self._connect()
             if self._channel is None or self._channel.is_closed:
-                channel = await connection.channel(
-                    publisher_confirms=self._confirms, on_return_raises=self._on_return_raises
-                )
+                try:
+                    channel = await connection.channel(
+                        publisher_confirms=self._confirms, on_return_raises=self._on_return_raises
+                    )
+                except RuntimeError as exc:
+                    # While the robust connection reconnects (the broker closed it), aiormq refuses
+                    # a new channel with a bare RuntimeError: a dependency failure, which callers
+                    # retry or requeue (TRANSIENT_ERRORS), not a bug that dead-letters a message.
+                    raise ConnectionError(f"the AMQP connection is closed: {exc}") from exc
                 if self._declare is not None:
                     await self._declare(channel)
                 self._channel = channel

@@ -222,16 +222,10 @@ def main() -> None:
             with_rag = run_round(client, metrics, texts[3:], rag, args.max_tokens)
     finally:
         subprocess.run([*mesh, "down"], env=env, check=False)
-        try:
-            sys.path.insert(0, str(ROOT))
-            from tests.conftest import delete_topology_now
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import delete_bench_topology
 
-            amqp = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-            delete_topology_now(
-                amqp, env["RAGMESH_NAMESPACE"], (env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname(),)
-            )
-        except Exception as exc:  # noqa: BLE001 - cleanup of the shared broker is best effort
-            print(f"(topology of {env['RAGMESH_NAMESPACE']} not deleted: {exc!r})", file=sys.stderr)
+        delete_bench_topology(env)
 
     print(
         f"\n{args.requests} chat requests, one at a time, max_tokens {args.max_tokens}, "

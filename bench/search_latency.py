@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -290,16 +289,10 @@ def main() -> None:
             old_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p))
             phases["baseline"] = run_phase("baseline", old_env, run_dir, args, halves, warmup, first=False)
     finally:
-        try:
-            sys.path.insert(0, str(ROOT))
-            from tests.conftest import delete_topology_now
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import delete_bench_topology
 
-            amqp = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
-            delete_topology_now(
-                amqp, env["RAGMESH_NAMESPACE"], (env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname(),)
-            )
-        except Exception as exc:  # noqa: BLE001 - cleanup of the shared broker is best effort
-            print(f"(topology of {env['RAGMESH_NAMESPACE']} not deleted: {exc!r})", file=sys.stderr)
+        delete_bench_topology(env)
     report(args, phases, halves)
 
 

@@ -106,6 +106,20 @@ def delete_topology_now(amqp_url: str, namespace: str, replica_ids: Sequence[str
     asyncio.run(delete_topology(amqp_url, namespace, replica_ids))
 
 
+def delete_bench_topology(env: dict[str, str]) -> None:
+    """Delete, best effort, the queues and exchanges of a mesh a benchmark started with `env`
+    (the broker is shared: a benchmark must not leave its topology behind)."""
+    import socket
+    import sys
+
+    amqp = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+    replica = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()
+    try:
+        delete_topology_now(amqp, env["RAGMESH_NAMESPACE"], (replica,))
+    except Exception as exc:  # noqa: BLE001 - cleanup of the shared broker is best effort
+        print(f"(topology of {env['RAGMESH_NAMESPACE']} not deleted: {exc!r})", file=sys.stderr)
+
+
 def close_own_connections(namespace: str, reason: str = "closed by a test") -> int:
     """Drop, broker side, the AMQP connections of one namespace's services (their client-given
     names start with the namespace), never anyone else's; how many were closed."""

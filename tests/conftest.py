@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlparse
 
 import aio_pika
@@ -106,11 +109,21 @@ def delete_topology_now(amqp_url: str, namespace: str, replica_ids: Sequence[str
     asyncio.run(delete_topology(amqp_url, namespace, replica_ids))
 
 
+def load_launcher(name: str = "ragmesh_launcher") -> ModuleType:
+    """scripts/mesh.py as a module named `name` (the launcher's own plan: ports, replicas,
+    environments); a module of its own per caller, so one test file's patches stay in it."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / "mesh.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def delete_bench_topology(env: dict[str, str]) -> None:
     """Delete, best effort, the queues and exchanges of a mesh a benchmark started with `env`
     (the broker is shared: a benchmark must not leave its topology behind)."""
     import socket
-    import sys
 
     amqp = env.get("RAGMESH_AMQP_URL") or env.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
     replica = env.get("RAGMESH_RETRIEVAL_REPLICA_ID") or socket.gethostname()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from ..conftest import delete_topology_now, free_port, unique_namespace
+from ..conftest import delete_topology_now, free_port, load_launcher, unique_namespace
 from ..rerank_models import build_tiny_cross_encoder
 from ..rerank_upstream import COHERE_MODEL, NIM_MODEL, RERANK_KEY, RerankUpstream, upstream_entry
 
@@ -126,12 +125,7 @@ def running_mesh(run_dir: Path, env: dict[str, str]) -> Iterator[Mesh]:
 
 def launcher() -> Any:
     """scripts/mesh.py as a module (the launcher's own plan: ports, replicas, environments)."""
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher()
 
 
 def retrieval_replica_ids(run_dir: Path, env: dict[str, str]) -> list[str]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,19 +11,14 @@ from types import ModuleType
 import pytest
 import redis
 
-from ..conftest import free_port
+from ..conftest import free_port, load_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def launcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher_credentials", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("ragmesh_launcher_credentials")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import configparser
 import errno
 import http.server
-import importlib.util
 import os
 import socket
 import sys
@@ -19,17 +18,14 @@ import pytest
 
 from ragmesh.grpc_server import GRPC_OPTIONS
 
+from ..conftest import load_launcher
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def mesh() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("ragmesh_launcher")
 
 
 def test_replica_counts_default_to_one_and_refuse_what_they_cannot_read(mesh: ModuleType) -> None:

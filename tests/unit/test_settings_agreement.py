@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -18,6 +17,8 @@ from preprocess.settings import PreprocessSettings
 from retrieval.index import Meta
 from retrieval.settings import RetrievalSettings
 
+from ..conftest import load_launcher
+
 ROOT = Path(__file__).resolve().parents[2]
 # The gateway's variables as nginx's template reads them.
 NGINX_OF = {
@@ -29,12 +30,7 @@ NGINX_OF = {
 
 @pytest.fixture(scope="module")
 def launcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher_agreement", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("ragmesh_launcher_agreement")
 
 
 def test_the_body_limit_is_one_value_whichever_side_sets_it(launcher: ModuleType, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -14,22 +13,16 @@ from types import ModuleType
 
 import pytest
 import yaml
-from pydantic_settings import BaseSettings
 
 from inference.settings import InferenceSettings
 from postprocess.settings import PostprocessSettings
 from preprocess.settings import PreprocessSettings
 from retrieval.settings import RetrievalSettings
 
-from .test_deploy import env_names
+from ..conftest import load_launcher
+from .test_deploy import SERVICES, env_names
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES: dict[str, type[BaseSettings]] = {
-    "preprocess": PreprocessSettings,
-    "retrieval": RetrievalSettings,
-    "inference": InferenceSettings,
-    "postprocess": PostprocessSettings,
-}
 # Every variable that holds a credential, whoever reads it.
 SECRETS = {
     "RAGMESH_AMQP_URL",
@@ -52,12 +45,7 @@ def secrets_read_by(service: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def launcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ragmesh_launcher_scope", ROOT / "scripts" / "mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("ragmesh_launcher_scope")
 
 
 @pytest.mark.parametrize("service", list(SERVICES))

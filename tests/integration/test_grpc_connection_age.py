@@ -36,6 +36,11 @@ class Gated(postprocess_pb2_grpc.PostprocessServicer):
         self.calls = 0
         self.refuse = refuse
 
+    async def ProcessWhole(  # noqa: N802 - gRPC method name
+        self, request: postprocess_pb2.ProcessWholeRequest, context: ServicerContext
+    ) -> postprocess_pb2.ProcessResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streams only here")
+
     async def Process(  # noqa: N802 - gRPC method name
         self, requests: AsyncIterator[postprocess_pb2.ProcessRequest], context: ServicerContext
     ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -153,7 +154,15 @@ async def test_a_postprocess_call_the_server_ended_is_a_503_not_a_500(
 ) -> None:
     p = pipeline(clients, "Write a long story about a fox.", stream=False, max_tokens=200, temperature=0)
     await p.open()
-    p._proc = EndedProcess(p._proc)  # type: ignore[assignment]
+    # A non-streamed request opens its Process call once the first chunk is in: the ended call is
+    # the one the stub gives then.
+    real = clients.postprocess
+
+    class EndedStub:
+        def Process(self, **kw: object) -> EndedProcess:  # noqa: N802 - the stub's method
+            return EndedProcess(real.Process(**kw))  # type: ignore[arg-type]
+
+    p._clients = dataclasses.replace(clients, postprocess=EndedStub())  # type: ignore[arg-type]
     with pytest.raises(RagmeshError) as info:
         await asyncio.wait_for(p.collect(), timeout=20)
     assert info.value.http_status == 503, info.value.message

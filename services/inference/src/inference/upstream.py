@@ -1,7 +1,12 @@
 """An upstream OpenAI-compatible endpoint as an engine (vLLM, Ollama, NVIDIA API catalog / NIM, OpenAI).
 
-Requests always go upstream as streams (stream_options.include_usage), so the
-mesh streams tokens as they come whatever the client asked. The server-side
+A streamed request goes upstream as a stream (stream_options.include_usage), so the
+mesh streams tokens as they come. A non-streamed one (GenerateRequest.whole) asks the
+upstream for the whole answer, as the client did, and sends each choice on as one
+chunk: one message on each hop instead of one per delta, and no SSE to parse (the
+backend's `timeout` then bounds the wait for that answer, as for a `payload.stream:
+false` backend). The upstream applies the request's stop sequences itself either way;
+postprocess checks them (and the guardrails) on the answer all the same. The server-side
 key is added here; nothing of the client's credentials ever reaches this code.
 Upstream failures are sorted into what a retry may fix (connection errors,
 429, 5xx: `UpstreamError.retryable`) and what it may not, and into what says the
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiohttp
+import orjson
 
 from inference.config import UpstreamBackend
 from ragmesh.errors import ErrorKind, RagmeshError
@@ -85,11 +91,12 @@ _MESSAGE_TYPED = ("role", "content", "name")
 def openai_request(request: inference_pb2.GenerateRequest, model: str) -> dict[str, Any]:
     """The OpenAI request an upstream gets: the client's body for what no typed field carries
     (tools, logprobs, a message's tool_calls, unknown parameters), the typed fields for the rest."""
-    body: dict[str, Any] = json.loads(request.openai_json) if request.openai_json else {}
+    # Parsed once (preprocess wrote it with orjson: plain JSON, no NaN).
+    body: dict[str, Any] = orjson.loads(request.openai_json) if request.openai_json else {}
+    raw = body.get("messages")
     for key in (*_MESH_FIELDS, "messages", "prompt"):
         body.pop(key, None)
     if request.WhichOneof("input") == "chat":
-        raw = json.loads(request.openai_json).get("messages") if request.openai_json else None
         typed = request.chat.messages
         # The client's message at the same place, for what ChatMessage has no field for.
         extras = raw if isinstance(raw, list) and len(raw) == len(typed) else [{}] * len(typed)
@@ -314,13 +321,18 @@ class UpstreamEngine:
             raise _bad_gateway(self.name, "a /models list that is not OpenAI's shape") from None
         return [(m, caps) for m, caps in found if self.config.wants(m)]
 
+    def _streams(self, request: inference_pb2.GenerateRequest) -> bool:
+        """Whether the upstream is asked for a stream: a streamed request to a backend that streams."""
+        return self.config.payload.stream and not request.whole
+
     def _body(self, request: inference_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
         """(path, JSON body): the client's own request (every OpenAI parameter it sent), with the
         typed fields as the authority wherever they say something (see GenerateRequest), then
         the backend's payload rules."""
         body = openai_request(request, model)
-        if not self.config.payload.stream:
-            # A backend that refuses streaming: asked for the whole answer, streamed to the client by the mesh.
+        if not self._streams(request):
+            # A non-streamed request, or a backend that refuses streaming: asked for the whole answer
+            # (the mesh still streams it to a client that asked for a stream).
             body.pop("stream", None)
             body.pop("stream_options", None)
         return ("/chat/completions" if request.WhichOneof("input") == "chat" else "/completions"), shaped(
@@ -333,12 +345,15 @@ class UpstreamEngine:
         """Stream the upstream's answer as GenerationChunks; the first one comes once it answered 200
         and sent something (an error status fails the call before any chunk)."""
         path, body = self._body(request, model)
+        headers = {**self._auth(), "Content-Type": "application/json"}
         async with self._slot():
             try:
-                async with self._client().post(f"{self._base}{path}", json=body, headers=self._auth()) as response:
+                async with self._client().post(
+                    f"{self._base}{path}", data=orjson.dumps(body), headers=headers
+                ) as response:
                     if response.status != 200:
                         raise status_error(self.name, response.status, response.headers, await response.read())
-                    if not self.config.payload.stream:
+                    if not self._streams(request):
                         for chunk in self._whole(await response.read(), model):
                             yield chunk
                         return
@@ -352,9 +367,10 @@ class UpstreamEngine:
                 raise _unreachable(self.name, exc) from exc
 
     def _whole(self, raw: bytes, model: str) -> list[common_pb2.GenerationChunk]:
-        """A non-streamed answer (payload.stream false) as the chunks a stream would have given."""
+        """A whole (non-streamed) answer as one chunk per choice: its text and other fields,
+        its finish reason and the usage together (what a stream's chunks would add up to)."""
         try:
-            answer = json.loads(raw)
+            answer = json.loads(raw)  # json, not orjson: an upstream may write NaN or -Infinity
             choices = answer["choices"]
             assert isinstance(choices, list)
         except (ValueError, KeyError, TypeError, AssertionError):
@@ -369,20 +385,17 @@ class UpstreamEngine:
             if raw_choice.get("logprobs"):
                 extras["logprobs"] = raw_choice["logprobs"]
             finish = raw_choice.get("finish_reason") or "stop"
-            if text or extras:
-                chunks.append(
-                    common_pb2.GenerationChunk(
-                        index=index, text=text, model=model, extra_json=json.dumps(extras) if extras else ""
-                    )
-                )
+            if finish not in FINISH_REASONS:
+                extras["finish_reason"] = finish  # a reason the enum does not name, passed on as is
             chunks.append(
                 common_pb2.GenerationChunk(
                     index=index,
+                    text=text,
                     model=model,
                     prompt_tokens=int(usage.get("prompt_tokens", 0)),
                     completion_tokens=int(usage.get("completion_tokens", 0)) if i == 0 else 0,
                     finish_reason=FINISH_REASONS.get(finish, common_pb2.FINISH_REASON_STOP),
-                    extra_json=json.dumps({"finish_reason": finish}) if finish not in FINISH_REASONS else "",
+                    extra_json=orjson.dumps(extras).decode() if extras else "",
                 )
             )
         return chunks

@@ -63,6 +63,28 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
         if not session.done:
             raise RagmeshError(ErrorKind.INTERNAL, "generation ended before every choice finished")
 
+    async def ProcessWhole(  # noqa: N802
+        self, request: postprocess_pb2.ProcessWholeRequest, context: ServicerContext
+    ) -> postprocess_pb2.ProcessResponse:
+        """Process for a non-streamed request whose generation is all in hand: the same session
+        fed the same chunks, one unary call instead of a bidi stream."""
+        start = request.start
+        if start.stream:
+            raise invalid_request("ProcessWhole answers non-streamed requests; streams use Process")
+        began = time.perf_counter()
+        session = ProcessSession(start, self._guards)
+        responses: list[postprocess_pb2.ProcessResponse] = []
+        for chunk in request.chunks:
+            responses = session.feed(chunk)
+            if session.done:
+                break
+        if not session.done:
+            raise RagmeshError(ErrorKind.INTERNAL, "generation ended before every choice finished")
+        if start.cache_key and self._cache is not None:
+            await self._cache.store(start.cache_key, session.cache_record())
+        PROCESSING_SECONDS.observe(time.perf_counter() - began)
+        return responses[-1]
+
     async def Replay(  # noqa: N802
         self, request: postprocess_pb2.ProcessStart, context: ServicerContext
     ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:

@@ -3,6 +3,12 @@
 Generation chunks are forwarded to postprocess as they arrive; postprocess's
 output goes to the client. Closing the pipeline (client gone, deadline, stop
 sequence) cancels both calls, which frees the engine slot.
+
+A non-streamed request whose first chunk already finishes its one choice (an
+upstream asked for the whole answer, a fixed answer, a one-token generation) goes
+to postprocess as one unary ProcessWhole call: the same session and checks, without
+a bidi stream's messages and tasks. Any other non-streamed request opens Process
+once that first chunk is in, and goes on as a stream does.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class GenerationPipeline:
             grpc.aio.StreamStreamCall[postprocess_pb2.ProcessRequest, postprocess_pb2.ProcessResponse] | None
         ) = None
         self._first: common_pb2.GenerationChunk | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        # A non-streamed request's Process call is opened after the first chunk; its start is still to send.
+        self._start_pending = False
         self._gen_error: RagmeshError | None = None
         self.usage: common_pb2.Usage | None = None
 
@@ -65,13 +74,15 @@ class GenerationPipeline:
         Errors the engine raises up front (prompt over the context, unknown model,
         overload) surface here, before any byte of a streamed response is sent.
         """
-        metadata = call_metadata()
-        self._proc = self._clients.postprocess.Process(timeout=self._timeout, metadata=metadata)
+        metadata = self._metadata = call_metadata()
+        if self._start.stream:
+            self._proc = self._clients.postprocess.Process(timeout=self._timeout, metadata=metadata)
         if self._fixed is None:
             self._gen = self._clients.inference.Generate(self._generate, timeout=self._timeout, metadata=metadata)
         try:
-            # Postprocess gets the start while the engine works on the prompt, not after.
-            await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
+            if self._proc is not None:
+                # Postprocess gets the start while the engine works on the prompt, not after.
+                await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
             first = self._fixed if self._gen is None else await self._gen.read()
         except grpc.aio.AioRpcError as exc:
             self.close()
@@ -95,6 +106,9 @@ class GenerationPipeline:
         ends the answer at once: the reader is never left waiting for the deadline."""
         assert self._proc is not None and self._first is not None
         try:
+            if self._start_pending:
+                self._start_pending = False
+                await self._proc.write(postprocess_pb2.ProcessRequest(start=self._start))
             chunk: object = self._first
             while chunk is not grpc.aio.EOF:
                 assert isinstance(chunk, common_pb2.GenerationChunk)
@@ -128,9 +142,39 @@ class GenerationPipeline:
             except Exception:  # noqa: BLE001 - then postprocess goes too; the reader still raises this error
                 self._proc.cancel()
 
+    def _whole(self) -> bool:
+        """Whether the first chunk is the whole answer: a non-streamed request's one choice, finished."""
+        assert self._first is not None
+        return (
+            not self._start.stream
+            and self._start.n <= 1
+            and self._first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+        )
+
+    async def _process_whole(self) -> postprocess_pb2.ProcessResponse:
+        """The answer from one unary ProcessWhole call (see the module docstring)."""
+        assert self._first is not None
+        request = postprocess_pb2.ProcessWholeRequest(start=self._start, chunks=[self._first])
+        try:
+            response = await self._clients.postprocess.ProcessWhole(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            self.close()  # the generation is over (its one choice finished): nothing more to read
+        self.usage = response.usage
+        return response
+
     async def responses(self) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
         """Client-ready output, in order, until every choice finished."""
-        assert self._proc is not None
+        if self._proc is None:  # non-streamed: postprocess is called once the first chunk is in
+            if self._whole():
+                yield await self._process_whole()
+                return
+            # The pump writes the start first: a call that fails then is reported as any write's failure.
+            self._proc = self._clients.postprocess.Process(timeout=self._timeout, metadata=self._metadata)
+            self._start_pending = True
         pump = asyncio.create_task(self._pump())
         # Once the answer is complete the pump is cancelled mid-write; its outcome is moot.
         pump.add_done_callback(lambda task: task.cancelled() or task.exception())

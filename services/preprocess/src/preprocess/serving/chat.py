@@ -342,6 +342,8 @@ class ChatServing:
                 )
         generate.openai_json = openai_body(req, rag_system)
         generate.priority = priority
+        # A non-streamed answer may come whole from the engine (one chunk per choice, see pipeline).
+        generate.whole = not req.stream
         pipeline = GenerationPipeline(self._clients, generate, start, self._settings.request_timeout, fixed)
         await pipeline.open()
         return pipeline, cache_state

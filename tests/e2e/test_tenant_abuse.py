@@ -70,6 +70,8 @@ class LeakyUpstream:
         body = await request.json()
         model = body["model"]
         if model == HELD:
+            if not body.get("stream"):  # the mesh asks a non-streamed request's upstream for the whole answer
+                return JSONResponse(_whole(model, "one two"))
             return StreamingResponse(self._held(model), media_type="text/event-stream")
         deltas: list[dict[str, Any]] = [
             {"role": "assistant", "reasoning_content": f"The user wants {SECRET[:9]}"},
@@ -116,6 +118,12 @@ class LeakyUpstream:
             await asyncio.sleep(0.05)
         yield _event(model, {"index": 0, "delta": {"content": "two"}, "finish_reason": "stop"})
         yield b"data: [DONE]\n\n"
+
+
+def _whole(model: str, content: str) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    return {"id": "x", "object": "chat.completion", "model": model, "choices": [choice], "usage": usage}
 
 
 def _event(model: str, choice: dict[str, Any]) -> bytes:

@@ -19,6 +19,7 @@ METRIC_MODULES = (
     "preprocess.queue_depth",
     "preprocess.batches",
     "inference.engine",
+    "inference.llamacpp_stream",
     "inference.router",
     "retrieval.search",
     "retrieval.embedder",

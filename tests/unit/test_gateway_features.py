@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from inference.config import BackendsFile, UpstreamBackend, parse_backends
-from inference.engine import GROUNDING
-from inference.engine import _messages as engine_messages
+from inference.llamacpp_body import GROUNDING
+from inference.llamacpp_body import chat_messages as engine_messages
 from inference.router import Router
 from inference.upstream import guessed_capabilities, openai_request, stated_capabilities
 from preprocess.protocol import parse_chat_request

@@ -90,7 +90,7 @@ def test_typed_response_format_and_prompt_win_for_completions() -> None:
     "field", ["n_predict", "ignore_eos", "id_slot", "samplers", "grammar", "n_probs", "cache_prompt"]
 )
 def test_llamacpp_internal_fields_are_a_400_naming_them(field: str) -> None:
-    from inference.engine import client_fields
+    from inference.llamacpp_body import client_fields
 
     request = inference_pb2.GenerateRequest(model="m", prompt="p", openai_json=json.dumps({"max_tokens": 5, field: 1}))
     with pytest.raises(RagmeshError) as caught:
@@ -99,7 +99,7 @@ def test_llamacpp_internal_fields_are_a_400_naming_them(field: str) -> None:
 
 
 def test_only_allow_listed_client_fields_reach_the_engine() -> None:
-    from inference.engine import client_fields
+    from inference.llamacpp_body import client_fields
 
     sent = {"logprobs": True, "top_k": 5, "some_future_field": 1, "max_tokens": 5, "temperature": 2}
     request = inference_pb2.GenerateRequest(model="m", prompt="p", openai_json=json.dumps(sent))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from inference.engine import _merged
+from inference.engine_batch import merged
 from inference.scheduler import SlotScheduler
 from ragmesh.errors import RagmeshError
 from ragmesh.v1 import common_pb2
@@ -170,7 +170,7 @@ def test_admission_past_the_limit_is_overload() -> None:
 
 def test_merged_joins_text_chunks_and_keeps_extras_and_the_finish_apart() -> None:
     chunk = common_pb2.GenerationChunk
-    merged = _merged(
+    out = merged(
         [
             chunk(text="", completion_tokens=0),
             chunk(text="Hel", completion_tokens=1),
@@ -180,10 +180,10 @@ def test_merged_joins_text_chunks_and_keeps_extras_and_the_finish_apart() -> Non
             chunk(completion_tokens=4, finish_reason=common_pb2.FINISH_REASON_LENGTH),
         ]
     )
-    assert [(c.text, c.completion_tokens, bool(c.extra_json), c.finish_reason) for c in merged] == [
+    assert [(c.text, c.completion_tokens, bool(c.extra_json), c.finish_reason) for c in out] == [
         ("Hello", 2, False, 0),
         ("!", 3, True, 0),
         (" x", 4, False, 0),
         ("", 4, False, common_pb2.FINISH_REASON_LENGTH),
     ]
-    assert (merged[0].prompt_tokens, merged[0].cached_prompt_tokens) == (9, 4)
+    assert (out[0].prompt_tokens, out[0].cached_prompt_tokens) == (9, 4)

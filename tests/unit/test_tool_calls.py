@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from inference.engine import _messages
+from inference.llamacpp_body import chat_messages
 from inference.tools import tool_request
 from postprocess.session import GuardConfig, ProcessSession
 from preprocess.protocol import parse_chat_request
@@ -59,10 +59,10 @@ def test_messages_carry_calls_and_call_ids_to_the_template() -> None:
         {"role": "tool", "content": "Sunny", "tool_call_id": "c1"},
     ]
     typed = [_Typed("user", "Weather?"), _Typed("assistant"), _Typed("tool", "Sunny")]
-    out = _messages(typed, raw)
+    out = chat_messages(typed, raw)
     assert out[1]["tool_calls"] == [call] and out[2]["tool_call_id"] == "c1"
     # RAG rewrote the conversation (other length): the typed messages alone.
-    assert "tool_calls" not in _messages(typed, raw[:2])[1]
+    assert "tool_calls" not in chat_messages(typed, raw[:2])[1]
 
 
 @pytest.mark.parametrize(

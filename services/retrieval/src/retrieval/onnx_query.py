@@ -53,7 +53,7 @@ PROBES = (
 )
 
 
-class OnnxRefused(RuntimeError):
+class OnnxRefusedError(RuntimeError):
     """The ONNX graph is missing, unreadable or does not give torch's vectors."""
 
 
@@ -113,8 +113,8 @@ class OnnxQueryEncoder:
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - any unreadable graph is refused the same way
-            raise OnnxRefused(f"cannot load {path}: {exc}") from exc
+        except Exception as exc:  # any unreadable graph is refused the same way
+            raise OnnxRefusedError(f"cannot load {path}: {exc}") from exc
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._tokenizer = tokenizer
         self._max_length = max_length
@@ -130,15 +130,15 @@ class OnnxQueryEncoder:
 
 def verify(encoder: Callable[[list[str]], np.ndarray], reference: Callable[[list[str]], np.ndarray]) -> float:
     """Largest component difference between the encoder's and torch's vectors on the probes
-    (each alone, then all in one padded group); raises OnnxRefused past TOLERANCE."""
+    (each alone, then all in one padded group); raises OnnxRefusedError past TOLERANCE."""
     worst = 0.0
     for group in [*([p] for p in PROBES), list(PROBES)]:
         ours, theirs = encoder(group), reference(group)
         if ours.shape != theirs.shape or not np.all(np.isfinite(ours)):
-            raise OnnxRefused(f"ONNX vectors of shape {ours.shape}, torch's {theirs.shape}")
+            raise OnnxRefusedError(f"ONNX vectors of shape {ours.shape}, torch's {theirs.shape}")
         worst = max(worst, float(np.abs(ours - theirs).max()))
     if worst > TOLERANCE:
-        raise OnnxRefused(f"ONNX vectors differ from torch's by {worst:.2e} (more than {TOLERANCE:g})")
+        raise OnnxRefusedError(f"ONNX vectors differ from torch's by {worst:.2e} (more than {TOLERANCE:g})")
     return worst
 
 
@@ -172,7 +172,7 @@ def _export_graph(model_dir: str, path: Path) -> None:
     sample = model.tokenizer(["a probe", "a longer probe text, padded"], padding=True, return_tensors="pt")
     names = tuple(name for name in FEATURES if name in sample)
     if names[:2] != FEATURES[:2]:
-        raise OnnxRefused(f"the tokenizer gives {sorted(sample)}; the ONNX path takes {FEATURES}")
+        raise OnnxRefusedError(f"the tokenizer gives {sorted(sample)}; the ONNX path takes {FEATURES}")
 
     class Graph(torch.nn.Module):
         def __init__(self) -> None:
@@ -260,7 +260,7 @@ class QueryGraph:
             try:
                 encoder = self._make_encoder(target)
                 worst = verify(encoder, self._reference)
-            except OnnxRefused as exc:
+            except OnnxRefusedError as exc:
                 if exported or attempt == 2 or self._stopped:
                     raise
                 # A cached file that does not load or verify: corrupt, or stale in a way the key
@@ -279,7 +279,7 @@ class QueryGraph:
         command += ["--nice", str(self._nice)]
         started = time.perf_counter()
         if self._stopped:
-            raise OnnxRefused("stopped")
+            raise OnnxRefusedError("stopped")
         self._child = subprocess.Popen(
             command,
             env=dict(os.environ, OMP_NUM_THREADS="1"),
@@ -289,7 +289,7 @@ class QueryGraph:
         )
         _, stderr = self._child.communicate()
         if self._child.returncode != 0 or not target.is_file():
-            raise OnnxRefused(f"export failed ({self._child.returncode}): {stderr.strip()[-2000:]}")
+            raise OnnxRefusedError(f"export failed ({self._child.returncode}): {stderr.strip()[-2000:]}")
         log.info(
             "ONNX query graph exported", extra={"path": str(target), "seconds": round(time.perf_counter() - started, 1)}
         )

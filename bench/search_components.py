@@ -91,7 +91,7 @@ def main() -> None:
     k = max(10, settings.fusion_candidates)
 
     graph = graph_path(model_path(settings), settings.onnx_cache_dir or default_cache_dir())
-    onnx = OnnxQueryEncoder(graph, model.tokenizer, int(model.max_seq_length)) if graph.is_file() else None
+    onnx = OnnxQueryEncoder(graph, model.tokenizer, int(model.max_seq_length or 256)) if graph.is_file() else None
     query_vectors = [forward(model, [q])[0] for q in queries]
     query_tokens = bm25_tokens(queries)
     dense = [snapshot.dense(v, k) for v in query_vectors]

@@ -22,7 +22,7 @@ PYPROJECTS := libs/ragmesh/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: help up down rollout test lint proto buf logs install nginx chromium clean
+.PHONY: help up down rollout test lint proto buf logs install nginx chromium clean onnx
 
 help:
 	@echo "make up     install what is missing, start the mesh, wait until it is ready"
@@ -43,7 +43,14 @@ $(INSTALL_STAMP): constraints.txt requirements-dev.txt $(PYPROJECTS)
 	$(BIN)/pip install -q -c constraints.txt -e libs/ragmesh $(foreach s,$(SERVICES),-e services/$(s)) -r requirements-dev.txt
 	@touch $@
 
-install: $(INSTALL_STAMP) $(PROTO_STAMP) nginx
+install: $(INSTALL_STAMP) $(PROTO_STAMP) nginx onnx
+
+# The query path's ONNX graph (retrieval.onnx_query), exported once into its cache
+# (~/.cache/ragmesh/onnx, RAGMESH_RETRIEVAL_ONNX_CACHE_DIR); a second run finds it there.
+# Not fatal: retrieval exports it at its first start otherwise, torch serving meanwhile.
+onnx: $(INSTALL_STAMP)
+	@OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m retrieval.onnx_query prepare \
+		|| echo "warning: ONNX query graph not exported (retrieval exports it at start)"
 
 $(PROTO_STAMP): $(PROTOS) $(INSTALL_STAMP) scripts/gen-proto
 	PYTHON=$(BIN)/python scripts/gen-proto

@@ -5,7 +5,8 @@ tokens; the vectors are random unit vectors: FAISS's cost does not depend on
 their values) and times, per train query, one at a time on one thread:
 
 - the query embedding: SentenceTransformer.encode (the old path) beside the
-  direct path (retrieval.embedder.forward), same model, same thread count;
+  direct path (retrieval.embedder.forward), same model, same thread count, and
+  ONNX Runtime (retrieval.onnx_query) when the graph is in its cache (`make onnx`);
 - BM25 tokens of the query, dense search (FAISS exact inner product), sparse
   search (BM25 scored from the postings, then the top: the full sort of the old
   code beside the partial selection), fusion (RRF), result shaping (hit dicts,
@@ -64,6 +65,7 @@ def main() -> None:
     from ragmesh.v1 import retrieval_pb2
     from retrieval.embedder import forward, model_path
     from retrieval.index import ChunkRecord, Meta, Snapshot, bm25_tokens, embedding_text, top_scores
+    from retrieval.onnx_query import OnnxQueryEncoder, default_cache_dir, graph_path
     from retrieval.search import _hit_dict, rrf
     from retrieval.servicer import add_hits
     from retrieval.settings import RetrievalSettings
@@ -88,6 +90,8 @@ def main() -> None:
     queries = [json.loads(line)["text"] for line in lines]
     k = max(10, settings.fusion_candidates)
 
+    graph = graph_path(model_path(settings), settings.onnx_cache_dir or default_cache_dir())
+    onnx = OnnxQueryEncoder(graph, model.tokenizer, int(model.max_seq_length or 256)) if graph.is_file() else None
     query_vectors = [forward(model, [q])[0] for q in queries]
     query_tokens = bm25_tokens(queries)
     dense = [snapshot.dense(v, k) for v in query_vectors]
@@ -112,7 +116,8 @@ def main() -> None:
             queries,
             lambda i, q: model.encode([q], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False),
         ),
-        timed("query embedding: direct forward (now)", queries, lambda i, q: forward(model, [q])),
+        timed("query embedding: torch, direct forward", queries, lambda i, q: forward(model, [q])),
+        *([timed("query embedding: ONNX Runtime (now)", queries, lambda i, q: onnx([q]))] if onnx else []),
         timed("BM25 tokens of the query", queries, lambda i, q: bm25_tokens([q])),
         timed(f"dense: FAISS exact, top {k}", queries, lambda i, q: snapshot.dense(query_vectors[i], k)),
         timed(
@@ -138,6 +143,11 @@ def main() -> None:
         for q in queries
     ]
     print(f"direct forward vs encode: largest difference of a vector component {max(diffs):.2e}")
+    if onnx is not None:
+        worst = max(float(np.abs(onnx([q]) - forward(model, [q])).max()) for q in queries)
+        print(f"ONNX Runtime vs torch: largest difference of a vector component {worst:.2e}")
+    else:
+        print(f"no ONNX graph at {graph} (make onnx): its row is left out")
 
 
 if __name__ == "__main__":

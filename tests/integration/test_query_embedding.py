@@ -49,7 +49,7 @@ def sample_queries(count: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def embedder() -> Iterator[Embedder]:
-    loaded = Embedder(RetrievalSettings(), None)
+    loaded = Embedder(RetrievalSettings(query_backend="torch"), None)  # torch's direct path is under test
     loaded.load()
     yield loaded
     loaded.close()

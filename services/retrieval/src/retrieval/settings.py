@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -61,6 +61,13 @@ class RetrievalSettings(GrpcServiceSettings, RedisSettings, AmqpSettings):
     embedding_model_name: str = "all-MiniLM-L6-v2"
     encode_batch_size: int = 64
     torch_threads: int = 1
+    # What embeds search queries (and other requests of a few texts): "onnx" (ONNX Runtime,
+    # about twice as fast; the graph is exported once into onnx_cache_dir, checked against
+    # torch at each load, torch serving until then and whenever it is refused) or "torch".
+    query_backend: Literal["onnx", "torch"] = "onnx"
+    # The exported graphs, one file per model and versions. Empty: $XDG_CACHE_HOME/ragmesh/onnx
+    # (~/.cache/ragmesh/onnx).
+    onnx_cache_dir: str = ""
     # Nice value of the ingestion embedding thread: bulk work must not slow
     # down queries or the LLM on the same machine.
     bulk_nice: int = 10

@@ -48,6 +48,10 @@ return 0
 """
 
 
+# A version not read yet (None is Redis's answer for a key that does not exist).
+_UNREAD = object()
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
     id: str
@@ -338,25 +342,49 @@ class CollectionStore:
     async def resolve(self, name: str) -> SearchView:
         """The collection to search, checked against the registry so a deletion shows at once."""
         check_name(name)
+        local = self._snapshots.get(name)
         try:
-            entry = await self.registry_entry(name)
+            if local is not None:
+                # The common case: the registry names this replica's copy, whose global version
+                # comes in the same round trip.
+                entry, version = await self._entry_and_version(name, local.meta.id)
+            else:
+                entry, version = await self.registry_entry(name), _UNREAD
         except RegistryUnavailableError:
-            snapshot = self._snapshots.get(name)
-            if snapshot is None:
+            if local is None:
                 raise not_found(name) from None
-            return SearchView(snapshot, None)
+            return SearchView(local, None)
         if entry is None:
             raise not_found(name)
-        snapshot = self._snapshots.get(name)
+        snapshot = local
         if snapshot is None or snapshot.meta.id != entry.id:
             # Created elsewhere and not yet applied here: an empty view of it.
             snapshot = Snapshot(Meta(name=name, id=entry.id, created=entry.created))
-        assert self._redis is not None
-        try:
-            version = await self._redis_call(self._redis.get(self._version_key(entry.id)))
-        except RegistryUnavailableError:
-            return SearchView(snapshot, None, entry.reranker)
+            version = _UNREAD
+        if version is _UNREAD:
+            assert self._redis is not None
+            try:
+                version = await self._redis_call(self._redis.get(self._version_key(entry.id)))
+            except RegistryUnavailableError:
+                return SearchView(snapshot, None, entry.reranker)
         return SearchView(snapshot, int(version) if version else 0, entry.reranker)  # type: ignore[call-overload]
+
+    async def _entry_and_version(self, name: str, collection_id: str) -> tuple[RegistryEntry | None, object]:
+        """The registry's entry for `name` and the global version of `collection_id`, in one round trip."""
+        if self._redis is None:
+            raise RegistryUnavailableError()
+
+        async def both() -> list[object]:
+            assert self._redis is not None
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._registry_key, name)
+                pipe.get(self._version_key(collection_id))
+                return await pipe.execute()
+
+        answers = await self._redis_call(both())
+        assert isinstance(answers, list)
+        raw, version = answers
+        return (_entry(raw) if raw else None), version
 
     async def next_version(self, snapshot: Snapshot) -> int:
         """The version a new change gets: one past every change any replica made."""

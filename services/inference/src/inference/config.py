@@ -87,7 +87,8 @@ class UpstreamBackend(_Strict):
     api_key_env: str | None = None
     api_key_file: str | None = None
     # Longest silence between two reads of an answer (a stream may run longer in all);
-    # the caller's deadline bounds the whole answer.
+    # the caller's deadline bounds the whole answer. A whole answer (a non-streamed request,
+    # or payload.stream false) is one read: it must come within this.
     timeout: float = Field(default=120.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)

@@ -15,11 +15,12 @@ of queries in each cell.
 
 Baseline in the same run (`--baseline-ref`, default the commit before issue 20's
 search work): the mesh is stopped and started again on the same folder (the
-collection loads from disk, nothing is re-embedded) with retrieval's code taken
-from that git revision, the query embeddings are deleted from the cache, and
-the same queries are timed again. The run ends by checking that both codes
-returned the same top-k (chunk ids in order, scores within 1e-5) for every
-query, and prints retrieval's own timers (query embedding, search) per cell.
+collection loads from disk, nothing is re-embedded) with retrieval's code (and
+the shared package it was written against) taken from that git revision, the
+query embeddings are deleted from the cache, and the same queries are timed
+again. The run ends by checking that both codes returned the same top-k (chunk ids
+in order, scores within 1e-5) for every query, and prints retrieval's own timers
+(query embedding, search) per cell.
 
 `--profile DIR` adds, per code, an untimed warm and cold pass through the
 gateway under py-spy (pip install py-spy) on retrieval and preprocess, saved as
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -166,17 +168,33 @@ def query_backend(metrics_url: str) -> str:
     return "torch"
 
 
-def baseline_tree(rev: str) -> Path:
-    """retrieval's sources at `rev`, extracted to a temporary folder (its src dir returned)."""
+def baseline_python(rev: str) -> Path:
+    """A python for the launcher (RAGMESH_PYTHON) that runs retrieval from `rev`'s sources, with
+    the shared package from `rev` too (that retrieval reads that revision's settings), and every
+    other service from this tree. The generated stubs (not in git) are today's: proto only grows."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "services/retrieval/src"],
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "services/retrieval/src", "libs/ragmesh/src"],
         check=True,
         capture_output=True,
     ).stdout
     folder = Path(tempfile.mkdtemp(prefix="search-baseline-"))
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
-    return folder / "services" / "retrieval" / "src"
+    libs = folder / "libs" / "ragmesh" / "src"
+    shutil.copytree(ROOT / "libs" / "ragmesh" / "src" / "ragmesh" / "v1", libs / "ragmesh" / "v1", dirs_exist_ok=True)
+    path = f"{folder / 'services' / 'retrieval' / 'src'}{os.pathsep}{libs}"
+    venv = Path(sys.executable).parent
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "supervisord").symlink_to(venv / "supervisord")  # the launcher finds it beside the python
+    python = bin_dir / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-m" ] && [ "$2" = "retrieval" ]; then export PYTHONPATH="{path}"; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    python.chmod(0o755)
+    return python
 
 
 def forget_query_embeddings(env: dict[str, str], queries: list[str]) -> int:
@@ -293,15 +311,14 @@ def main() -> None:
     try:
         phases["ours"] = run_phase("ours", env, run_dir, args, halves, warmup, first=True)
         if args.baseline_ref != "none":
-            src = baseline_tree(args.baseline_ref)
+            python = baseline_python(args.baseline_ref)
             deleted = forget_query_embeddings(env, timed + warmup)
-            print(f"[baseline] {deleted} query embeddings deleted from the cache; retrieval from {src}", flush=True)
-            old_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p))
+            print(f"[baseline] {deleted} query embeddings deleted from the cache; retrieval via {python}", flush=True)
+            old_env = dict(env, RAGMESH_PYTHON=str(python))
             try:
                 phases["baseline"] = run_phase("baseline", old_env, run_dir, args, halves, warmup, first=False)
             except subprocess.CalledProcessError as exc:
-                # An old revision whose retrieval no longer starts with today's libs (06d7938 reads
-                # settings since renamed): this branch's figures are still reported, not lost.
+                # An old revision that no longer starts here: this branch's figures are still reported.
                 print(f"[baseline] did not start ({exc}); see {run_dir}/logs; reporting this branch alone", flush=True)
     finally:
         sys.path.insert(0, str(ROOT))

@@ -96,10 +96,11 @@ def run_choice(
     state: ChoiceState,
     emit: Callable[[object], None],
     cancelled: threading.Event,
+    started: float,
 ) -> None:
     """Generate one choice in this worker thread with `handle` (the llama.cpp server's chat or
-    completions call), emitting GenerationChunks, then its end (or a RagmeshError)."""
-    started = time.perf_counter()
+    completions call), emitting GenerationChunks, then its end (or a RagmeshError); the time to the
+    first token counts from `started` (perf_counter)."""
     first = True
 
     def on_chunk(chunk: dict[str, Any]) -> bool:

@@ -56,18 +56,7 @@ def recorded(engine: LlamaCppEngine, chat_endpoint: bool) -> Iterator[Recording]
         engine._server, engine._prompts = server, prompts
 
 
-async def cold(engine: LlamaCppEngine) -> None:
-    """Every slot's cache erased: a prompt read again from its cache gives slightly different numbers
-    (its last token is evaluated alone, not in the prompt's batch), which can tip a near tie at
-    temperature 0, so the two paths are compared from the same, empty, cache."""
-    assert engine._http is not None
-    for slot in range(engine._settings.n_parallel):
-        reply = await engine._http.post(f"/slots/{slot}", params={"action": "erase"})
-        reply.raise_for_status()
-
-
 async def answer(engine: LlamaCppEngine, request: inference_pb2.GenerateRequest) -> dict[str, Any]:
-    await cold(engine)
     chunks = [chunk async for chunk in engine.generate(request)]
     last = chunks[-1]
     return {
@@ -77,6 +66,15 @@ async def answer(engine: LlamaCppEngine, request: inference_pb2.GenerateRequest)
         "prompt_tokens": last.prompt_tokens,
         "extras": [c.extra_json for c in chunks if c.extra_json],
     }
+
+
+async def warm(engine: LlamaCppEngine, request: inference_pb2.GenerateRequest) -> None:
+    """The prompt in the slots' cache, so that both paths then read it from the same cache: a prompt
+    read from its cache gives slightly different numbers than read whole (its last token is
+    evaluated alone, not in the prompt's batch), which can tip a near tie at temperature 0."""
+    with recorded(engine, chat_endpoint=True):
+        async for _ in engine.generate(request):
+            pass
 
 
 def rag_system() -> str:
@@ -130,6 +128,7 @@ def request_for(turns: tuple[tuple[str, str], ...], **sampling: Any) -> inferenc
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 async def test_a_plain_chat_answers_as_the_chat_endpoint_does(engine: LlamaCppEngine, name: str) -> None:
     request = request_for(CONVERSATIONS[name], max_tokens=40, temperature=0, seed=7)
+    await warm(engine, request)
     with recorded(engine, chat_endpoint=True) as before:
         expected = await answer(engine, request)
     with recorded(engine, chat_endpoint=False) as now:
@@ -157,9 +156,9 @@ async def test_sampling_parameters_read_the_same_on_both_paths(
 ) -> None:
     request = request_for(CONVERSATIONS["system+user"], max_tokens=24, **sampling)
     n = max(1, sampling.get("n", 1))
+    await warm(engine, request)
 
     async def per_choice() -> list[dict[str, Any]]:
-        await cold(engine)
         chunks = [chunk async for chunk in engine.generate(request)]
         return [
             {

@@ -212,3 +212,20 @@ def test_a_conversation_the_template_refuses_goes_to_the_chat_endpoint(smollm2: 
     engine._prompts = PromptIds(dataclasses.replace(smollm2, template=refuse))
     name, _ = run_one(engine, chat(("user", "hi")))
     assert name == "chat"  # llama.cpp says why
+
+
+def test_a_chat_sent_as_a_completion_opens_with_an_empty_chunk_as_the_chat_endpoint_does(
+    smollm2: GgufTokenizer,
+) -> None:
+    engine = LlamaCppEngine(InferenceSettings())
+    engine._prompts = PromptIds(smollm2)
+    engine._server = RecordingServer()
+    request = chat(("user", "hi"))
+    body = engine._body(request, 0)
+    engine.scheduler.admit(1)
+    items: list[object] = []
+    engine._run_choice(
+        body, as_completion(request, body), ChoiceState(index=0, model="m"), items.append, threading.Event()
+    )
+    chunks = [i for i in items if isinstance(i, common_pb2.GenerationChunk)]
+    assert [c.text for c in chunks[:2]] == ["", "ok"]  # "the prompt was accepted", then the first token

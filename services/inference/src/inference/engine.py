@@ -327,14 +327,15 @@ class LlamaCppEngine:
         the template and tokenize the prompt again before reading it (~10 ms on a RAG prompt)."""
         started = time.perf_counter()
         try:
-            handle = self._server.handle_completions
+            handle, opening = self._server.handle_completions, False
             if "messages" in body:
                 ids = self._prompts.of(plain) if plain is not None and self._prompts is not None else None
                 if ids is None:
                     handle = self._server.handle_chat_completions
                 else:
                     body = {**{k: v for k, v in body.items() if k != "messages"}, "prompt": ids}
-            run_choice(handle, body, state, emit, cancelled, started)
+                    opening = True
+            run_choice(handle, body, state, emit, cancelled, started, opening)
         finally:
             self.scheduler.release()
             emit(DONE)

@@ -27,11 +27,11 @@ from jinja2.exceptions import TemplateError
 from prometheus_client import Gauge
 
 from inference.engine_batch import generate_batch
-from inference.llamacpp_body import chat_messages, client_fields, request_body
+from inference.llamacpp_body import as_completion, chat_messages, client_fields, request_body
 from inference.llamacpp_stream import DONE, ChoiceState, run_choice
 from inference.scheduler import Slot, SlotScheduler
 from inference.settings import InferenceSettings, apply_cpu_params
-from inference.tokens import GgufTokenizer, differs_from_engine, load_gguf_tokenizer
+from inference.tokens import GgufTokenizer, PromptIds, differs_from_engine, load_gguf_tokenizer
 from ragmesh.errors import ErrorKind, RagmeshError, invalid_request
 from ragmesh.v1 import common_pb2, inference_pb2
 
@@ -65,6 +65,8 @@ class LlamaCppEngine:
         # The model's tokenizer and chat template in this process (see inference.tokens): None when
         # the model's kind is not built here or it counted differently from llama.cpp at load.
         self._local: GgufTokenizer | None = None
+        # Ids of the prompts last counted with it, for chats run as completions (see as_completion).
+        self._prompts: PromptIds | None = None
         self._executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_requests, thread_name_prefix="llama")
         self.scheduler = SlotScheduler(
             settings.n_parallel,
@@ -100,6 +102,7 @@ class LlamaCppEngine:
         if template:
             params.chat_template = template
         apply_cpu_params(params, self._settings)
+        params.cache_ram_mib = self._settings.prompt_cache_mib
         params.verbosity = 0
         # llama.cpp's own HTTP server (xllamacpp always starts it: it has no direct call for the
         # chat template and the tokenizer, and no way to not listen) listens on a Unix socket in a
@@ -124,6 +127,7 @@ class LlamaCppEngine:
             headers={"Authorization": f"Bearer {http_key}"},
         )
         self._local = self._local_tokenizer(path, template, http_key)
+        self._prompts = PromptIds(self._local) if self._local is not None else None
         RUNNING.labels(self.model_id).set_function(self.scheduler.in_slots)
         WAITING.labels(self.model_id).set_function(lambda: max(0, self.active_requests - self.scheduler.in_slots()))
         log.info(
@@ -227,7 +231,12 @@ class LlamaCppEngine:
                 local = None
         if local is None:
             return list(await asyncio.gather(*(self.count_through_llamacpp(r) for r in requests)))
-        return await asyncio.to_thread(local.encode_batch, prompts)
+        counted = await asyncio.to_thread(local.encode_batch, prompts)
+        if self._prompts is not None:
+            for request, prompt, ids in zip(requests, prompts, counted, strict=True):
+                if request.WhichOneof("input") == "chat":
+                    self._prompts.remember(prompt, ids)
+        return counted
 
     @property
     def counts_in_process(self) -> bool:
@@ -305,16 +314,28 @@ class LlamaCppEngine:
 
     def _run_choice(
         self,
-        chat: bool,
         body: dict[str, Any],
+        plain: list[dict[str, Any]] | None,
         state: ChoiceState,
         emit: Callable[[object], None],
         cancelled: threading.Event,
     ) -> None:
-        """Generate one choice in this worker thread; its slot's admission ends with it."""
+        """Generate one choice in this worker thread; its slot's admission ends with it.
+
+        A chat `plain` enough to be a completion (see as_completion) goes to llama.cpp's completions
+        call as the token ids of its templated prompt, counted here: its chat endpoint would apply
+        the template and tokenize the prompt again before reading it (~10 ms on a RAG prompt)."""
+        started = time.perf_counter()
         try:
-            handle = self._server.handle_chat_completions if chat else self._server.handle_completions
-            run_choice(handle, body, state, emit, cancelled)
+            handle, opening = self._server.handle_completions, False
+            if "messages" in body:
+                ids = self._prompts.of(plain) if plain is not None and self._prompts is not None else None
+                if ids is None:
+                    handle = self._server.handle_chat_completions
+                else:
+                    body = {**{k: v for k, v in body.items() if k != "messages"}, "prompt": ids}
+                    opening = True
+            run_choice(handle, body, state, emit, cancelled, started, opening)
         finally:
             self.scheduler.release()
             emit(DONE)
@@ -380,15 +401,15 @@ class LlamaCppEngine:
             if item is DONE:  # the choice's thread is done with its slot
                 loop.call_soon_threadsafe(self.scheduler.vacate, slot)
 
-        chat = request.WhichOneof("input") == "chat"
         body = self._body(request, index)
+        plain = as_completion(request, body) if self._prompts is not None else None
         state = ChoiceState(
             index=index,
             model=self.model_id,
             one_call=bool(body.get("tools")) and body.get("parallel_tool_calls") is False,
         )
         try:
-            self._executor.submit(self._run_choice, chat, body, state, emit, slot.stop)
+            self._executor.submit(self._run_choice, body, plain, state, emit, slot.stop)
         except RuntimeError:  # executor shut down: the service is stopping
             self.scheduler.release()
             slot.stop.set()

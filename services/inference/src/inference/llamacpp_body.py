@@ -190,3 +190,51 @@ def request_body(request: inference_pb2.GenerateRequest, index: int, tool_call_s
         # Each choice gets its own seed so n > 1 gives n different, reproducible answers.
         body["seed"] = (sampling.seed + index) & 0xFFFFFFFF
     return body
+
+
+# A chat request runs as a completion of its templated prompt's token ids (see as_completion) only
+# when every field of its body is one of these: fields both llama.cpp endpoints read the same way
+# (their common sampling parameters). Anything else keeps the chat endpoint, which does more than
+# template the prompt: tools (prompt, grammar, call parsing), response_format (a grammar),
+# logprobs (the chat shape), and any field added later.
+COMPLETION_SAFE_FIELDS = frozenset(
+    {
+        "messages",
+        "stream",
+        "timings_per_token",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "top_k",
+        "min_p",
+        "logit_bias",
+    }
+)
+# The roles the in-process template is checked against llama.cpp with (inference.tokens' probes).
+COMPLETION_SAFE_ROLES = frozenset({"system", "user", "assistant"})
+
+
+def as_completion(request: inference_pb2.GenerateRequest, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The conversation of a chat `body` that may go to llama.cpp as a plain completion of its
+    templated prompt (same tokens, same sampling, same end at the model's end-of-turn token), None
+    when only the chat endpoint gives the same answer.
+
+    Plain means: only COMPLETION_SAFE_FIELDS, no content parts, messages of text alone in the
+    probed roles (no tool calls or results, no names, no developer role: llama.cpp maps those
+    itself), and a conversation that ends with a turn for the model to answer (a final assistant
+    message is continued by llama.cpp's chat endpoint, not answered)."""
+    messages = body.get("messages")
+    if not messages or request.content_parts or not body.keys() <= COMPLETION_SAFE_FIELDS:
+        return None
+    for message in messages:
+        if message.keys() != {"role", "content"} or message["role"] not in COMPLETION_SAFE_ROLES:
+            return None
+        if not isinstance(message["content"], str):
+            return None
+    if messages[-1]["role"] == "assistant":
+        return None
+    plain: list[dict[str, Any]] = messages
+    return plain

@@ -96,10 +96,13 @@ def run_choice(
     state: ChoiceState,
     emit: Callable[[object], None],
     cancelled: threading.Event,
+    started: float,
+    opening: bool = False,
 ) -> None:
     """Generate one choice in this worker thread with `handle` (the llama.cpp server's chat or
-    completions call), emitting GenerationChunks, then its end (or a RagmeshError)."""
-    started = time.perf_counter()
+    completions call), emitting GenerationChunks, then its end (or a RagmeshError); the time to the
+    first token counts from `started` (perf_counter). With `opening` (a chat sent as a completion),
+    an empty chunk comes before the first token's, as the chat endpoint's role chunk does."""
     first = True
 
     def on_chunk(chunk: dict[str, Any]) -> bool:
@@ -141,6 +144,8 @@ def run_choice(
             if first:
                 TTFT.observe(time.perf_counter() - started)
                 first = False
+                if opening and (text or extra):
+                    emit(common_pb2.GenerationChunk(index=state.index, model=state.model))
             emit(
                 common_pb2.GenerationChunk(
                     index=state.index,

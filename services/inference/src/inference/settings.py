@@ -63,6 +63,12 @@ class InferenceSettings(GrpcServiceSettings):
     # cores, TTFT under a batch went from 2.1-2.3x idle with 1 or 2 reserved to 1.3-1.6x with 3).
     # Batch always keeps one slot, whatever this says.
     interactive_reserved_slots: int = 3
+    # llama.cpp's prompt cache in host memory (MiB; 0: off, -1: no limit). On, every request whose
+    # slot held another prompt first copies that slot's KV state into it (~20 ms for a 1,500-token
+    # prompt here, bench/rag_stages.py), so that a conversation pushed out of its slot can be read
+    # back instead of prefilled again; RAG prompts are new each time, so off is the default. Each
+    # slot still keeps its last prompt's cache, the one the next turn of a conversation reuses.
+    prompt_cache_mib: int = 0
 
     # Backends (upstream OpenAI-compatible endpoints, routes, fallbacks): a YAML
     # file; empty means the embedded engine alone. SIGHUP reloads it.

@@ -21,6 +21,8 @@ import logging
 import mmap
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -116,6 +118,41 @@ class GgufTokenizer:
         if self.add_eos and self.eos_token and prompt.endswith(self.eos_token):
             prompt = prompt[: -len(self.eos_token)]
         return prompt
+
+
+class PromptIds:
+    """Token ids of templated conversations for the engine's completion path: the last `size`
+    prompts counted (RAG's prompt fitting counts the very conversation it then sends), so a
+    generation reuses their ids instead of tokenizing its long prompt again. Read from worker
+    threads, filled from the event loop: one lock."""
+
+    def __init__(self, local: GgufTokenizer, size: int = 32) -> None:
+        self.local = local
+        self._size = size
+        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def remember(self, prompt: str, ids: list[int]) -> None:
+        with self._lock:
+            self._ids[prompt] = ids
+            self._ids.move_to_end(prompt)
+            while len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+
+    def of(self, messages: list[dict[str, Any]]) -> list[int] | None:
+        """The ids of the conversation's prompt (as llama.cpp's chat endpoint would tokenize it);
+        None when the template refuses the conversation (llama.cpp then says why)."""
+        try:
+            prompt = self.local.render(messages)
+        except TemplateError:
+            return None
+        with self._lock:
+            ids = self._ids.get(prompt)
+            if ids is not None:
+                self.hits += 1
+                return ids
+        return self.local.encode(prompt)
 
 
 def load_gguf_tokenizer(path: str, chat_template: str = "") -> GgufTokenizer | None:

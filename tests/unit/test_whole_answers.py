@@ -37,7 +37,7 @@ async def upstream() -> AsyncIterator[tuple[str, list[Any]]]:
         body = json.loads(await request.read())
         bodies.append(body)
         usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
-        if not body.get("stream"):
+        if not body.get("stream") and body.get("model") != "always-streams":
             message = {"role": "assistant", "content": "Hi there", "refusal": None}
             return web.json_response(
                 {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage}
@@ -98,6 +98,23 @@ async def test_a_whole_request_asks_the_upstream_for_the_whole_answer_and_sends_
     assert "".join(c.text for c in streamed) == chunk.text
     assert streamed[-1].finish_reason == chunk.finish_reason
     assert (streamed[-1].prompt_tokens, streamed[-1].completion_tokens) == (7, 2)
+
+
+async def test_an_upstream_that_streams_a_whole_request_anyway_is_read_as_a_stream(
+    upstream: tuple[str, list[Any]],
+) -> None:
+    base, bodies = upstream
+    router = Router(None)
+    backends = f"backends:\n  - name: up\n    type: openai\n    base_url: {base}\n    models: [always-streams]\n"
+    await router.load(parse_backends(backends))
+    request = _generate(whole=True)
+    request.model = "always-streams"
+    try:
+        chunks = [chunk async for chunk in router.generate(request)]
+    finally:
+        await router.aclose()
+    assert "stream" not in bodies[-1]
+    assert "".join(c.text for c in chunks) == "Hi there" and chunks[-1].completion_tokens == 2
 
 
 # --- postprocess: ProcessWhole is Process fed the same chunks -----------------------------------

@@ -353,7 +353,8 @@ class UpstreamEngine:
                 ) as response:
                     if response.status != 200:
                         raise status_error(self.name, response.status, response.headers, await response.read())
-                    if not self._streams(request):
+                    # An upstream that streams whatever it was asked is read as a stream.
+                    if not self._streams(request) and response.content_type != "text/event-stream":
                         for chunk in self._whole(await response.read(), model):
                             yield chunk
                         return

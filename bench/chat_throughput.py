@@ -180,12 +180,13 @@ def start_direct_server() -> tuple[Any, str]:
     if template:
         params.chat_template = template
     apply_cpu_params(params, settings)
+    params.cache_ram_mib = settings.prompt_cache_mib  # llama.cpp's host-memory prompt cache, as the engine sets it
     params.verbosity = 0
     server = xllamacpp.Server(params)
     print(
         f"engine settings (both sides): slots={settings.n_parallel} n_ctx={settings.n_ctx} "
         f"threads={settings.n_threads}/{settings.n_threads_batch} poll={settings.cpu_poll} "
-        f"priority={settings.cpu_priority}",
+        f"priority={settings.cpu_priority} prompt_cache_mib={settings.prompt_cache_mib}",
         flush=True,
     )
     return server, str(server.listening_address)

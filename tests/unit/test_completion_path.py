@@ -18,8 +18,8 @@ from jinja2.exceptions import TemplateError
 from inference.engine import LlamaCppEngine
 from inference.llamacpp_body import as_completion, request_body
 from inference.llamacpp_stream import DONE, ChoiceState
-from inference.settings import InferenceSettings, packaged_smollm2_path
-from inference.tokens import GgufTokenizer, PromptIds, load_gguf_tokenizer
+from inference.settings import InferenceSettings
+from inference.tokens import GgufTokenizer, PromptIds
 from ragmesh.v1 import common_pb2, inference_pb2
 
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
@@ -114,17 +114,6 @@ def test_legacy_completions_are_not_chats() -> None:
 
 
 # --- the worker thread -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> GgufTokenizer:
-    try:
-        path = packaged_smollm2_path()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    local = load_gguf_tokenizer(path, InferenceSettings().resolved_chat_template())
-    assert local is not None
-    return local
 
 
 class RecordingServer:

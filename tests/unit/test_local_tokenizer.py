@@ -14,21 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from inference.settings import InferenceSettings, packaged_smollm2_path
+from inference.settings import packaged_smollm2_path
 from inference.tokens import GgufTokenizer, differs_from_engine, load_gguf_tokenizer, read_gguf_metadata
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> GgufTokenizer:
-    try:
-        path = packaged_smollm2_path()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    local = load_gguf_tokenizer(path, InferenceSettings().resolved_chat_template())
-    assert local is not None
-    return local
 
 
 def fake_llamacpp(

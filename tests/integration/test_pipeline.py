@@ -57,6 +57,15 @@ async def test_non_stream_answer_with_usage(clients: MeshClients) -> None:
     assert body["usage"]["prompt_tokens"] > 0
 
 
+async def until_idle(engine: LlamaCppEngine) -> None:
+    """Wait until the engine holds no request. The deadline only bounds a hang (a slot never freed):
+    on 2 busy cores how soon a cancelled choice leaves its slot is not this test's business."""
+    deadline = time.monotonic() + 60
+    while engine.active_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.active_requests == 0, "the engine's slot was never freed"
+
+
 async def test_stop_sequence_cancels_generation_and_frees_the_slot(
     clients: MeshClients, engine: LlamaCppEngine
 ) -> None:
@@ -68,10 +77,7 @@ async def test_stop_sequence_cancels_generation_and_frees_the_slot(
     assert body["choices"][0]["finish_reason"] == "stop"
     assert " " not in body["choices"][0]["message"]["content"]
     assert body["usage"]["completion_tokens"] < 400
-    deadline = time.monotonic() + 1.0
-    while engine.active_requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert engine.active_requests == 0
+    await until_idle(engine)
 
 
 async def test_engine_error_surfaces_at_open(clients: MeshClients) -> None:
@@ -88,10 +94,7 @@ async def test_closing_a_stream_midway_frees_the_slot(clients: MeshClients, engi
     for _ in range(4):
         await anext(responses)
     await responses.aclose()  # what Starlette does when the client disconnects
-    deadline = time.monotonic() + 1.0
-    while engine.active_requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert engine.active_requests == 0
+    await until_idle(engine)
 
 
 class BrokenGeneration:
@@ -117,10 +120,7 @@ async def test_a_failure_forwarding_the_generation_ends_the_answer_at_once(
     with pytest.raises(RagmeshError) as info:
         await asyncio.wait_for(p.collect(), timeout=20)  # the pipeline's own deadline is 60 s
     assert info.value.http_status == 500 and "forwarding" in info.value.message
-    deadline = time.monotonic() + 5.0
-    while engine.active_requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert engine.active_requests == 0, "the generation was cancelled"
+    await until_idle(engine)  # the generation was cancelled
 
 
 class EndedProcess:
